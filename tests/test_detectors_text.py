@@ -566,3 +566,32 @@ def test_smollm2_conversion_and_onion(tmp_path) -> None:
     det = ONION(ONIONConfig(bar=0.0), lm=lm)
     f = det.suspicion([texts[1]])[0]
     assert texts[1].split()[int(np.argmax(f))] == "cf"
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_shared_prefix_variants_equal_whole_texts(kind: str) -> None:
+    """ONION's deletions through the cached-prefix path give the values of scoring each text whole."""
+    lm = CausalLM(tiny_lm(kind), word_tokenizer())
+    assert lm.reuses_cache
+    texts = [t for t in SENTENCES if len(t.split()) >= 2] + ["cf cf", "the"]
+    groups = [deletions(t.split()) for t in texts]
+    got = lm.mean_nll_variants([g[0] for g in groups], [g[1:] for g in groups], batch_size=3)
+    passes = lm.forward_count
+    whole = [lm.mean_nll(g, batch_size=1) for g in groups]
+    for g, a, b in zip(groups, got, whole):
+        assert a.shape == (len(g),)
+        assert np.allclose(a, b, rtol=0, atol=1e-5, equal_nan=True)
+    # the bases once; a deletion feeds its suffix only when two or more tokens follow the deleted word
+    expected = len(texts) + sum(max(0, len(g[0].split()) - i - 2) > 0 for g in groups for i in range(len(g) - 1))
+    assert passes == expected < sum(len(g) for g in groups)
+    with pytest.raises(ValueError, match="variant lists"):
+        lm.mean_nll_variants(["a"], [])
+
+
+def test_shared_prefix_variants_fall_back_without_a_cache() -> None:
+    lm = CausalLM(BigramLM(), word_tokenizer())
+    assert not lm.reuses_cache
+    groups = [deletions("the movie cf was good".split()), deletions("good fun".split())]
+    got = lm.mean_nll_variants([g[0] for g in groups], [g[1:] for g in groups])
+    for g, a in zip(groups, got):
+        assert np.allclose(a, lm.mean_nll(g))

@@ -18,9 +18,13 @@ with ``p_0`` the perplexity of the sentence and ``p_i`` that of the sentence wit
 
 The LM (``lm``: ``smollm2``, the offline default, or any HF causal LM name / folder, e.g. ``gpt2``) scores
 all ``n + 1`` variants of every sentence of a batch of sentences together, in length-sorted, right-padded
-batches with a masked token-level cross-entropy, so batched perplexities equal one-at-a-time ones.
+batches with a masked token-level cross-entropy, so batched perplexities equal one-at-a-time ones. A
+deletion shares its tokens before the deleted word with the sentence, so the sentences go through the LM
+first and each deletion only feeds the tokens after the deleted word, on top of the sentence's cached
+keys/values (:meth:`~backdoorbench.models.lm.CausalLM.mean_nll_variants`; same values, about half the
+tokens; deleting the last word needs no pass).
 
-Cost: ``n + 1`` LM passes per sentence of ``n ≥ 2`` words (none for shorter ones, which are left alone,
+Cost: at most ``n + 1`` LM sequences per sentence of ``n ≥ 2`` words (none for shorter ones, which are left alone,
 as in the reference), counted in ``lm_forward_count``; 1 classifier pass per input for the prediction.
 Suspicions are cached per sentence, so ``correct`` after ``score`` on the same inputs costs no LM pass.
 """
@@ -112,20 +116,25 @@ class ONION(Detector):
         starts = range(0, len(todo), bs)
         for start in progress(starts, desc=desc, total=len(starts)):
             chunk = todo[start : start + bs]
-            variants: list[str] = []
-            spans: list[tuple[str, int, int]] = []
+            texts_done: list[str] = []
+            bases: list[str] = []
+            variants: list[list[str]] = []
             for text in chunk:
                 words = text.split()
                 if len(words) < 2:
                     self._cache[text] = np.zeros(0)
                     continue
-                spans.append((text, len(variants), len(words)))
-                variants.extend(deletions(words))
-            if not variants:
+                dels = deletions(words)
+                texts_done.append(text)
+                bases.append(dels[0])
+                variants.append(dels[1:])
+            if not bases:
                 continue
-            ppl = self.lm.perplexity(variants, self.cfg.lm_batch_size)  # all deletions of the chunk, batched
-            for text, at, n in spans:
-                f = ppl[at] - ppl[at + 1 : at + 1 + n]
+            # all deletions of the chunk, batched; each deletion reuses its sentence's cached prefix
+            nll = self.lm.mean_nll_variants(bases, variants, self.cfg.lm_batch_size)
+            for text, values in zip(texts_done, nll):
+                ppl = np.exp(values)
+                f = ppl[0] - ppl[1:]
                 self._cache[text] = np.nan_to_num(f, nan=0.0, posinf=0.0, neginf=0.0)
         return [self._cache[t] for t in texts]
 
