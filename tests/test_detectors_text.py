@@ -595,3 +595,22 @@ def test_shared_prefix_variants_fall_back_without_a_cache() -> None:
     got = lm.mean_nll_variants([g[0] for g in groups], [g[1:] for g in groups])
     for g, a in zip(groups, got):
         assert np.allclose(a, lm.mean_nll(g))
+
+
+def test_onion_runs_loading_the_same_lm_share_suspicions(tmp_path, monkeypatch) -> None:
+    """A sweep's ONION runs score each clean sentence once: suspicions depend on the LM and text only."""
+    import backdoorbench.defenses.detectors.onion as onion_mod
+
+    lm = CausalLM(BigramLM(), word_tokenizer())
+    monkeypatch.setattr(onion_mod, "load_causal_lm", lambda *a, **k: lm)
+    monkeypatch.setattr(onion_mod, "_SHARED_CACHES", {})
+    clean, x = make_clean(20), make_clean(6, seed=5).inputs
+    first = ONION(ONIONConfig(clean_size=20), seed=0).fit(BowClassifier(), clean)
+    s1 = first.score(x)
+    passes = lm.forward_count
+    second = ONION(ONIONConfig(clean_size=20), seed=0).fit(BowClassifier(), clean)
+    assert lm.forward_count == passes  # the clean fitting data was scored by the first run
+    assert np.array_equal(second.score(x), s1) and lm.forward_count == passes and second.cache_hits >= len(x)
+    assert second.bar == first.bar
+    other = ONION(ONIONConfig(clean_size=20, lm_max_length=16), seed=0).fit(BowClassifier(), clean)
+    assert lm.forward_count > passes and other.cache_hits == 0  # another LM setting: its own cache

@@ -11,7 +11,9 @@ import pytest
 from backdoorbench.report import write_report
 
 
-def _run(root: Path, name: str, attack: str, defense: str, far5: float, kind: str = "detector") -> None:
+def _run(
+    root: Path, name: str, attack: str, defense: str, far5: float, kind: str = "detector", cost: dict | None = None
+) -> None:
     d = root / name
     d.mkdir(parents=True)
     metrics = {"ba": 0.8, "asr": 1.0}
@@ -28,7 +30,7 @@ def _run(root: Path, name: str, attack: str, defense: str, far5: float, kind: st
             "seed": 0,
         },
         "metrics": metrics,
-        "cost": {"forward_passes_per_input": 2.0, "seconds_per_100_inputs": 1.5},
+        "cost": cost or {"forward_passes_per_input": 2.0, "seconds_per_100_inputs": 1.5},
     }
     (d / "results.json").write_text(json.dumps(res))
     with (d / "scores.csv").open("w", newline="") as f:
@@ -65,3 +67,14 @@ def test_comparison_table_and_roc(tmp_path: Path) -> None:
 def test_report_without_results_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no results.json"):
         write_report(tmp_path)
+
+
+def test_cost_comes_from_runs_that_scored_every_input(tmp_path: Path) -> None:
+    full = {"forward_passes_per_input": 1.0, "lm_passes_per_input": 20.0, "seconds_per_100_inputs": 50.0}
+    cached = {"forward_passes_per_input": 1.0, "lm_passes_per_input": 5.0, "seconds_per_100_inputs": 10.0}
+    _run(tmp_path, "0", "badnet_rw", "onion", 0.2, cost={**full, "cached_inputs": 0})
+    _run(tmp_path, "1", "ripples", "onion", 0.4, cost={**cached, "cached_inputs": 900})
+    _run(tmp_path, "2", "ripples", "dan", 0.1, cost={**cached, "cached_inputs": 900})
+    comp = write_report(tmp_path) and (tmp_path / "comparison.md").read_text()
+    assert "| onion | 1.0 | 20.0 | 50.00 |" in comp  # the cached run's cheaper figures are left out
+    assert "| dan † | 1.0 | 5.0 | 10.00 |" in comp and "cost understated" in comp

@@ -284,6 +284,7 @@ def run_experiment(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
             defense.fit(model, clean_def)
         model.reset_forward_count()
         lm0 = getattr(defense, "lm_forward_count", None)  # detectors with an auxiliary LM (ONION)
+        hits0 = getattr(defense, "cache_hits", None)  # detectors that reuse scores of inputs seen before
         with timer("scoring"):
             c_scores, c_preds = defense.score_and_predict(splits.test.inputs)
             p_scores, p_preds = defense.score_and_predict(triggered.inputs)
@@ -294,6 +295,8 @@ def run_experiment(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         }
         if lm0 is not None:
             cost["lm_passes_per_input"] = (defense.lm_forward_count - lm0) / max(n_scored, 1)
+        if hits0 is not None:  # the cost figures above are then averaged over partly free inputs
+            cost["cached_inputs"] = int(defense.cache_hits - hits0)
         scored = [
             Scored("clean", np.arange(len(splits.test)), splits.test.labels, c_preds, c_scores),
             Scored("poisoned", trig_idx, triggered.labels, p_preds, p_scores),

@@ -26,7 +26,10 @@ tokens; deleting the last word needs no pass).
 
 Cost: at most ``n + 1`` LM sequences per sentence of ``n ≥ 2`` words (none for shorter ones, which are left alone,
 as in the reference), counted in ``lm_forward_count``; 1 classifier pass per input for the prediction.
-Suspicions are cached per sentence, so ``correct`` after ``score`` on the same inputs costs no LM pass.
+Suspicions are cached per sentence, so ``correct`` after ``score`` on the same inputs costs no LM pass;
+they depend on the LM and the text only, so runs in one process that load the same LM by name (the
+attacks of a ``--multirun`` sweep) share them: the clean sentences are scored once per sweep, and
+``cache_hits`` (reported as ``cost.cached_inputs``) counts the scored inputs that were already known.
 """
 
 from __future__ import annotations
@@ -48,6 +51,9 @@ from backdoorbench.registry import register_defense
 log = logging.getLogger(__name__)
 
 CACHE_LIMIT = 100_000  # sentences whose suspicions are kept
+# Suspicions depend only on the LM and the text, never on the victim: runs in one process (a --multirun
+# sweep over attacks) that load the same LM share them, so clean sentences are scored once per sweep.
+_SHARED_CACHES: dict[tuple[str, str, int], dict[str, np.ndarray]] = {}
 
 
 @dataclass
@@ -97,6 +103,7 @@ class ONION(Detector):
         self.lm = lm  # loaded at fit time unless given
         self.bar: float | None = None
         self._cache: dict[str, np.ndarray] = {}
+        self.cache_hits = 0  # inputs whose suspicions were already known (this run or an earlier one)
 
     @property
     def lm_forward_count(self) -> int:
@@ -109,6 +116,7 @@ class ONION(Detector):
         if self.lm is None:
             raise RuntimeError("call fit() first (it loads the language model)")
         todo = list(dict.fromkeys(t for t in texts if t not in self._cache))
+        self.cache_hits += sum(t in self._cache for t in texts)
         if len(self._cache) + len(todo) > CACHE_LIMIT:
             self._cache.clear()
             todo = list(dict.fromkeys(texts))
@@ -143,7 +151,7 @@ class ONION(Detector):
         cfg = self.cfg
         if self.lm is None:
             self.lm = load_causal_lm(cfg.lm, device=model.device, dtype=cfg.lm_dtype, max_length=cfg.lm_max_length)
-        self._cache.clear()
+            self._cache = _SHARED_CACHES.setdefault((cfg.lm, cfg.lm_dtype, cfg.lm_max_length), {})
         if cfg.bar is not None:
             self.bar = float(cfg.bar)
             return
