@@ -98,7 +98,8 @@ class ClassifierModule(L.LightningModule):
         self._params = params
 
     def loss(self, batch: dict[str, Any]) -> torch.Tensor:
-        return F.cross_entropy(self.model(batch["inputs"]), batch["labels"])
+        inputs = self.model.augment(batch["inputs"]) if self.training else batch["inputs"]
+        return F.cross_entropy(self.model(inputs), batch["labels"])
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self.loss(batch)

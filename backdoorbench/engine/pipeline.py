@@ -264,9 +264,15 @@ def run_experiment(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     attack: Attack = spec.attack.obj(spec.attack_cfg, spec.seed)
     attack.check(bundle.num_classes)
 
+    model_kwargs: dict[str, Any] = {}
+    if spec.modality == "vision":  # channels, size and normalisation come from the data
+        from backdoorbench.modality.vision import image_spec
+
+        model_kwargs["image"] = image_spec(bundle)
+
     def new_model() -> Classifier:
         torch.manual_seed(spec.seed)
-        return spec.model.obj(spec.model_cfg, bundle.num_classes)
+        return spec.model.obj(spec.model_cfg, bundle.num_classes, **model_kwargs)
 
     store = ArtifactStore(spec.cache_dir) if spec.cache_enabled else None
     with timer("attack"):

@@ -60,6 +60,11 @@ class Classifier(nn.Module, ABC):
     def forward_features(self, batch: Batch, pooling: str = "cls") -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Logits and a list of per-layer pooled features ``[B, D_l]`` from one forward pass."""
 
+    def augment(self, batch: Batch) -> Batch:
+        """Training-time augmentation of a collated batch (the Lightning module calls it in training steps
+        only). Default: none (text)."""
+        return batch
+
     def layer_names(self) -> list[str]:
         """Names of the layers ``forward_features`` returns, in order."""
         return []
