@@ -25,8 +25,9 @@ def accuracy(preds: np.ndarray, labels: np.ndarray) -> float:
     return float((preds == labels).mean()) if len(labels) else float("nan")
 
 
-def attack_success_rate(preds_triggered: np.ndarray, target: int) -> float:
-    """``preds_triggered``: predictions on triggered inputs whose true label is not the target."""
+def attack_success_rate(preds_triggered: np.ndarray, target: int | np.ndarray) -> float:
+    """``preds_triggered``: predictions on triggered inputs whose true label is not the target; ``target``:
+    the target label, or one per input (all-to-all attacks)."""
     p = np.asarray(preds_triggered)
     return float((p == target).mean()) if len(p) else float("nan")
 

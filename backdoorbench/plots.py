@@ -18,7 +18,12 @@ def _plt() -> Any:
 
 
 def detector_figure(
-    path: Path, calibration: np.ndarray | None, scored: list[Any], target: int, threshold: float | None, title: str = ""
+    path: Path,
+    calibration: np.ndarray | None,
+    scored: list[Any],
+    target: int | np.ndarray,
+    threshold: float | None,
+    title: str = "",
 ) -> Path:
     """Score histograms (clean test, successful poisoned test) with the calibrated threshold, and the ROC."""
     from sklearn.metrics import roc_curve

@@ -62,6 +62,11 @@ class Attack(ABC):
     def target(self) -> int:
         return int(self.cfg.target)
 
+    def target_labels(self, true_labels: np.ndarray) -> np.ndarray:
+        """The label the backdoor should produce for triggered inputs of these true labels (all-to-one: the
+        target for all; all-to-all attacks override this)."""
+        return np.full(len(true_labels), self.target, dtype=np.int64)
+
     def rng(self, salt: int = 0) -> np.random.Generator:
         return np.random.default_rng([self.seed, salt])
 

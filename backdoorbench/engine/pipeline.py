@@ -279,6 +279,7 @@ def run_experiment(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         model, poisoned, cache_entry = obtain_victim(spec, attack, splits, bundle, new_model, store)
 
     triggered, trig_idx = attack.triggered_test(splits.test)
+    tgt = attack.target_labels(triggered.labels)  # what each triggered input should become (ASR)
     defense: Defense = spec.defense.obj(spec.defense_cfg, spec.seed)
     metrics: dict[str, Any] = {}
     cost: dict[str, Any] = {}
@@ -307,13 +308,13 @@ def run_experiment(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
             Scored("clean", np.arange(len(splits.test)), splits.test.labels, c_preds, c_scores),
             Scored("poisoned", trig_idx, triggered.labels, p_preds, p_scores),
         ]
-        success = p_preds == attack.target
+        success = p_preds == tgt
         det = detection_metrics(defense.calibration_scores, c_scores, p_scores[success], spec.defense_cfg.frr, FRR_GRID)
         c_rej, p_rej = defense.reject(c_scores), defense.reject(p_scores)
         metrics.update(det)
         metrics["ba_after_rejection"] = float(((c_preds == splits.test.labels) & ~c_rej).mean())
         metrics["asr_after_rejection"] = (
-            float(((p_preds == attack.target) & ~p_rej).mean()) if len(p_preds) else float("nan")
+            float(((p_preds == tgt) & ~p_rej).mean()) if len(p_preds) else float("nan")
         )
         metrics["clean_size"] = len(clean_def)
         if defense.corrects_inputs:
@@ -321,7 +322,7 @@ def run_experiment(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
                 c_fixed = model.predict(defense.correct(splits.test.inputs), batch, "eval: corrected clean")
                 p_fixed = model.predict(defense.correct(triggered.inputs), batch, "eval: corrected triggered")
             metrics["ba_after_correction"] = accuracy(c_fixed, splits.test.labels)
-            metrics["asr_after_correction"] = attack_success_rate(p_fixed, attack.target)
+            metrics["asr_after_correction"] = attack_success_rate(p_fixed, tgt)
     elif isinstance(defense, (RepairDefense, TrainingDefense)):
         with timer("evaluation"):
             before = evaluate_plain(model, splits.test, triggered, trig_idx, batch)
@@ -335,8 +336,8 @@ def run_experiment(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
                 defended = defense.train(Samples(train_set.inputs, train_set.labels, train_set.modality), new_model)
         with timer("evaluation"):
             scored = evaluate_plain(defended, splits.test, triggered, trig_idx, batch)
-        ba_b, asr_b = accuracy(before[0].preds, before[0].labels), attack_success_rate(before[1].preds, attack.target)
-        ba_a, asr_a = accuracy(scored[0].preds, scored[0].labels), attack_success_rate(scored[1].preds, attack.target)
+        ba_b, asr_b = accuracy(before[0].preds, before[0].labels), attack_success_rate(before[1].preds, tgt)
+        ba_a, asr_a = accuracy(scored[0].preds, scored[0].labels), attack_success_rate(scored[1].preds, tgt)
         metrics.update(
             ba=ba_b,
             asr=asr_b,
@@ -351,7 +352,7 @@ def run_experiment(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     if "ba" not in metrics:
         metrics = {
             "ba": accuracy(scored[0].preds, scored[0].labels),
-            "asr": attack_success_rate(scored[1].preds, attack.target),
+            "asr": attack_success_rate(scored[1].preds, tgt),
             **metrics,
         }
     timer.times["total"] = round(time.perf_counter() - t_start, 3)
@@ -377,7 +378,7 @@ def run_experiment(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         "frr_target": getattr(spec.defense_cfg, "frr", None),
     }
     (out / "results.json").write_text(json.dumps(_finite(results), indent=2, default=_json_default, allow_nan=False))
-    write_scores(out / "scores.csv", scored, attack.target, defense)
+    write_scores(out / "scores.csv", scored, tgt, defense)
     if isinstance(defense, Detector):
         try:
             from backdoorbench.plots import detector_figure
@@ -386,7 +387,7 @@ def run_experiment(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
                 out / "detection.png",
                 defense.calibration_scores,
                 scored,
-                attack.target,
+                tgt,
                 defense.threshold,
                 title=f"{spec.defense.name} vs {spec.attack.name}",
             )
@@ -395,7 +396,9 @@ def run_experiment(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     return results
 
 
-def write_scores(path: Path, scored: list[Scored], target: int, defense: Defense) -> None:
+def write_scores(path: Path, scored: list[Scored], target: int | np.ndarray, defense: Defense) -> None:
+    """One row per scored input; ``target``: the target label, or one per poisoned input (all-to-all)."""
+    target = np.broadcast_to(np.asarray(target), (len(scored[-1].labels),)) if scored else np.asarray(target)
     with path.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["split", "index", "label", "pred", "score", "rejected", "attack_success"])
@@ -410,7 +413,7 @@ def write_scores(path: Path, scored: list[Scored], target: int, defense: Defense
                         int(s.preds[j]),
                         "" if s.scores is None else f"{float(s.scores[j]):.6g}",
                         "" if rejected is None else int(rejected[j]),
-                        int(s.preds[j] == target) if s.split == "poisoned" else "",
+                        int(s.preds[j] == target[j]) if s.split == "poisoned" else "",
                     ]
                 )
 
