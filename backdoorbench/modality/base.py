@@ -46,7 +46,9 @@ class Classifier(nn.Module, ABC):
 
     @property
     def device(self) -> torch.device:
-        return next(self.parameters()).device
+        for t in (*self.parameters(), *self.buffers()):
+            return t.device
+        return torch.device("cpu")
 
     @abstractmethod
     def collate(self, inputs: Sequence[Any] | torch.Tensor) -> Batch:

@@ -1,6 +1,7 @@
-"""STRIP — STRong Intentional Perturbation (Gao et al., ACSAC 2019), text variant as in STRIP-ViTA
-(Gao et al., IEEE TDSC 2021) and the STRIP baseline of the RAP / DAN papers (reference: ``lancopku/RAP``,
-``strip_vita.py``).
+"""STRIP — STRong Intentional Perturbation (Gao et al., ACSAC 2019), for images as in the paper and for
+text as in STRIP-ViTA (Gao et al., IEEE TDSC 2021) and the STRIP baseline of the RAP / DAN papers
+(reference: ``lancopku/RAP``, ``strip_vita.py``). One detector for both modalities: only the
+perturbation differs, chosen from the model's modality.
 
 A backdoor trigger dominates the prediction: however much of the rest of a poisoned input is replaced,
 the model keeps predicting the target class with confidence. Clean inputs lose their meaning under the
@@ -17,8 +18,13 @@ same perturbation, and the predictions on their perturbed copies spread out. So,
 Cost: ``1 + N`` forward passes per input (the plain pass gives ``ŷ`` and, in ``score_and_predict``, the
 prediction; the ``N`` copies of a batch of inputs go through the model together in batches).
 
+Images (Gao et al. 2019, reference ``garrisongys/STRIP``): each of the ``N`` copies (default 100, the
+paper's) superimposes a random clean image of the defender's fitting data on the input, as the reference's
+``cv2.addWeighted(x, 1, clean, 1, 0)``: pixel-wise sum saturated at 255 (``superimpose=add``);
+``superimpose=average`` blends them half and half instead. Cost ``1 + N`` passes per input, in batches.
+
 The perturbation is one method, ``perturb(inputs, preds, rng)``, and its statistics are fitted by
-``fit_perturbation(clean)``: the image variant (superimposing clean images) only overrides those two.
+``fit_perturbation(clean)``; both dispatch on the model's modality.
 """
 
 from __future__ import annotations
@@ -41,18 +47,25 @@ from backdoorbench.registry import register_defense
 log = logging.getLogger(__name__)
 
 
+DEFAULT_COPIES = {"text": 20, "vision": 100}  # STRIP-ViTA's text N; the image paper's N
+SUPERIMPOSE = ("add", "average")
+
+
 @dataclass
 class STRIPConfig(DetectorConfig):
     name: str = "strip"
-    num_copies: int = 20  # N perturbed copies per input (paper and reference: 20)
-    replace_ratio: float = 0.7  # share of an input's words replaced in each copy (reference default)
+    num_copies: int | None = None  # N perturbed copies per input; null = 20 for text, 100 for images
+    replace_ratio: float = 0.7  # text: share of an input's words replaced in each copy (reference default)
+    superimpose: str = "add"  # images: add (saturating sum, the reference) | average
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.num_copies < 1:
-            raise ValueError(f"defense.num_copies must be >= 1, got {self.num_copies}")
+        if self.num_copies is not None and self.num_copies < 1:
+            raise ValueError(f"defense.num_copies must be >= 1 or null (modality default), got {self.num_copies}")
         if not 0.0 < self.replace_ratio <= 1.0:
             raise ValueError(f"defense.replace_ratio must be in (0, 1], got {self.replace_ratio}")
+        if self.superimpose not in SUPERIMPOSE:
+            raise ValueError(f"defense.superimpose must be one of {SUPERIMPOSE}, got {self.superimpose!r}")
 
 
 def prediction_entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -72,10 +85,10 @@ def _is_word(token: str) -> bool:
 
 @register_defense(
     "strip",
-    modality="text",
+    modality=("text", "vision"),
     category="detector",
-    needs="defender's clean data with labels (TF-IDF replacement pools per label)",
-    description="entropy of predictions over N word-replaced copies; low entropy = trigger in control",
+    needs="defender's clean data (text: with labels, for TF-IDF replacement pools per label)",
+    description="entropy of predictions over N perturbed copies (words replaced / clean images superimposed)",
     config=STRIPConfig,
 )
 class STRIP(Detector):
@@ -83,11 +96,47 @@ class STRIP(Detector):
 
     def __init__(self, cfg: STRIPConfig, seed: int = 0) -> None:
         super().__init__(cfg, seed)
-        #: per predicted label: the TF-IDF-ranked word lists of the clean samples of the other labels
+        #: text: per predicted label, the TF-IDF-ranked word lists of the clean samples of the other labels
         self.pools: dict[int, list[list[str]]] = {}
+        #: images: the clean images superimposed on inputs (uint8 [M, C, H, W])
+        self.backgrounds: torch.Tensor | None = None
+        self.modality = ""
 
-    # -- the perturbation (what a vision variant overrides) ------------------------------------
+    @property
+    def num_copies(self) -> int:
+        if self.cfg.num_copies is not None:
+            return int(self.cfg.num_copies)
+        return DEFAULT_COPIES.get(self.modality, 20)
+
+    # -- the perturbation: words replaced (text) or clean images superimposed (vision) -----------
     def fit_perturbation(self, model: Classifier, clean: Samples) -> None:
+        self.modality = model.modality
+        if model.modality == "vision":
+            if not isinstance(clean.inputs, torch.Tensor) or clean.inputs.dtype != torch.uint8:
+                raise ConfigError("STRIP on images needs the defender's clean images as uint8 [N, C, H, W]")
+            self.backgrounds = clean.inputs
+            return
+        self.fit_word_pools(model, clean)
+
+    def perturb(self, inputs: Sequence[Any] | torch.Tensor, preds: np.ndarray, rng: np.random.Generator) -> Any:
+        """``N`` perturbed copies of each input, grouped by input: copies ``[i*N, (i+1)*N)`` belong to input i."""
+        if self.modality == "vision":
+            return self.superimpose(inputs, rng)  # type: ignore[arg-type]
+        return self.replace_words(inputs, preds, rng)
+
+    def superimpose(self, images: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        """Each image plus ``N`` random clean images: saturating sum (``add``) or the average."""
+        if self.backgrounds is None:
+            raise RuntimeError("call fit() first")
+        n = self.num_copies
+        idx = torch.from_numpy(rng.integers(len(self.backgrounds), size=len(images) * n))
+        base = images.repeat_interleave(n, dim=0).to(torch.int16)
+        other = self.backgrounds[idx].to(torch.int16)
+        if self.cfg.superimpose == "add":
+            return (base + other).clamp_(0, 255).to(torch.uint8)
+        return ((base + other + 1) // 2).to(torch.uint8)
+
+    def fit_word_pools(self, model: Classifier, clean: Samples) -> None:
         """Per label ``c``: fit a TF-IDF on the clean samples whose label is not ``c`` and keep, for each of
         them, its words ranked by TF-IDF (highest first)."""
         from sklearn.feature_extraction.text import TfidfVectorizer
@@ -120,8 +169,8 @@ class STRIP(Detector):
                 ranked.append([str(vocab[j]) for j in cols[order]])
             self.pools[c] = ranked
 
-    def perturb(self, inputs: Sequence[Any], preds: np.ndarray, rng: np.random.Generator) -> list[Any]:
-        """``N`` perturbed copies of each input, grouped by input: copies ``[i*N, (i+1)*N)`` belong to input i.
+    def replace_words(self, inputs: Sequence[Any], preds: np.ndarray, rng: np.random.Generator) -> list[Any]:
+        """``N`` word-replaced copies of each text, grouped by input.
 
         In each copy, ``max(1, ⌊replace_ratio · n⌋)`` distinct random word positions are replaced by the
         top TF-IDF words of a random clean sample of another label than ``preds[i]`` (more such samples are
@@ -129,7 +178,7 @@ class STRIP(Detector):
         """
         if not self.pools:
             raise RuntimeError("call fit() first")
-        n_copies, ratio = self.cfg.num_copies, self.cfg.replace_ratio
+        n_copies, ratio = self.num_copies, self.cfg.replace_ratio
         out: list[Any] = []
         for text, pred in zip(inputs, preds):
             words = words_of(text)
@@ -162,7 +211,7 @@ class STRIP(Detector):
         assert self.model is not None
         model = self.model
         model.eval()
-        bs, n_copies = self.cfg.batch_size, self.cfg.num_copies
+        bs, n_copies = self.cfg.batch_size, self.num_copies
         rng = self.rng(3)  # same inputs in the same order → same copies → same scores
         scores, plain = [], []
         starts = range(0, len(inputs), bs)
