@@ -134,7 +134,7 @@ def test_minilm_is_registered_and_prefixed_names_are_not_hf() -> None:
     assert e.obj is create_minilm and e.source == "builtin"
     assert "<any HF model name or local path>" in REGISTRY.patterns("model")
     with pytest.raises(UnknownNameError, match="Valid models: .*minilm.*<any HF model name or local path>"):
-        REGISTRY.get("model", "timm:resnet18")
+        REGISTRY.get("model", "foo:bar")  # a prefixed name no resolver takes is not sent to the HF hub
 
 
 # -- modality ----------------------------------------------------------------------------------------
