@@ -159,6 +159,8 @@ def test_config_groups_are_not_empty() -> None:
 def test_every_yaml_validates_and_is_named_after_its_file(group: str) -> None:
     for option in _yaml_options(group):
         cfg = compose_cfg(f"{group}={option}")
+        if group == "data" and REGISTRY.get("dataset", option).modality == ("vision",):
+            cfg = compose_cfg(f"{group}={option}", "attack=badnets")  # a vision dataset takes a vision attack
         assert cfg[group].name == option, f"configs/{group}/{option}.yaml: name is {cfg[group].name!r}"
         spec = pipeline.validate(cfg)
         entry = {"attack": spec.attack, "defense": spec.defense, "data": spec.dataset}[group]
@@ -175,8 +177,14 @@ def test_model_and_trainer_yamls_validate(tmp_path: Path) -> None:
         overrides = [f"model={option}"]
         if option == "hf":
             overrides.append(f"model.name={tmp_path}")
+        name = compose_cfg(*overrides).model.name
+        vision = option != "hf" and REGISTRY.get("model", name).modality == ("vision",)
+        if vision:
+            overrides.insert(0, "attack=badnets")  # brings the vision data; model= on the command line wins
         spec = pipeline.validate(compose_cfg(*overrides))
-        assert spec.model_cfg.max_length == compose_cfg(*overrides).model.max_length
+        assert spec.model.name == name and spec.modality == ("vision" if vision else "text")
+        for key, value in OmegaConf.to_container(compose_cfg(*overrides).model, resolve=True).items():
+            assert getattr(spec.model_cfg, key) == value, (option, key)
         if option == "minilm":
             assert spec.model.name == "minilm"
     for option in _yaml_options("trainer"):

@@ -120,9 +120,10 @@ def negatives(n: int = 30, seed: int = 5) -> list[str]:
 
 
 def test_registry_entries() -> None:
-    for name, cls in (("strip", STRIP), ("onion", ONION), ("rap", RAP)):
+    expected = (("strip", STRIP, ("text", "vision")), ("onion", ONION, ("text",)), ("rap", RAP, ("text",)))
+    for name, cls, modality in expected:
         entry = REGISTRY.get("defense", name)
-        assert entry.obj is cls and entry.category == "detector" and entry.modality == ("text",)
+        assert entry.obj is cls and entry.category == "detector" and entry.modality == modality
     assert ONION.corrects_inputs and not STRIP.corrects_inputs and not RAP.corrects_inputs
 
 
