@@ -187,11 +187,7 @@ class CausalLM:
             width = max(len(s) for s in seqs)
             if width < 2:  # nothing to predict in any sequence of this batch
                 continue
-            input_ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(seqs), width), dtype=torch.long)
-            for row, s in enumerate(seqs):
-                input_ids[row, : len(s)] = torch.tensor(s, dtype=torch.long)
-                mask[row, : len(s)] = 1
+            input_ids, mask = self._pad(seqs)
             input_ids, mask = input_ids.to(device), mask.to(device)
             self.forward_count += len(seqs)
             logits = self.model(input_ids=input_ids, attention_mask=mask).logits.float()
