@@ -58,3 +58,69 @@ def detector_figure(
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def repair_curve_figure(path: Path, curve: list[dict[str, float]], name: str, title: str = "") -> Path:
+    """BA and ASR on the test set against a repair defense's knob (RNP: the pruning threshold), with the
+    defender's clean accuracy where the defense recorded it (the only curve it may choose from)."""
+    plt = _plt()
+    xs = np.array([row["setting"] for row in curve])
+    order = np.argsort(xs)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(xs[order], 100 * np.array([curve[i]["ba"] for i in order]), "o-", label="BA (test, reporting only)")
+    ax.plot(xs[order], 100 * np.array([curve[i]["asr"] for i in order]), "s-", label="ASR (test, reporting only)")
+    if all("clean_acc" in row for row in curve):
+        ax.plot(
+            xs[order],
+            100 * np.array([curve[i]["clean_acc"] for i in order]),
+            "^--",
+            color="grey",
+            label="defender's clean accuracy",
+        )
+    ax.set_xlabel(name)
+    ax.set_ylabel("%")
+    ax.set_ylim(-2, 102)
+    ax.legend(fontsize=8)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def attention_figure(path: Path, before: Any, after: Any, triggered: Any, n: int = 4, title: str = "") -> Path:
+    """NAD-style attention maps (``Σ_c |F_c|²``, per stage) of a few triggered test images under the
+    backdoored and the repaired model: one row per image; the image, then each stage before | after."""
+    import torch
+
+    images = triggered.inputs[:n]
+    rows = []
+    for model in (before, after):
+        model.eval()
+        with torch.no_grad():
+            batch = {k: v.to(model.device) for k, v in model.collate(images).items()}
+            _, feats = model.forward_features(batch, pooling="none")
+        rows.append([f.float().pow(2).sum(1).cpu().numpy() for f in feats if f.dim() == 4])
+    n_stage = len(rows[0])
+    plt = _plt()
+    fig, axes = plt.subplots(len(images), 1 + 2 * n_stage, figsize=(1.6 * (1 + 2 * n_stage), 1.7 * len(images)))
+    axes = np.atleast_2d(axes)
+    names = list(getattr(before, "layer_names", lambda: [])()) or [f"stage {i + 1}" for i in range(n_stage)]
+    for i in range(len(images)):
+        img = images[i].permute(1, 2, 0).numpy()
+        axes[i, 0].imshow(img.squeeze(-1) if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None)
+        for s in range(n_stage):
+            for j, which in enumerate(("before", "after")):
+                ax = axes[i, 1 + 2 * s + j]
+                ax.imshow(rows[j][s][i], cmap="jet")
+                if i == 0:
+                    ax.set_title(f"{names[s] if s < len(names) else s}\n{which}", fontsize=7)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    axes[0, 0].set_title("triggered input", fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -17,8 +17,9 @@ set, for training-time defenses).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -36,10 +37,20 @@ class DefenseConfig:
 
     name: str = ""
     clean_size: int = 500  # how many of the defender's held-out clean training samples it gets
+    # or, when set, this fraction of the training-set size (the papers' "5% clean data"); overrides clean_size
+    clean_fraction: float | None = None
 
     def __post_init__(self) -> None:
         if self.clean_size < 1:
             raise ValueError(f"defense.clean_size must be >= 1, got {self.clean_size}")
+        if self.clean_fraction is not None and not 0.0 < self.clean_fraction <= 1.0:
+            raise ValueError(f"defense.clean_fraction must be in (0, 1] or null, got {self.clean_fraction}")
+
+    def clean_count(self, train_size: int) -> int:
+        """How many clean samples the defender gets, for a training set of ``train_size`` samples."""
+        if self.clean_fraction is None:
+            return self.clean_size
+        return max(1, int(round(self.clean_fraction * train_size)))
 
 
 @dataclass
@@ -65,6 +76,11 @@ class Defense(ABC):  # noqa: B024 - the three kinds below declare the abstract m
     def __init__(self, cfg: Any, seed: int = 0) -> None:
         self.cfg = cfg
         self.seed = seed
+        #: set by the pipeline before a training or repair defense runs: ``work_dir`` is a stable folder
+        #: for stage checkpoints (the same for the same attack, data, model, defense config and seed, so an
+        #: interrupted run resumes there), ``run_dir`` the run's output folder, for figures.
+        self.work_dir: Path | None = None
+        self.run_dir: Path | None = None
 
     def rng(self, salt: int = 0) -> np.random.Generator:
         return np.random.default_rng([self.seed, 104729, salt])
@@ -164,6 +180,13 @@ class Detector(Defense):
 class TrainingDefense(Defense):
     kind = "training"
 
+    def __init__(self, cfg: Any, seed: int = 0) -> None:
+        super().__init__(cfg, seed)
+        #: defenses that keep the labels of part of the training set only (DBD) set this to the indices
+        #: (into the samples ``train`` got) whose labels they kept; the pipeline, which knows the
+        #: provenance the defense never sees, reports the share of poisoned samples among them.
+        self.labelled_indices: np.ndarray | None = None
+
     @abstractmethod
     def train(self, train: Samples, model_factory: Callable[[], Classifier]) -> Classifier:
         """Train a model on the possibly poisoned training set."""
@@ -175,3 +198,12 @@ class RepairDefense(Defense):
     @abstractmethod
     def repair(self, model: Classifier, clean: Samples) -> Classifier:
         """Return a repaired copy of the backdoored model."""
+
+    def sweep(self) -> Iterator[tuple[float, Classifier]]:
+        """After :meth:`repair`: ``(setting, model)`` pairs for a curve over the defense's main knob (RNP:
+        the pruning threshold). The pipeline evaluates each model on the test set *for reporting only*;
+        the defense chose its own setting on clean data before. Default: no curve."""
+        return iter(())
+
+    #: the name of the knob :meth:`sweep` varies (axis label of the curve)
+    sweep_name: ClassVar[str] = ""

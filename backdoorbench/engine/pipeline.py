@@ -8,6 +8,7 @@ import logging
 import os
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -283,10 +284,11 @@ def run_experiment(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     defense: Defense = spec.defense.obj(spec.defense_cfg, spec.seed)
     metrics: dict[str, Any] = {}
     cost: dict[str, Any] = {}
+    extra: dict[str, Any] = {}  # further result sections (a repair defense's curve)
     batch = int(getattr(spec.defense_cfg, "batch_size", 64))
 
     if isinstance(defense, Detector):
-        clean_def = splits.defender_clean(spec.defense_cfg.clean_size)
+        clean_def = splits.defender_clean(spec.defense_cfg.clean_count(len(splits.train)))
         with timer("defense_fit"):
             defense.fit(model, clean_def)
         model.reset_forward_count()
@@ -313,9 +315,7 @@ def run_experiment(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         c_rej, p_rej = defense.reject(c_scores), defense.reject(p_scores)
         metrics.update(det)
         metrics["ba_after_rejection"] = float(((c_preds == splits.test.labels) & ~c_rej).mean())
-        metrics["asr_after_rejection"] = (
-            float(((p_preds == tgt) & ~p_rej).mean()) if len(p_preds) else float("nan")
-        )
+        metrics["asr_after_rejection"] = float(((p_preds == tgt) & ~p_rej).mean()) if len(p_preds) else float("nan")
         metrics["clean_size"] = len(clean_def)
         if defense.corrects_inputs:
             with timer("correction"):
@@ -326,14 +326,20 @@ def run_experiment(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     elif isinstance(defense, (RepairDefense, TrainingDefense)):
         with timer("evaluation"):
             before = evaluate_plain(model, splits.test, triggered, trig_idx, batch)
+        defense.run_dir = out
+        defense.work_dir = defense_work_dir(spec, cache_entry, out)
         with timer("defense"):
             if isinstance(defense, RepairDefense):
-                defended = defense.repair(model, splits.defender_clean(spec.defense_cfg.clean_size))
+                clean_def = splits.defender_clean(spec.defense_cfg.clean_count(len(splits.train)))
+                metrics["clean_size"] = len(clean_def)
+                defended = defense.repair(model, clean_def)
             else:  # trained from scratch on the (possibly poisoned) training set, provenance withheld
                 train_set = (
                     poisoned.materialize() if poisoned is not None and poisoned.clean is splits.train else splits.train
                 )
                 defended = defense.train(Samples(train_set.inputs, train_set.labels, train_set.modality), new_model)
+        for stage, seconds in (getattr(defense, "stage_times", None) or {}).items():  # per-stage wall time
+            timer.times[f"defense_{stage}"] = seconds
         with timer("evaluation"):
             scored = evaluate_plain(defended, splits.test, triggered, trig_idx, batch)
         ba_b, asr_b = accuracy(before[0].preds, before[0].labels), attack_success_rate(before[1].preds, tgt)
@@ -346,6 +352,22 @@ def run_experiment(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
             r_acc_after=robust_accuracy(scored[1].preds, scored[1].labels),
             der=der(ba_b, asr_b, ba_a, asr_a),
         )
+        if isinstance(defense, TrainingDefense) and defense.labelled_indices is not None:
+            kept = np.asarray(defense.labelled_indices, dtype=np.int64)
+            metrics["labelled_fraction"] = len(kept) / max(len(splits.train), 1)
+            if poisoned is not None and poisoned.clean is splits.train:
+                metrics["labelled_poisoned_fraction"] = (
+                    float(poisoned.is_poisoned()[kept].mean()) if len(kept) else float("nan")
+                )
+        if isinstance(defense, RepairDefense):
+            with timer("evaluation"):
+                curve = repair_curve(defense, splits.test, triggered, tgt, batch)
+            if curve:
+                extra["curve"] = curve
+                _write_curve(out / "repair_curve.csv", curve)
+                _draw(plots_repair_curve, out / "repair_curve.png", curve, defense.sweep_name, spec, metrics)
+            if spec.modality == "vision" and len(triggered):
+                _draw(plots_attention, out / "attention_maps.png", model, defended, triggered, spec)
     else:
         with timer("evaluation"):
             scored = evaluate_plain(model, splits.test, triggered, trig_idx, batch)
@@ -376,6 +398,7 @@ def run_experiment(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         "cache": cache_entry,
         "out_dir": str(out),
         "frr_target": getattr(spec.defense_cfg, "frr", None),
+        **extra,
     }
     (out / "results.json").write_text(json.dumps(_finite(results), indent=2, default=_json_default, allow_nan=False))
     write_scores(out / "scores.csv", scored, tgt, defense)
@@ -394,6 +417,62 @@ def run_experiment(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         except Exception as exc:  # a plot must never lose a run's results
             log.warning("could not draw the detection figure: %s", exc)
     return results
+
+
+def defense_work_dir(spec: RunSpec, cache_entry: dict[str, Any], out: Path) -> Path:
+    """A stable folder for a training/repair defense's stage checkpoints: under the artifact cache, keyed by
+    the victim (attack, data, model, trainer, seed) and the defense's config, so that re-running an
+    interrupted run resumes; inside the run directory when the cache is off."""
+    if not spec.cache_enabled:
+        return out / "defense_work"
+    cfg = asdict(spec.defense_cfg) if hasattr(spec.defense_cfg, "__dataclass_fields__") else spec.defense_cfg
+    key = cache_key({"victim": cache_entry.get("key"), "defense": spec.defense.name, "cfg": cfg, "seed": spec.seed})
+    return Path(ArtifactStore(spec.cache_dir).path("defense-" + key))
+
+
+def repair_curve(
+    defense: RepairDefense, test: Samples, triggered: Samples, tgt: np.ndarray | int, batch: int
+) -> list[dict[str, float]]:
+    """BA / ASR on the test set at every setting of the defense's :meth:`~RepairDefense.sweep` (reporting
+    only: the defense chose its setting on its clean data before this runs)."""
+    rows = []
+    for setting, m in defense.sweep():
+        rows.append(
+            {
+                "setting": float(setting),
+                "ba": accuracy(m.predict(test.inputs, batch), test.labels),
+                "asr": attack_success_rate(m.predict(triggered.inputs, batch), tgt),
+                **{k: float(v) for k, v in getattr(defense, "sweep_info", {}).get(float(setting), {}).items()},
+            }
+        )
+    return rows
+
+
+def plots_repair_curve(path: Path, curve: list[dict[str, float]], name: str, spec: RunSpec, metrics: dict) -> None:
+    from backdoorbench.plots import repair_curve_figure
+
+    repair_curve_figure(path, curve, name or "setting", title=f"{spec.defense.name} vs {spec.attack.name}")
+
+
+def plots_attention(path: Path, before: Classifier, after: Classifier, triggered: Samples, spec: RunSpec) -> None:
+    from backdoorbench.plots import attention_figure
+
+    attention_figure(path, before, after, triggered, title=f"{spec.defense.name} vs {spec.attack.name}")
+
+
+def _write_curve(path: Path, curve: list[dict[str, float]]) -> None:
+    keys = list(dict.fromkeys(k for row in curve for k in row))
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(curve)
+
+
+def _draw(fn: Callable[..., None], *args: Any) -> None:
+    try:
+        fn(*args)
+    except Exception as exc:  # a plot must never lose a run's results
+        log.warning("could not draw %s: %s", args[0], exc)
 
 
 def write_scores(path: Path, scored: list[Scored], target: int | np.ndarray, defense: Defense) -> None:

@@ -31,6 +31,25 @@ def to_device(batch: Batch, device: torch.device | str) -> Batch:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+def attention_map(features: torch.Tensor, p: float = 2.0, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``Σ_c |F_c|^p`` over the channel axis, flattened over positions and L2-normalised per sample.
+
+    ``features`` is ``[B, C, H, W]`` (channels on axis 1, as CNN stage outputs) → ``[B, H·W]``, or
+    ``[B, T, D]`` (transformer hidden states, channels last) → ``[B, T]``; ``mask`` ``[B, T]`` zeroes
+    padding tokens. The normalisation is NAD's reference ``am / (‖am‖₂ + 1e-6)``."""
+    if features.dim() == 4:
+        am = features.abs().pow(p).sum(dim=1).flatten(1)
+    elif features.dim() == 3:
+        am = features.abs().pow(p).sum(dim=2)
+        if mask is not None:
+            am = am * mask.to(am.dtype)
+    elif features.dim() == 2:  # a pooled vector (e.g. a ViT's pre-logits): one position per unit
+        am = features.abs().pow(p)
+    else:
+        raise ValueError(f"attention_map: expected a 2-, 3- or 4-d feature tensor, got shape {tuple(features.shape)}")
+    return am / (am.norm(dim=1, keepdim=True) + 1e-6)
+
+
 class Classifier(nn.Module, ABC):
     """A classifier of one modality, with the hooks defenses need."""
 
@@ -70,6 +89,14 @@ class Classifier(nn.Module, ABC):
     def layer_names(self) -> list[str]:
         """Names of the layers ``forward_features`` returns, in order."""
         return []
+
+    def attention_maps(self, batch: Batch, p: float = 2.0) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Logits and one L2-normalised attention map per layer (NAD; Zagoruyko & Komodakis 2017), from one
+        pass: ``A = Σ_c |F_c|^p`` over the channels of a CNN stage output ``[B, C, H, W]`` → ``[B, H·W]``, or
+        over the hidden units of a transformer layer ``[B, T, D]`` → ``[B, T]`` (padding tokens zeroed)."""
+        logits, feats = self.forward_features(batch, pooling="none")
+        mask = batch.get("attention_mask")
+        return logits, [attention_map(f, p, mask) for f in feats]
 
     # -- batched helpers --------------------------------------------------------------------
     def iter_batches(

@@ -17,7 +17,7 @@ from torch import nn
 from backdoorbench.modality.base import Batch, Classifier
 from backdoorbench.registry import REGISTRY, Entry, register_model
 
-POOLINGS = ("cls", "mean")
+POOLINGS = ("cls", "mean", "none")
 
 
 @dataclass
@@ -59,6 +59,8 @@ class TextClassifier(Classifier):
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         out = self.hf(**batch, output_hidden_states=True)
         hidden = out.hidden_states[1:]  # every transformer layer, not the embeddings
+        if pooling == "none":  # raw hidden states [B, T, D] (NAD's token-wise attention maps)
+            return out.logits, list(hidden)
         if pooling == "cls":
             feats = [h[:, 0] for h in hidden]
         else:

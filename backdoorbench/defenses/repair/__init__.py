@@ -1,0 +1,1 @@
+"""Post-hoc repair defenses: fine-tuning, NAD, RNP."""
