@@ -161,6 +161,8 @@ def test_every_yaml_validates_and_is_named_after_its_file(group: str) -> None:
         cfg = compose_cfg(f"{group}={option}")
         if group == "data" and REGISTRY.get("dataset", option).modality == ("vision",):
             cfg = compose_cfg(f"{group}={option}", "attack=badnets")  # a vision dataset takes a vision attack
+        if group == "defense" and REGISTRY.get("defense", option).modality == ("vision",):
+            cfg = compose_cfg(f"{group}={option}", "attack=badnets")  # a vision-only defense (DBD) needs vision data
         assert cfg[group].name == option, f"configs/{group}/{option}.yaml: name is {cfg[group].name!r}"
         spec = pipeline.validate(cfg)
         entry = {"attack": spec.attack, "defense": spec.defense, "data": spec.dataset}[group]

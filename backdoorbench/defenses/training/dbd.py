@@ -1,0 +1,656 @@
+"""DBD -- Backdoor Defense via Decoupling the training process (Huang, Li, Wu, Qin and Ren, ICLR 2022;
+reference code ``SCLBD/DBD``).
+
+A poisoned sample's label is wrong for its content, and end-to-end supervised training lets the network
+learn the trigger→target shortcut. DBD decouples training into three stages so that the labels never
+shape the feature extractor directly:
+
+1. **Self-supervised backbone** (``ssl.py``): SimCLR on the training images with labels removed. Poisoned
+   images cluster with their true class, not with the target: the trigger is a small part of the image and
+   the strong augmentations often remove it.
+2. **Label-noise learning**: the backbone is frozen and a linear head is trained on all labels with the
+   symmetric cross-entropy (SCE = α·CE + β·RCE, robust to wrong labels). Poisoned samples, whose labels
+   disagree with their features, end with high loss. The ``ε`` share of samples with the lowest SCE loss
+   keep their labels; the rest become unlabelled.
+3. **Semi-supervised fine-tuning** (``mixmatch.py``): MixMatch over the whole model (backbone + head),
+   with the kept samples as labelled data and the others as unlabelled data.
+
+Each stage is one Lightning fit that writes a checkpoint to the defense's ``work_dir`` (``stage1_ssl.ckpt``,
+``stage2_sce.ckpt`` with ``stage2_split.json``, ``stage3_mixmatch.ckpt``); a finished stage is loaded, not
+retrained, and an interrupted stage resumes from its last finished epoch (``*.partial.ckpt``). The paper's
+ablations are ``defense.variant``: ``no_ss`` (supervised CE from scratch: no defense), ``ss_ce`` (frozen SSL
+backbone + linear head with CE), ``ss_sce`` (frozen SSL backbone + SCE head), ``dbd`` (the full defense).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, RandomSampler
+
+from backdoorbench.config import ConfigError
+from backdoorbench.data.base import Samples
+from backdoorbench.defenses.base import DefenseConfig, TrainingDefense
+from backdoorbench.defenses.training.mixmatch import MixMatchModule
+from backdoorbench.defenses.training.ssl import (
+    SOLO_INSTALL,
+    SSL_BACKENDS,
+    SSL_METHODS,
+    SimCLRAugment,
+    SSLModule,
+    backbone_features,
+    make_method,
+    solo_available,
+)
+from backdoorbench.engine.lit import ClassifierModule, TrainConfig
+from backdoorbench.modality.base import Classifier
+from backdoorbench.modality.vision import VisionClassifier, random_crop_flip, to_float
+from backdoorbench.progress import progress_enabled
+from backdoorbench.registry import register_defense
+
+log = logging.getLogger(__name__)
+
+VARIANTS = ("dbd", "ss_sce", "ss_ce", "no_ss")
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+PRECISIONS = ("32-true", "32", "16-mixed", "bf16-mixed")
+SPLIT_FILE = "stage2_split.json"
+
+
+@dataclass
+class DBDConfig(DefenseConfig):
+    """``defense=dbd``; defaults are the embedded (2-core CPU, MNIST-5k) schedule, ``dbd_full`` the paper's."""
+
+    name: str = "dbd"
+    variant: str = "dbd"  # dbd (SS+SCE+tuning) | ss_sce | ss_ce | no_ss (the paper's ablations)
+    batch_size: int = 256  # inference batch (loss records, evaluation)
+    accelerator: str = "auto"
+    precision: str = "32-true"
+    # -- stage 1: self-supervised backbone
+    ssl: str = "simclr"  # simclr | byol | barlow_twins | vicreg
+    ssl_backend: str = "lightly"  # lightly | solo (solo-learn's loss functions)
+    ssl_checkpoint: str | None = None  # a finished stage1_ssl.ckpt to reuse instead of training stage 1
+    ssl_epochs: int = 40
+    ssl_batch_size: int = 256
+    ssl_lr: float = 0.2  # SGD, momentum 0.9, cosine decay to 0 (reference: 0.4 at batch 512)
+    ssl_weight_decay: float = 1e-4
+    temperature: float = 0.5  # NT-Xent temperature (SimCLR)
+    proj_hidden_dim: int | None = None  # projection head width; null = the backbone's feature width
+    proj_dim: int = 128  # projection output
+    byol_momentum: float = 0.99  # BYOL's base EMA momentum (cosine to 1)
+    crop_scale_min: float = 0.2  # random resized crop: smallest area share
+    jitter_prob: float = 0.8
+    jitter_strength: float = 0.4  # brightness/contrast/saturation; hue gets a quarter of it (0.1)
+    grayscale_prob: float = 0.2  # RGB only
+    blur_prob: float = 0.5
+    # -- stage 2: linear head on the frozen backbone (SCE), filter
+    head_epochs: int = 10
+    head_batch_size: int = 128
+    head_lr: float = 0.05  # Adam (reference 0.002 over 13x more steps; see docs)
+    sce_alpha: float = 0.1
+    sce_beta: float = 1.0
+    rce_log_zero: float = -4.0  # RCE's log(0) value A (Wang et al. 2019: -4; SCLBD/DBD's 1e-4 clamp ≈ -9.21)
+    epsilon: float = 0.5  # share of samples (lowest SCE loss) that keep their labels
+    # -- stage 3: MixMatch over the whole model
+    mixmatch_epochs: int = 20
+    mixmatch_iterations: int | None = None  # steps per epoch; null = labelled samples / batch (reference: 1024)
+    mixmatch_batch_size: int = 64
+    mixmatch_lr: float = 0.002  # Adam
+    lambda_u: float = 15.0
+    rampup_epochs: float | None = None  # linear ramp-up of λu; null = mixmatch_epochs (the reference)
+    sharpen_temperature: float = 0.5
+    mixup_alpha: float = 0.75
+    guess_augmentations: int = 2  # K
+    # -- variant no_ss: plain supervised training (SGD, momentum 0.9, weight decay 5e-4, linear decay)
+    supervised_epochs: int = 15
+    supervised_lr: float = 0.05
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ValueError(f"defense.{msg}")
+
+        need(self.variant in VARIANTS, f"variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
+        need(self.ssl in SSL_METHODS, f"ssl must be one of {', '.join(SSL_METHODS)}, got {self.ssl!r}")
+        need(
+            self.ssl_backend in SSL_BACKENDS,
+            f"ssl_backend must be one of {', '.join(SSL_BACKENDS)}, got {self.ssl_backend!r}",
+        )
+        need(self.accelerator in ACCELERATORS, f"accelerator must be one of {ACCELERATORS}, got {self.accelerator!r}")
+        need(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        for key in (
+            "batch_size",
+            "ssl_epochs",
+            "ssl_batch_size",
+            "proj_dim",
+            "head_epochs",
+            "head_batch_size",
+            "mixmatch_epochs",
+            "mixmatch_batch_size",
+            "guess_augmentations",
+            "supervised_epochs",
+        ):
+            need(getattr(self, key) >= 1, f"{key} must be an integer >= 1, got {getattr(self, key)}")
+        for key in ("proj_hidden_dim", "mixmatch_iterations"):
+            v = getattr(self, key)
+            need(v is None or v >= 1, f"{key} must be >= 1 or null, got {v}")
+        for key in ("ssl_lr", "head_lr", "mixmatch_lr", "supervised_lr", "temperature", "sharpen_temperature"):
+            need(getattr(self, key) > 0, f"{key} must be > 0, got {getattr(self, key)}")
+        for key in ("ssl_weight_decay", "sce_alpha", "sce_beta", "lambda_u"):
+            need(getattr(self, key) >= 0, f"{key} must be >= 0, got {getattr(self, key)}")
+        need(self.sce_alpha + self.sce_beta > 0, "sce_alpha and sce_beta must not both be 0")
+        need(self.rce_log_zero < 0, f"rce_log_zero must be < 0 (log of a clamped zero), got {self.rce_log_zero}")
+        need(0.0 < self.epsilon <= 1.0, f"epsilon must be in (0, 1], got {self.epsilon}")
+        need(0.0 <= self.byol_momentum < 1.0, f"byol_momentum must be in [0, 1), got {self.byol_momentum}")
+        need(0.0 < self.crop_scale_min <= 1.0, f"crop_scale_min must be in (0, 1], got {self.crop_scale_min}")
+        for key in ("jitter_prob", "grayscale_prob", "blur_prob"):
+            need(0.0 <= getattr(self, key) <= 1.0, f"{key} must be in [0, 1], got {getattr(self, key)}")
+        need(0.0 <= self.jitter_strength <= 1.0, f"jitter_strength must be in [0, 1], got {self.jitter_strength}")
+        need(self.mixup_alpha > 0, f"mixup_alpha must be > 0, got {self.mixup_alpha}")
+        need(
+            self.rampup_epochs is None or self.rampup_epochs >= 0,
+            f"rampup_epochs must be >= 0 or null, got {self.rampup_epochs}",
+        )
+        if self.ssl_checkpoint is not None and not Path(self.ssl_checkpoint).expanduser().is_file():
+            raise ValueError(f"defense.ssl_checkpoint: no such file {self.ssl_checkpoint!r}")
+        if self.ssl_backend == "solo" and self.variant != "no_ss" and not solo_available():
+            raise ValueError(
+                f"defense.ssl_backend=solo needs solo-learn's loss functions; install them with `{SOLO_INSTALL}` "
+                "(or use defense.ssl_backend=lightly)"
+            )
+
+
+# -- stage 2: SCE and the filter ---------------------------------------------------------------------------
+def sce_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    alpha: float = 0.1,
+    beta: float = 1.0,
+    log_zero: float = -4.0,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Symmetric cross-entropy (Wang et al., ICCV 2019): ``α·CE(p, y) + β·RCE(p, y)`` with the reverse
+    cross-entropy ``RCE = −Σ_k p_k log q_k``, ``q`` the one-hot label whose ``log 0`` is clamped to
+    ``log_zero`` (A = −4 in the SCE paper), so ``RCE = −A · Σ_{k≠y} p_k``; ``p`` is clamped to [1e-7, 1]
+    as in the reference."""
+    ce = F.cross_entropy(logits, targets, reduction="none")
+    p = torch.softmax(logits, dim=1).clamp(min=1e-7, max=1.0)
+    off = 1.0 - F.one_hot(targets, logits.shape[1]).to(p.dtype)
+    rce = -log_zero * (p * off).sum(1)
+    loss = alpha * ce + beta * rce
+    if reduction == "none":
+        return loss
+    if reduction == "mean":
+        return loss.mean()
+    raise ValueError(f"reduction must be mean or none, got {reduction!r}")
+
+
+def low_loss_indices(losses: np.ndarray | torch.Tensor, epsilon: float) -> np.ndarray:
+    """The ``⌊ε·n⌋`` (at least 1) indices with the lowest loss, ascending; ties keep the lower index."""
+    arr = np.asarray(losses, dtype=np.float64)
+    if arr.ndim != 1 or arr.size == 0:
+        raise ValueError("losses must be a non-empty 1-d array")
+    if not 0.0 < epsilon <= 1.0:
+        raise ValueError(f"epsilon must be in (0, 1], got {epsilon}")
+    keep = max(1, int(math.floor(epsilon * arr.size + 1e-9)))
+    order = np.argsort(arr, kind="stable")
+    return np.sort(order[:keep])
+
+
+class LinearHeadModule(L.LightningModule):
+    """A linear head on the frozen backbone (``net.get_classifier()`` on the pooled features), Adam; the
+    backbone runs in eval mode without gradients. ``loss`` is SCE (DBD) or plain CE (the SS+CE ablation)."""
+
+    def __init__(
+        self, model: VisionClassifier, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], lr: float
+    ):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+        self.lr = lr
+
+    def head(self) -> torch.nn.Module:
+        return self.model.net.get_classifier()  # type: ignore[operator]
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        self.model.net.eval()  # frozen: BatchNorm statistics too
+        x = random_crop_flip(batch["inputs"]["pixels"], self.model.crop_padding, self.model.image.flip)
+        with torch.no_grad():
+            feats = backbone_features(self.model, x)
+        loss = self.loss_fn(self.head()(feats), batch["labels"])
+        self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=x.shape[0])
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.Adam(self.head().parameters(), lr=self.lr)
+
+
+# -- data loading ------------------------------------------------------------------------------------------
+class _Indices(Dataset):
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+
+def _loader(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    batch_size: int,
+    seed: int,
+    drop_last: bool = False,
+    num_samples: int | None = None,
+) -> DataLoader:
+    """Batches ``{"pixels", "labels", "index"}`` of uint8 images, shuffled by ``seed``; with ``num_samples``,
+    that many draws without replacement (passes over the data concatenated), for fixed-length epochs."""
+
+    def collate(idx: list[int]) -> dict[str, Any]:
+        t = torch.tensor(idx, dtype=torch.long)
+        return {"pixels": to_float(images[t]), "labels": labels[t], "index": t}
+
+    gen = torch.Generator().manual_seed(seed)
+    sampler = RandomSampler(_Indices(len(images)), num_samples=num_samples, generator=gen)
+    return DataLoader(
+        _Indices(len(images)), batch_size=batch_size, sampler=sampler, collate_fn=collate, drop_last=drop_last
+    )
+
+
+def _wrapped(loader: DataLoader) -> DataLoader:
+    """The same loader with batches shaped like :func:`~backdoorbench.engine.lit.make_loader`'s."""
+    old = loader.collate_fn
+
+    def collate(idx: list[int]) -> dict[str, Any]:
+        b = old(idx)
+        return {"inputs": {"pixels": b["pixels"]}, "labels": b["labels"], "index": b["index"]}
+
+    loader.collate_fn = collate
+    return loader
+
+
+class _EpochLog(L.Callback):
+    """One log line per epoch: the stage, the epoch, the mean training loss, the elapsed time."""
+
+    def __init__(self, stage: str) -> None:
+        self.stage = stage
+        self.t0 = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        m = trainer.callback_metrics
+        parts = [f"{k} {float(v):.4f}" for k, v in m.items() if k in ("train_loss", "loss_x", "loss_u")]
+        log.info(
+            "DBD %s: epoch %d/%d, %s, %.1fs",
+            self.stage,
+            trainer.current_epoch + 1,
+            trainer.max_epochs,
+            ", ".join(parts),
+            time.perf_counter() - self.t0,
+        )
+
+
+@dataclass
+class DBDFullConfig(DBDConfig):
+    """``defense=dbd_full``: the same defense and keys; ``configs/defense/dbd_full.yaml`` holds the paper's values."""
+
+    name: str = "dbd_full"
+
+
+# -- the defense -------------------------------------------------------------------------------------------
+@register_defense(
+    "dbd_full",
+    modality="vision",
+    category="training",
+    needs="the (possibly poisoned) training set without provenance, and a fresh-model factory",
+    description="DBD with the paper's full-scale schedule (SimCLR 100 epochs, MixMatch 190x1024 steps; GPU)",
+    config=DBDFullConfig,
+)
+@register_defense(
+    "dbd",
+    modality="vision",
+    category="training",
+    needs="the (possibly poisoned) training set without provenance, and a fresh-model factory",
+    description="self-supervised backbone, SCE head to split off low-loss samples, MixMatch fine-tuning",
+    config=DBDConfig,
+)
+class DBD(TrainingDefense):
+    """Decoupled training: SSL backbone → SCE linear head and low-loss filter → MixMatch fine-tuning."""
+
+    def __init__(self, cfg: DBDConfig, seed: int = 0) -> None:
+        super().__init__(cfg, seed)
+        #: wall time (s) of each stage in this run; a stage loaded from its checkpoint counts its loading time
+        self.stage_times: dict[str, float] = {}
+        #: per stage: "trained", "resumed" (from a partial checkpoint) or "loaded" (finished checkpoint)
+        self.stage_status: dict[str, str] = {}
+        #: stage 2's per-sample SCE losses (no augmentation), in training-set order
+        self.sample_losses: np.ndarray | None = None
+
+    # -- helpers ---------------------------------------------------------------------------------------
+    def _dir(self) -> Path:
+        if self.work_dir is None:
+            raise RuntimeError("DBD: work_dir is not set (the pipeline sets it; set it yourself outside it)")
+        d = Path(self.work_dir)
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def _trainer(self, stage: str, epochs: int) -> tuple[L.Trainer, Path | None]:
+        """A Trainer as :func:`~backdoorbench.engine.lit.make_trainer` builds one, plus a per-epoch checkpoint
+        of the stage (``<stage>.partial.ckpt``) so that an interrupted stage resumes; returns it and the
+        partial checkpoint to resume from, if any."""
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        for pattern in (
+            ".*does not have many workers.*",
+            ".*GPU available but not used.*",
+            ".*Trying to infer the `batch_size`.*",
+            ".*LeafSpec.*",
+            ".*checkpoint.*exists and is not empty.*",
+        ):
+            warnings.filterwarnings("ignore", pattern)
+        logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+        logging.getLogger("lightning.pytorch.accelerators.cuda").setLevel(logging.WARNING)
+        partial = self._dir() / f"{stage}.partial.ckpt"
+        ckpt = ModelCheckpoint(
+            dirpath=self._dir(),
+            filename=f"{stage}.partial",
+            save_top_k=1,
+            every_n_epochs=1,
+            enable_version_counter=False,
+        )
+        trainer = L.Trainer(
+            max_epochs=epochs,
+            accelerator=self.cfg.accelerator,
+            devices=1,
+            precision=self.cfg.precision,  # type: ignore[arg-type]
+            deterministic="warn",
+            logger=False,
+            callbacks=[ckpt, _EpochLog(stage)],
+            enable_checkpointing=True,
+            enable_model_summary=False,
+            enable_progress_bar=progress_enabled(),
+            num_sanity_val_steps=0,
+        )
+        return trainer, partial if partial.is_file() else None
+
+    def _fit_stage(self, stage: str, module: L.LightningModule, loaders: Any, epochs: int) -> None:
+        """Fit ``module`` (resuming from the stage's partial checkpoint), save ``<stage>.ckpt``, drop the partial."""
+        L.seed_everything(self.seed, workers=True, verbose=False)
+        trainer, resume = self._trainer(stage, epochs)
+        if resume is not None:
+            log.info("DBD %s: resuming from %s", stage, resume)
+            self.stage_status[stage] = "resumed"
+        else:
+            self.stage_status[stage] = "trained"
+        module.train()
+        trainer.fit(module, train_dataloaders=loaders, ckpt_path=str(resume) if resume else None)
+        final = self._dir() / f"{stage}.ckpt"
+        trainer.save_checkpoint(str(final) + ".tmp", weights_only=True)
+        Path(str(final) + ".tmp").replace(final)
+        if resume is not None or (self._dir() / f"{stage}.partial.ckpt").exists():
+            (self._dir() / f"{stage}.partial.ckpt").unlink(missing_ok=True)
+
+    @staticmethod
+    def _load_model_state(model: VisionClassifier, path: Path, what: str) -> None:
+        """Load the ``model.*`` weights of a stage checkpoint (a Lightning checkpoint of a module whose
+        ``model`` attribute is the classifier)."""
+        state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+        sub = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
+        missing, unexpected = model.load_state_dict(sub, strict=False)
+        if unexpected or [k for k in missing if not k.startswith(("mean", "std"))]:
+            raise RuntimeError(f"DBD: {what} checkpoint {path} does not fit this model ({missing=}, {unexpected=})")
+
+    def _timed(self, stage: str, fn: Callable[[], Any]) -> Any:
+        t0 = time.perf_counter()
+        log.info("DBD %s: start", stage)
+        out = fn()
+        self.stage_times[stage] = round(time.perf_counter() - t0, 3)
+        log.info("DBD %s: %s in %.1fs", stage, self.stage_status.get(stage, "done"), self.stage_times[stage])
+        return out
+
+    # -- stages ----------------------------------------------------------------------------------------
+    def train_ssl(self, model: VisionClassifier, images: torch.Tensor) -> None:
+        """Stage 1: self-supervised training of ``model.net`` on ``images`` (labels unused)."""
+        cfg = self.cfg
+        method = make_method(
+            cfg.ssl, cfg.ssl_backend, model, cfg.proj_hidden_dim, cfg.proj_dim, cfg.temperature, cfg.byol_momentum
+        )
+        aug = SimCLRAugment(
+            crop_scale=(cfg.crop_scale_min, 1.0),
+            flip=model.image.flip,
+            jitter_prob=cfg.jitter_prob,
+            jitter=cfg.jitter_strength,
+            hue=cfg.jitter_strength / 4,
+            grayscale_prob=cfg.grayscale_prob,
+            blur_prob=cfg.blur_prob,
+        )
+        module = SSLModule(model, method, aug, cfg.ssl_lr, cfg.ssl_weight_decay)
+        batch = min(cfg.ssl_batch_size, len(images))
+        dummy = torch.zeros(len(images), dtype=torch.long)
+        loader = _wrapped(_loader(images, dummy, batch, self.seed, drop_last=True))
+        self._fit_stage("stage1_ssl", module, loader, cfg.ssl_epochs)
+
+    def train_head(self, model: VisionClassifier, images: torch.Tensor, labels: torch.Tensor, loss: str) -> None:
+        """Stage 2: a linear head on the frozen backbone, with SCE (``loss="sce"``) or CE."""
+        cfg = self.cfg
+        if loss == "sce":
+            loss_fn: Callable[..., torch.Tensor] = lambda lo, y: sce_loss(  # noqa: E731
+                lo, y, cfg.sce_alpha, cfg.sce_beta, cfg.rce_log_zero
+            )
+        else:
+            loss_fn = F.cross_entropy
+        frozen = [p for n, p in model.named_parameters() if not n.startswith(_head_prefix(model))]
+        flags = [p.requires_grad for p in frozen]
+        for p in frozen:
+            p.requires_grad_(False)
+        try:
+            module = LinearHeadModule(model, loss_fn, cfg.head_lr)
+            loader = _wrapped(_loader(images, labels, min(cfg.head_batch_size, len(images)), self.seed + 1))
+            self._fit_stage(f"stage2_{loss}", module, loader, cfg.head_epochs)
+        finally:
+            for p, f in zip(frozen, flags, strict=True):
+                p.requires_grad_(f)
+
+    @torch.no_grad()
+    def record_losses(self, model: VisionClassifier, images: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
+        """Each sample's SCE loss under the stage-2 model, without augmentation (the reference's record)."""
+        model.eval()
+        out = []
+        dev = next(model.parameters()).device
+        for start in range(0, len(images), self.cfg.batch_size):
+            x = to_float(images[start : start + self.cfg.batch_size]).to(dev)
+            y = labels[start : start + self.cfg.batch_size].to(dev)
+            lo = model({"pixels": x})
+            out.append(sce_loss(lo, y, self.cfg.sce_alpha, self.cfg.sce_beta, self.cfg.rce_log_zero, "none").cpu())
+        return torch.cat(out).double().numpy()
+
+    def train_mixmatch(
+        self, model: VisionClassifier, images: torch.Tensor, labels: torch.Tensor, labelled: np.ndarray
+    ) -> None:
+        """Stage 3: MixMatch over the whole model; ``labelled`` keep their labels, the rest are unlabelled."""
+        cfg = self.cfg
+        mask = np.zeros(len(images), dtype=bool)
+        mask[labelled] = True
+        unl = np.flatnonzero(~mask)
+        xi = torch.from_numpy(np.asarray(labelled, dtype=np.int64))
+        ui = torch.from_numpy(unl.astype(np.int64))
+        batch = min(cfg.mixmatch_batch_size, len(xi), max(len(ui), 1))
+        iters = cfg.mixmatch_iterations or max(1, len(xi) // batch)
+        xl = _loader(images[xi], labels[xi], batch, self.seed + 2, drop_last=True, num_samples=iters * batch)
+        loaders: dict[str, DataLoader] = {"x": xl}
+        if len(ui):
+            loaders["u"] = _loader(
+                images[ui], labels[ui], batch, self.seed + 3, drop_last=True, num_samples=iters * batch
+            )
+        else:  # ε = 1: nothing unlabelled; MixMatch degenerates to mixup on the labelled data
+            loaders["u"] = _loader(
+                images[xi], labels[xi], batch, self.seed + 3, drop_last=True, num_samples=iters * batch
+            )
+        from lightning.pytorch.utilities import CombinedLoader
+
+        module = MixMatchModule(
+            model,
+            lr=cfg.mixmatch_lr,
+            lambda_u=cfg.lambda_u,
+            rampup_epochs=cfg.mixmatch_epochs if cfg.rampup_epochs is None else cfg.rampup_epochs,
+            temperature=cfg.sharpen_temperature,
+            alpha=cfg.mixup_alpha,
+            k=cfg.guess_augmentations,
+            iterations=iters,
+            seed=self.seed,
+        )
+        log.info(
+            "DBD stage3_mixmatch: %d labelled, %d unlabelled, %d steps of %d per epoch", len(xi), len(ui), iters, batch
+        )
+        self._fit_stage("stage3_mixmatch", module, CombinedLoader(loaders, mode="min_size"), cfg.mixmatch_epochs)
+
+    def train_supervised(self, model: VisionClassifier, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """The no-SS ablation: ordinary supervised training with CE (= no defense)."""
+        cfg = self.cfg
+        tcfg = TrainConfig(
+            max_epochs=cfg.supervised_epochs,
+            batch_size=128,
+            lr=cfg.supervised_lr,
+            weight_decay=5e-4,
+            warmup_ratio=0.0,
+            optimizer="sgd",
+            grad_clip=0.0,
+        )
+        loader = _wrapped(_loader(images, labels, min(128, len(images)), self.seed))
+        self._fit_stage("supervised", ClassifierModule(model, tcfg), loader, cfg.supervised_epochs)
+
+    # -- the whole defense -----------------------------------------------------------------------------
+    def train(self, train: Samples, model_factory: Callable[[], Classifier]) -> Classifier:
+        cfg = self.cfg
+        images = train.inputs
+        if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
+            raise ConfigError("DBD needs images as a uint8 tensor [N, C, H, W] (vision data)")
+        labels = torch.as_tensor(np.asarray(train.labels), dtype=torch.long)
+        model = model_factory()
+        if not isinstance(model, VisionClassifier):
+            raise ConfigError(f"DBD needs a vision classifier, got {type(model).__name__}")
+        work = self._dir()
+        n = len(images)
+        all_idx = np.arange(n)
+        self.stage_times, self.stage_status = {}, {}
+        log.info("DBD (%s): %d training samples, stage checkpoints in %s", cfg.variant, n, work)
+
+        if cfg.variant == "no_ss":
+            self._run_or_load("supervised", model, lambda: self.train_supervised(model, images, labels))
+            self.labelled_indices = all_idx
+            return self._finish(model)
+
+        final_stage = {"dbd": "stage3_mixmatch", "ss_sce": "stage2_sce", "ss_ce": "stage2_ce"}[cfg.variant]
+        split = self._load_split(n) if cfg.variant == "dbd" else None
+        if (work / f"{final_stage}.ckpt").is_file() and (cfg.variant != "dbd" or split is not None):
+            # the last stage is finished: its weights are the answer
+            self._run_or_load(final_stage, model, lambda: None)
+            self.labelled_indices = split if split is not None else all_idx
+            return self._finish(model)
+
+        # stage 1 (or a given SSL checkpoint)
+        if cfg.ssl_checkpoint:
+            self._timed("stage1_ssl", lambda: self._load_given_ssl(model))
+        else:
+            self._run_or_load("stage1_ssl", model, lambda: self.train_ssl(model, images))
+
+        # stage 2
+        head_loss = "ce" if cfg.variant == "ss_ce" else "sce"
+        self._run_or_load(f"stage2_{head_loss}", model, lambda: self.train_head(model, images, labels, head_loss))
+        if cfg.variant != "dbd":
+            self.labelled_indices = all_idx  # the head was trained on every label
+            return self._finish(model)
+        if split is None:
+            t0 = time.perf_counter()
+            self.sample_losses = self.record_losses(model, images, labels)
+            split = low_loss_indices(self.sample_losses, cfg.epsilon)
+            self._save_split(split, self.sample_losses)
+            self.stage_times["stage2_filter"] = round(time.perf_counter() - t0, 3)
+            log.info(
+                "DBD filter: kept %d of %d labels (ε %.2f), SCE loss kept ≤ %.4f < dropped",
+                len(split),
+                n,
+                cfg.epsilon,
+                float(np.max(self.sample_losses[split])),
+            )
+        self.labelled_indices = split
+
+        # stage 3
+        self._run_or_load("stage3_mixmatch", model, lambda: self.train_mixmatch(model, images, labels, split))
+        return self._finish(model)
+
+    def _run_or_load(self, stage: str, model: VisionClassifier, run: Callable[[], None]) -> None:
+        ckpt = self._dir() / f"{stage}.ckpt"
+        if ckpt.is_file():
+            self.stage_status[stage] = "loaded"
+            self._timed(stage, lambda: self._load_model_state(model, ckpt, stage))
+            return
+        self._timed(stage, run)
+
+    def _load_given_ssl(self, model: VisionClassifier) -> None:
+        self.stage_status["stage1_ssl"] = "loaded"
+        self._load_model_state(model, Path(self.cfg.ssl_checkpoint).expanduser(), "defense.ssl_checkpoint")
+
+    def _save_split(self, split: np.ndarray, losses: np.ndarray) -> None:
+        path = self._dir() / SPLIT_FILE
+        tmp = path.with_suffix(".tmp")
+        payload = {
+            "n": int(len(losses)),
+            "epsilon": self.cfg.epsilon,
+            "labelled": [int(i) for i in split],
+            "losses": [float(v) for v in losses],
+        }
+        tmp.write_text(json.dumps(payload))
+        tmp.replace(path)
+
+    def _load_split(self, n: int) -> np.ndarray | None:
+        path = self._dir() / SPLIT_FILE
+        if not path.is_file():
+            return None
+        data = json.loads(path.read_text())
+        if data.get("n") != n:
+            log.warning("DBD: %s is for %s samples, not %d; recomputing the split", path, data.get("n"), n)
+            return None
+        self.sample_losses = np.asarray(data.get("losses", []), dtype=np.float64)
+        return np.asarray(data["labelled"], dtype=np.int64)
+
+    def _finish(self, model: VisionClassifier) -> VisionClassifier:
+        model.eval()
+        summary = {
+            "variant": self.cfg.variant,
+            "stage_times": self.stage_times,
+            "stage_status": self.stage_status,
+            "labelled": None if self.labelled_indices is None else len(self.labelled_indices),
+            "config": asdict(self.cfg),
+        }
+        if self.run_dir is not None:
+            Path(self.run_dir).mkdir(parents=True, exist_ok=True)
+            (Path(self.run_dir) / "dbd_stages.json").write_text(json.dumps(summary, indent=2))
+        log.info(
+            "DBD done: %s",
+            ", ".join(f"{k} {v:.1f}s ({self.stage_status.get(k, '-')})" for k, v in self.stage_times.items()),
+        )
+        return model
+
+
+def _head_prefix(model: VisionClassifier) -> str:
+    """The parameter-name prefix of the model's classifier (``net.fc``, ``net.linear``, ``net.head``...)."""
+    head = model.net.get_classifier()  # type: ignore[operator]
+    for name, module in model.named_modules():
+        if module is head:
+            return name + "."
+    raise ConfigError(f"DBD: cannot find the classifier of {type(model.net).__name__}")
