@@ -87,6 +87,7 @@ RATES = [
     "asr_after",
     "r_acc_after",
     "der",
+    "labelled_poisoned_fraction",
 ]
 COLUMNS = (
     ["attack", "setting", "defense", "data", "model", "seed", *RATES[:5]]
@@ -140,6 +141,48 @@ def write_report(root: Path, out: Path | None = None) -> str:
     comp = write_comparison(results, out)
     if comp:
         md += "\n" + comp
+    rep = write_defended_comparison(results, out)
+    if rep:
+        md += "\n" + rep
+    return md
+
+
+def write_defended_comparison(results: list[dict[str, Any]], out: Path) -> str:
+    """Attacks × repair / training-time defenses: ``BA after / ASR after`` per cell (means over seeds), the
+    backdoored victim's BA / ASR beside each attack; ``defended.md`` / ``defended.csv``. '' when no run
+    used such a defense."""
+    import pandas as pd
+
+    recs = [
+        {
+            "attack": _attack_label(r["run"]),
+            "defense": r["run"]["defense"],
+            **{k: r["metrics"].get(k) for k in ("ba", "asr", "ba_after", "asr_after", "r_acc_after", "der")},
+        }
+        for r in results
+        if r["run"].get("defense_kind") in ("repair", "training") and "ba_after" in r["metrics"]
+    ]
+    if not recs:
+        return ""
+    df = pd.DataFrame(recs)
+    cells = df.groupby(["attack", "defense"]).mean(numeric_only=True).reset_index()
+    cells.to_csv(out / "defended.csv", index=False)
+    defenses = sorted(cells["defense"].unique())
+    lines = [
+        "BA after / ASR after (%) per attack and defense; the backdoored victim's BA / ASR in the second column.",
+        "",
+        "| attack | victim BA / ASR | " + " | ".join(defenses) + " |",
+        "|---" * (2 + len(defenses)) + "|",
+    ]
+    for attack, group in cells.groupby("attack"):
+        first = group.iloc[0]
+        row = [attack, f"{_pct(first['ba'])} / {_pct(first['asr'])}"]
+        for d in defenses:
+            hit = group[group.defense == d]
+            row.append("—" if hit.empty else f"{_pct(hit.iloc[0]['ba_after'])} / {_pct(hit.iloc[0]['asr_after'])}")
+        lines.append("| " + " | ".join(row) + " |")
+    md = "\n".join(lines) + "\n"
+    (out / "defended.md").write_text(md)
     return md
 
 

@@ -78,3 +78,42 @@ def test_cost_comes_from_runs_that_scored_every_input(tmp_path: Path) -> None:
     comp = write_report(tmp_path) and (tmp_path / "comparison.md").read_text()
     assert "| onion | 1.0 | 20.0 | 50.00 |" in comp  # the cached run's cheaper figures are left out
     assert "| dan † | 1.0 | 5.0 | 10.00 |" in comp and "cost understated" in comp
+
+
+def test_repair_and_training_runs_get_their_own_table(tmp_path: Path) -> None:
+    for i, (attack, defense, kind, after) in enumerate(
+        [
+            ("badnets", "nad", "repair", (0.9, 0.02)),
+            ("badnets", "rnp", "repair", (0.95, 0.5)),
+            ("wanet", "nad", "repair", (0.7, 0.1)),
+            ("badnets", "dbd", "training", (0.97, 0.006)),
+        ]
+    ):
+        d = tmp_path / f"{i}"
+        d.mkdir()
+        res = {
+            "run": {
+                "attack": attack,
+                "setting": None,
+                "defense": defense,
+                "defense_kind": kind,
+                "data": "mnist5k",
+                "model": "wrn16_1",
+                "seed": 0,
+            },
+            "metrics": {
+                "ba": 0.98,
+                "asr": 1.0,
+                "ba_after": after[0],
+                "asr_after": after[1],
+                "r_acc_after": 0.5,
+                "der": 0.9,
+            },
+        }
+        (d / "results.json").write_text(json.dumps(res))
+    md = write_report(tmp_path)
+    table = (tmp_path / "defended.md").read_text()
+    assert table in md and "| attack | victim BA / ASR | dbd | nad | rnp |" in table
+    assert "| badnets | 98.0 / 100.0 | 97.0 / 0.6 | 90.0 / 2.0 | 95.0 / 50.0 |" in table
+    assert "| wanet | 98.0 / 100.0 | — | 70.0 / 10.0 | — |" in table
+    assert "comparison.md" not in {p.name for p in tmp_path.iterdir()}  # no detector runs, no detector table
