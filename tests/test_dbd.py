@@ -363,3 +363,15 @@ def test_dbd_through_the_pipeline(tmp_path: Path) -> None:
     assert (tmp_path / "run" / "dbd_stages.json").is_file()
     work = list((tmp_path / "cache").glob("defense-*"))
     assert len(work) == 1 and (work[0] / "stage3_mixmatch.ckpt").is_file()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("solo") is None, reason="solo-learn not installed")
+def test_real_solo_learn_losses_load_and_agree_with_lightly() -> None:
+    """solo-learn 1.0.2 installed with --no-deps: its package __init__ needs PL 1.x and bolts, so the loss
+    files are loaded on their own; SimCLR equals lightly's NT-Xent, BYOL is 2 + 2 × lightly's −cos."""
+    torch.manual_seed(0)
+    a, b = torch.randn(16, 8), torch.randn(16, 8)
+    torch.testing.assert_close(pair_loss("simclr", "solo", 0.5)(a, b), pair_loss("simclr", "lightly", 0.5)(a, b))
+    torch.testing.assert_close(pair_loss("byol", "solo")(a, b), 2 + 2 * pair_loss("byol", "lightly")(a, b))
+    for method in ("barlow_twins", "vicreg"):
+        assert torch.isfinite(pair_loss(method, "solo")(a, b))

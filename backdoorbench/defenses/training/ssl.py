@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import copy
 import importlib
+import importlib.util
 import inspect
 import math
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -185,7 +187,7 @@ def _rotate_hue(x: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
 def _solo_function(method: str) -> Callable[..., torch.Tensor]:
     module_name, func_name = _SOLO_FUNCS[method]
     try:
-        module = importlib.import_module(module_name)
+        module = _import_solo_losses(module_name)
     except ImportError as exc:
         raise ConfigError(
             f"defense.ssl_backend=solo needs solo-learn's loss functions ({module_name}.{func_name}), which "
@@ -197,6 +199,29 @@ def _solo_function(method: str) -> Callable[..., torch.Tensor]:
     if func is None:
         raise ConfigError(f"defense.ssl_backend=solo: {module_name} has no {func_name}; expected solo-learn 1.0.x")
     return func
+
+
+def _import_solo_losses(module_name: str) -> Any:
+    """Import a solo-learn loss module. ``solo/__init__`` imports solo-learn's whole method zoo, which
+    needs pytorch-lightning 1.x and lightning-bolts; the loss modules themselves are plain torch. So when
+    the package import fails, load the loss file on its own, without running the package's ``__init__``."""
+    try:
+        return importlib.import_module(module_name)
+    except Exception as exc:  # not installed, or solo/__init__ failed on its own dependencies
+        if "solo" in sys.modules and sys.modules["solo"] is None:  # import explicitly blocked
+            raise ImportError(f"{module_name}: {exc}") from exc
+        try:
+            spec = importlib.util.find_spec("solo")
+        except (ValueError, AttributeError):
+            spec = None
+        roots = list(spec.submodule_search_locations or []) if spec is not None else []
+        path = Path(roots[0], *module_name.split(".")[1:]).with_suffix(".py") if roots else None
+        if path is None or not path.is_file():
+            raise ImportError(f"{module_name}: {exc}") from exc
+        file_spec = importlib.util.spec_from_file_location(f"backdoorbench._solo.{path.stem}", path)
+        module = importlib.util.module_from_spec(file_spec)  # type: ignore[arg-type]
+        file_spec.loader.exec_module(module)  # type: ignore[union-attr]
+        return module
 
 
 def solo_available() -> bool:
