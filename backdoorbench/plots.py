@@ -60,7 +60,9 @@ def detector_figure(
     return path
 
 
-def repair_curve_figure(path: Path, curve: list[dict[str, float]], name: str, title: str = "") -> Path:
+def repair_curve_figure(
+    path: Path, curve: list[dict[str, float]], name: str, title: str = "", chosen: float | None = None
+) -> Path:
     """BA and ASR on the test set against a repair defense's knob (RNP: the pruning threshold), with the
     defender's clean accuracy where the defense recorded it (the only curve it may choose from)."""
     plt = _plt()
@@ -77,6 +79,8 @@ def repair_curve_figure(path: Path, curve: list[dict[str, float]], name: str, ti
             color="grey",
             label="defender's clean accuracy",
         )
+    if chosen is not None:
+        ax.axvline(chosen, color="k", ls=":", lw=1, label=f"configured setting ({chosen:g})")
     ax.set_xlabel(name)
     ax.set_ylabel("%")
     ax.set_ylim(-2, 102)

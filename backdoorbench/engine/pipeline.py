@@ -365,7 +365,7 @@ def run_experiment(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
             if curve:
                 extra["curve"] = curve
                 _write_curve(out / "repair_curve.csv", curve)
-                _draw(plots_repair_curve, out / "repair_curve.png", curve, defense.sweep_name, spec, metrics)
+                _draw(plots_repair_curve, out / "repair_curve.png", curve, defense, spec)
             if spec.modality == "vision" and len(triggered):
                 _draw(plots_attention, out / "attention_maps.png", model, defended, triggered, spec)
     else:
@@ -448,10 +448,16 @@ def repair_curve(
     return rows
 
 
-def plots_repair_curve(path: Path, curve: list[dict[str, float]], name: str, spec: RunSpec, metrics: dict) -> None:
+def plots_repair_curve(path: Path, curve: list[dict[str, float]], defense: RepairDefense, spec: RunSpec) -> None:
     from backdoorbench.plots import repair_curve_figure
 
-    repair_curve_figure(path, curve, name or "setting", title=f"{spec.defense.name} vs {spec.attack.name}")
+    repair_curve_figure(
+        path,
+        curve,
+        defense.sweep_name or "setting",
+        title=f"{spec.defense.name} vs {spec.attack.name}",
+        chosen=getattr(defense, "chosen_setting", None),
+    )
 
 
 def plots_attention(path: Path, before: Classifier, after: Classifier, triggered: Samples, spec: RunSpec) -> None:

@@ -310,6 +310,11 @@ class RNP(RepairDefense):
         self.write_masks()
         return repaired
 
+    @property
+    def chosen_setting(self) -> float | None:
+        """The threshold the repaired model was pruned at (None when pruning by number)."""
+        return self.cfg.threshold if self.cfg.prune_by == "threshold" else None
+
     def thresholds(self) -> list[float]:
         n = int(np.floor(self.cfg.curve_max / self.cfg.curve_step + 1e-9))
         return [round(k * self.cfg.curve_step, 4) for k in range(n + 1)]
