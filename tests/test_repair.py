@@ -361,3 +361,16 @@ def test_no_defense_ever_receives_test_data(defense: str, tmp_path: Path, monkey
     for samples in seen:
         assert not (_keys(samples) & test_keys), f"{defense} received test inputs"
     assert np.all([len(s) <= len(splits.train) for s in seen])
+
+
+def test_repeat_to_steps_keeps_every_sample_and_reaches_the_step_count() -> None:
+    from backdoorbench.defenses.repair.common import repeat_to_steps
+
+    data = tiny_images(10)
+    assert repeat_to_steps(data, None, 4) is data
+    assert repeat_to_steps(data, 2, 4) is data  # already 10 >= 8
+    rep = repeat_to_steps(data, 5, 4)
+    assert len(rep) == 20 and np.bincount(np.resize(np.arange(10), 20)).tolist() == [2] * 10
+    assert torch.equal(rep.inputs[10:], data.inputs) and (rep.labels[:10] == data.labels).all()
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        NADConfig(steps_per_epoch=0)

@@ -41,7 +41,7 @@ from torch.nn.utils import parametrize
 
 from backdoorbench.data.base import Samples
 from backdoorbench.defenses.base import DefenseConfig, RepairDefense
-from backdoorbench.defenses.repair.common import clone
+from backdoorbench.defenses.repair.common import clone, repeat_to_steps
 from backdoorbench.engine.lit import TrainConfig, fit
 from backdoorbench.modality.base import Classifier
 from backdoorbench.registry import register_defense
@@ -58,6 +58,7 @@ class RNPConfig(DefenseConfig):
     clean_fraction: float | None = 0.01  # the paper's 1% of the training set
     batch_size: int = 128
     augment: bool = True  # the model's training augmentation during unlearning and recovery
+    steps_per_epoch: int | None = None  # null = one pass over the clean data; a number repeats it (see nad)
     # unlearning
     unlearn_lr: float = 0.01
     unlearn_epochs: int = 20
@@ -93,6 +94,7 @@ class RNPConfig(DefenseConfig):
             (self.prune_by != "number" or (self.num_units or 0) >= 1, "prune_by=number needs num_units >= 1"),
             (0 < self.curve_step <= 1 and 0 <= self.curve_max <= 1, "curve_step in (0, 1], curve_max in [0, 1]"),
             (self.unlearn_grad_clip >= 0, "unlearn_grad_clip must be >= 0"),
+            (self.steps_per_epoch is None or self.steps_per_epoch >= 1, "steps_per_epoch must be >= 1 or null"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -291,8 +293,9 @@ class RNP(RepairDefense):
     def repair(self, model: Classifier, clean: Samples) -> Classifier:
         n_units = sum(m.weight.shape[0] for _, m in maskable_units(model, self.cfg.units))
         log.info("RNP: %d clean samples, %d %s units", len(clean), n_units, self.cfg.units)
-        unlearned = self.unlearn(clone(model), clean)
-        masks = self.recover(unlearned, clean)
+        train = repeat_to_steps(clean, self.cfg.steps_per_epoch, self.cfg.batch_size)
+        unlearned = self.unlearn(clone(model), train)
+        masks = self.recover(unlearned, train)
         self.values = mask_values(masks)
         del unlearned
         self._original = model
