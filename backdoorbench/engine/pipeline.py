@@ -356,9 +356,9 @@ def run_experiment(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
             kept = np.asarray(defense.labelled_indices, dtype=np.int64)
             metrics["labelled_fraction"] = len(kept) / max(len(splits.train), 1)
             if poisoned is not None and poisoned.clean is splits.train:
-                metrics["labelled_poisoned_fraction"] = (
-                    float(poisoned.is_poisoned()[kept].mean()) if len(kept) else float("nan")
-                )
+                backdoor, modified = backdoor_samples(poisoned, attack)
+                metrics["labelled_poisoned_fraction"] = float(backdoor[kept].mean()) if len(kept) else float("nan")
+                metrics["labelled_modified_fraction"] = float(modified[kept].mean()) if len(kept) else float("nan")
         if isinstance(defense, RepairDefense):
             with timer("evaluation"):
                 curve = repair_curve(defense, splits.test, triggered, tgt, batch)
@@ -417,6 +417,17 @@ def run_experiment(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         except Exception as exc:  # a plot must never lose a run's results
             log.warning("could not draw the detection figure: %s", exc)
     return results
+
+
+def backdoor_samples(poisoned: PoisonedDataset, attack: Attack) -> tuple[np.ndarray, np.ndarray]:
+    """Per training sample: (carries the backdoor — modified by the attack *and* labelled with the attack's
+    target for it, i.e. dirty-label samples and clean-label target-class samples; modified by the attack at
+    all — also WaNet's noise-mode samples, which keep their true labels and carry no trigger)."""
+    prov = poisoned.provenance()
+    targets = np.broadcast_to(np.asarray(attack.target_labels(prov["original_label"])), prov["label"].shape)
+    backdoor = prov["poisoned"] & (prov["label"] == targets)
+    backdoor[np.asarray(getattr(attack, "noise_indices", []), dtype=np.int64)] = False  # WaNet's noise mode
+    return backdoor, prov["poisoned"]
 
 
 def defense_work_dir(spec: RunSpec, cache_entry: dict[str, Any], out: Path) -> Path:

@@ -180,6 +180,10 @@ class WaNet(VisionAttack):
         order = np.argsort(idx, kind="stable")
         return PoisonedDataset(train, idx[order], inputs[torch.from_numpy(order)], labels[order], self.target)
 
+    def restore(self, info: dict[str, Any]) -> None:
+        """A cached victim: which training images are noise-mode samples (labels kept, no trigger)."""
+        self.noise_indices = np.asarray(info.get("noise_indices", []), dtype=np.int64)
+
     def extra_info(self) -> dict[str, Any]:
         return {
             "backdoor_samples": int(self.backdoor_count),
