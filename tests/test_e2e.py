@@ -19,7 +19,7 @@ from hydra import compose, initialize_config_dir
 
 from backdoorbench.attacks.text.badnet_rw import BadNetRW
 from backdoorbench.cli import config_dir
-from backdoorbench.defenses.base import RepairDefense
+from backdoorbench.defenses.base import DefenseConfig, RepairDefense
 from backdoorbench.engine.pipeline import run_experiment
 from backdoorbench.metrics import FRR_GRID
 from backdoorbench.registry import REGISTRY
@@ -55,9 +55,8 @@ def _restore_torch_globals():
 
 
 @dataclass
-class _RepairConfig:
+class _RepairConfig(DefenseConfig):
     name: str = "test_identity_repair_r5"
-    clean_size: int = 500
 
 
 @contextlib.contextmanager

@@ -288,7 +288,7 @@ def run_experiment(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     batch = int(getattr(spec.defense_cfg, "batch_size", 64))
 
     if isinstance(defense, Detector):
-        clean_def = splits.defender_clean(spec.defense_cfg.clean_count(len(splits.train)))
+        clean_def = splits.defender_clean(clean_count(spec.defense_cfg, len(splits.train)))
         with timer("defense_fit"):
             defense.fit(model, clean_def)
         model.reset_forward_count()
@@ -330,7 +330,7 @@ def run_experiment(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         defense.work_dir = defense_work_dir(spec, cache_entry, out)
         with timer("defense"):
             if isinstance(defense, RepairDefense):
-                clean_def = splits.defender_clean(spec.defense_cfg.clean_count(len(splits.train)))
+                clean_def = splits.defender_clean(clean_count(spec.defense_cfg, len(splits.train)))
                 metrics["clean_size"] = len(clean_def)
                 defended = defense.repair(model, clean_def)
             else:  # trained from scratch on the (possibly poisoned) training set, provenance withheld
@@ -417,6 +417,17 @@ def run_experiment(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         except Exception as exc:  # a plot must never lose a run's results
             log.warning("could not draw the detection figure: %s", exc)
     return results
+
+
+def clean_count(defense_cfg: Any, train_size: int) -> int:
+    """How many clean samples the defender gets: ``clean_fraction`` × the training-set size when set, else
+    ``clean_size`` (also for plugin configs that do not derive from ``DefenseConfig``)."""
+    if hasattr(defense_cfg, "clean_count"):
+        return int(defense_cfg.clean_count(train_size))
+    fraction = getattr(defense_cfg, "clean_fraction", None)
+    if fraction is not None:
+        return max(1, int(round(fraction * train_size)))
+    return int(getattr(defense_cfg, "clean_size", 500))
 
 
 def backdoor_samples(poisoned: PoisonedDataset, attack: Attack) -> tuple[np.ndarray, np.ndarray]:
