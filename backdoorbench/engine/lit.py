@@ -121,12 +121,17 @@ class ClassifierModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-def make_trainer(cfg: TrainConfig, desc: str = "") -> L.Trainer:
+def make_trainer(cfg: TrainConfig, desc: str = "", callbacks: list[Any] | None = None) -> L.Trainer:
+    """The one Trainer recipe (no logger, quiet, deterministic by config); ``callbacks`` (e.g. a
+    ``ModelCheckpoint`` for stages that resume) switch Lightning's checkpointing on."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
     for pattern in (
         ".*does not have many workers.*",
         ".*GPU available but not used.*",
         ".*Trying to infer the `batch_size`.*",
         ".*LeafSpec.*",
+        ".*checkpoint.*exists and is not empty.*",
     ):
         warnings.filterwarnings("ignore", pattern)
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
@@ -140,7 +145,8 @@ def make_trainer(cfg: TrainConfig, desc: str = "") -> L.Trainer:
         gradient_clip_val=cfg.grad_clip or None,
         deterministic="warn" if cfg.deterministic else False,
         logger=False,
-        enable_checkpointing=False,
+        callbacks=callbacks,
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks or []),
         enable_model_summary=False,
         enable_progress_bar=progress_enabled(),
         num_sanity_val_steps=0,

@@ -28,7 +28,6 @@ import json
 import logging
 import math
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -54,10 +53,9 @@ from backdoorbench.defenses.training.ssl import (
     make_method,
     solo_available,
 )
-from backdoorbench.engine.lit import ClassifierModule, TrainConfig
+from backdoorbench.engine.lit import ClassifierModule, TrainConfig, make_trainer
 from backdoorbench.modality.base import Classifier
 from backdoorbench.modality.vision import VisionClassifier, random_crop_flip, to_float
-from backdoorbench.progress import progress_enabled
 from backdoorbench.registry import register_defense
 
 log = logging.getLogger(__name__)
@@ -354,16 +352,6 @@ class DBD(TrainingDefense):
         partial checkpoint to resume from, if any."""
         from lightning.pytorch.callbacks import ModelCheckpoint
 
-        for pattern in (
-            ".*does not have many workers.*",
-            ".*GPU available but not used.*",
-            ".*Trying to infer the `batch_size`.*",
-            ".*LeafSpec.*",
-            ".*checkpoint.*exists and is not empty.*",
-        ):
-            warnings.filterwarnings("ignore", pattern)
-        logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
-        logging.getLogger("lightning.pytorch.accelerators.cuda").setLevel(logging.WARNING)
         partial = self._dir() / f"{stage}.partial.ckpt"
         ckpt = ModelCheckpoint(
             dirpath=self._dir(),
@@ -372,19 +360,10 @@ class DBD(TrainingDefense):
             every_n_epochs=1,
             enable_version_counter=False,
         )
-        trainer = L.Trainer(
-            max_epochs=epochs,
-            accelerator=self.cfg.accelerator,
-            devices=1,
-            precision=self.cfg.precision,  # type: ignore[arg-type]
-            deterministic="warn",
-            logger=False,
-            callbacks=[ckpt, _EpochLog(stage)],
-            enable_checkpointing=True,
-            enable_model_summary=False,
-            enable_progress_bar=progress_enabled(),
-            num_sanity_val_steps=0,
+        cfg = TrainConfig(
+            max_epochs=epochs, accelerator=self.cfg.accelerator, precision=self.cfg.precision, grad_clip=0.0
         )
+        trainer = make_trainer(cfg, stage, callbacks=[ckpt, _EpochLog(stage)])
         return trainer, partial if partial.is_file() else None
 
     def _fit_stage(self, stage: str, module: L.LightningModule, loaders: Any, epochs: int) -> None:
