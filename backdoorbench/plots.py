@@ -97,14 +97,16 @@ def attention_figure(path: Path, before: Any, after: Any, triggered: Any, n: int
     backdoored and the repaired model: one row per image; the image, then each stage before | after."""
     import torch
 
+    from backdoorbench.modality.base import attention_map, to_device
+
     images = triggered.inputs[:n]
     rows = []
     for model in (before, after):
         model.eval()
         with torch.no_grad():
-            batch = {k: v.to(model.device) for k, v in model.collate(images).items()}
-            _, feats = model.forward_features(batch, pooling="none")
-        rows.append([f.float().pow(2).sum(1).cpu().numpy() for f in feats if f.dim() == 4])
+            _, feats = model.forward_features(to_device(model.collate(images), model.device), pooling="none")
+        maps = [attention_map(f.float(), 2.0).view(f.shape[0], *f.shape[2:]) for f in feats if f.dim() == 4]
+        rows.append([m.cpu().numpy() for m in maps])
     n_stage = len(rows[0])
     plt = _plt()
     fig, axes = plt.subplots(len(images), 1 + 2 * n_stage, figsize=(1.6 * (1 + 2 * n_stage), 1.7 * len(images)))

@@ -48,9 +48,16 @@ class DefenseConfig:
 
     def clean_count(self, train_size: int) -> int:
         """How many clean samples the defender gets, for a training set of ``train_size`` samples."""
-        if self.clean_fraction is None:
-            return self.clean_size
-        return max(1, int(round(self.clean_fraction * train_size)))
+        return clean_count(self, train_size)
+
+
+def clean_count(defense_cfg: Any, train_size: int) -> int:
+    """``clean_fraction`` × ``train_size`` (at least 1) when the config sets a fraction, else ``clean_size``;
+    plugin configs that do not derive from :class:`DefenseConfig` may lack either key."""
+    fraction = getattr(defense_cfg, "clean_fraction", None)
+    if fraction is not None:
+        return max(1, int(round(fraction * train_size)))
+    return int(getattr(defense_cfg, "clean_size", DefenseConfig.clean_size))
 
 
 @dataclass
@@ -194,6 +201,17 @@ class TrainingDefense(Defense):
 
 class RepairDefense(Defense):
     kind = "repair"
+
+    def __init__(self, cfg: Any, seed: int = 0) -> None:
+        super().__init__(cfg, seed)
+        #: optional extra columns of the :meth:`sweep` curve, ``{setting: {name: value}}``, computed by the
+        #: defense on its own clean data (RNP: units pruned, clean accuracy)
+        self.sweep_info: dict[float, dict[str, float]] = {}
+
+    @property
+    def chosen_setting(self) -> float | None:
+        """The setting of the repaired model on the :meth:`sweep` axis, marked on the curve (None: none)."""
+        return None
 
     @abstractmethod
     def repair(self, model: Classifier, clean: Samples) -> Classifier:

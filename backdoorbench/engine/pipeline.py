@@ -23,7 +23,7 @@ from backdoorbench.config import ConfigError, DataConfig, component_config, to_d
 from backdoorbench.data.base import DatasetBundle, Samples
 from backdoorbench.data.poisoned import PoisonedDataset
 from backdoorbench.data.split import Splits, threat_model_split
-from backdoorbench.defenses.base import Defense, Detector, RepairDefense, TrainingDefense
+from backdoorbench.defenses.base import Defense, Detector, RepairDefense, TrainingDefense, clean_count
 from backdoorbench.engine.lit import TrainConfig
 from backdoorbench.metrics import (
     FRR_GRID,
@@ -419,17 +419,6 @@ def run_experiment(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     return results
 
 
-def clean_count(defense_cfg: Any, train_size: int) -> int:
-    """How many clean samples the defender gets: ``clean_fraction`` × the training-set size when set, else
-    ``clean_size`` (also for plugin configs that do not derive from ``DefenseConfig``)."""
-    if hasattr(defense_cfg, "clean_count"):
-        return int(defense_cfg.clean_count(train_size))
-    fraction = getattr(defense_cfg, "clean_fraction", None)
-    if fraction is not None:
-        return max(1, int(round(fraction * train_size)))
-    return int(getattr(defense_cfg, "clean_size", 500))
-
-
 def backdoor_samples(poisoned: PoisonedDataset, attack: Attack) -> tuple[np.ndarray, np.ndarray]:
     """Per training sample: (carries the backdoor — modified by the attack *and* labelled with the attack's
     target for it, i.e. dirty-label samples and clean-label target-class samples; modified by the attack at
@@ -464,7 +453,7 @@ def repair_curve(
                 "setting": float(setting),
                 "ba": accuracy(m.predict(test.inputs, batch), test.labels),
                 "asr": attack_success_rate(m.predict(triggered.inputs, batch), tgt),
-                **{k: float(v) for k, v in getattr(defense, "sweep_info", {}).get(float(setting), {}).items()},
+                **{k: float(v) for k, v in defense.sweep_info.get(float(setting), {}).items()},
             }
         )
     return rows
@@ -478,7 +467,7 @@ def plots_repair_curve(path: Path, curve: list[dict[str, float]], defense: Repai
         curve,
         defense.sweep_name or "setting",
         title=f"{spec.defense.name} vs {spec.attack.name}",
-        chosen=getattr(defense, "chosen_setting", None),
+        chosen=defense.chosen_setting,
     )
 
 

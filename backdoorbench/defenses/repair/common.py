@@ -164,10 +164,10 @@ class RepairModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
 
 
-def train_config(cfg: FinetuneSchedule, epochs: int | None = None, grad_clip: float = 0.0) -> TrainConfig:
+def train_config(cfg: FinetuneSchedule, epochs: int | None = None) -> TrainConfig:
     """The :class:`TrainConfig` that carries epochs and batch size to :func:`~backdoorbench.engine.lit.fit`
-    (the optimiser comes from :class:`RepairModule`)."""
-    return TrainConfig(max_epochs=epochs or cfg.epochs, batch_size=cfg.batch_size, grad_clip=grad_clip)
+    (the optimiser comes from :class:`RepairModule`; no gradient clipping, as the reference)."""
+    return TrainConfig(max_epochs=epochs or cfg.epochs, batch_size=cfg.batch_size, grad_clip=0.0)
 
 
 def repeat_to_steps(samples: Samples, steps_per_epoch: int | None, batch_size: int) -> Samples:

@@ -244,9 +244,7 @@ class RNP(RepairDefense):
         self.values: list[tuple[str, int, float]] = []
         self.unlearn_history: list[float] = []
         self.pruned: list[tuple[str, int]] = []
-        self.sweep_info: dict[float, dict[str, float]] = {}
         self._original: Classifier | None = None
-        self._count = 0
 
     def unlearn(self, model: Classifier, clean: Samples) -> Classifier:
         module = UnlearnModule(model, self.cfg)
@@ -304,12 +302,10 @@ class RNP(RepairDefense):
         prune_units(repaired, self.pruned)
         repaired.eval()
         log.info("RNP: pruned %d of %d units", len(self.pruned), n_units)
-        self.sweep_info = {}
-        for t, m in self._pruned_at_thresholds():  # the defender's clean accuracy along the curve
-            self.sweep_info[t] = {
-                "units_pruned": float(self._count),
-                "clean_acc": m.accuracy(clean, self.cfg.batch_size),
-            }
+        self.sweep_info = {  # the defender's clean accuracy along the curve
+            t: {"units_pruned": float(count), "clean_acc": m.accuracy(clean, self.cfg.batch_size)}
+            for t, m, count in self._pruned_at_thresholds()
+        }
         self.write_masks()
         return repaired
 
@@ -322,8 +318,9 @@ class RNP(RepairDefense):
         n = int(np.floor(self.cfg.curve_max / self.cfg.curve_step + 1e-9))
         return [round(k * self.cfg.curve_step, 4) for k in range(n + 1)]
 
-    def _pruned_at_thresholds(self) -> Iterator[tuple[float, Classifier]]:
-        """Cumulative pruning of one copy of the original model, threshold by threshold (as the reference)."""
+    def _pruned_at_thresholds(self) -> Iterator[tuple[float, Classifier, int]]:
+        """Cumulative pruning of one copy of the original model, threshold by threshold (as the reference):
+        ``(threshold, the pruned model, how many units are pruned)``."""
         if self._original is None:
             return
         model = clone(self._original)
@@ -332,12 +329,11 @@ class RNP(RepairDefense):
             todo = [(n, i) for n, i, v in self.values[done:] if v <= t]
             prune_units(model, todo)
             done += len(todo)
-            self._count = done
             model.eval()
-            yield t, model
+            yield t, model, done
 
     def sweep(self) -> Iterator[tuple[float, Classifier]]:
-        return self._pruned_at_thresholds()
+        return ((t, m) for t, m, _ in self._pruned_at_thresholds())
 
     def write_masks(self) -> None:
         if self.run_dir is None:

@@ -255,31 +255,23 @@ def _loader(
     seed: int,
     drop_last: bool = False,
     num_samples: int | None = None,
+    nested: bool = False,
 ) -> DataLoader:
     """Batches ``{"pixels", "labels", "index"}`` of uint8 images, shuffled by ``seed``; with ``num_samples``,
-    that many draws without replacement (passes over the data concatenated), for fixed-length epochs."""
+    that many draws without replacement (passes over the data concatenated), for fixed-length epochs.
+    ``nested``: ``{"inputs": {"pixels"}, "labels", "index"}``, as :func:`~backdoorbench.engine.lit.make_loader`."""
 
     def collate(idx: list[int]) -> dict[str, Any]:
         t = torch.tensor(idx, dtype=torch.long)
-        return {"pixels": to_float(images[t]), "labels": labels[t], "index": t}
+        pixels = to_float(images[t])
+        batch = {"inputs": {"pixels": pixels}} if nested else {"pixels": pixels}
+        return {**batch, "labels": labels[t], "index": t}
 
     gen = torch.Generator().manual_seed(seed)
     sampler = RandomSampler(_Indices(len(images)), num_samples=num_samples, generator=gen)
     return DataLoader(
         _Indices(len(images)), batch_size=batch_size, sampler=sampler, collate_fn=collate, drop_last=drop_last
     )
-
-
-def _wrapped(loader: DataLoader) -> DataLoader:
-    """The same loader with batches shaped like :func:`~backdoorbench.engine.lit.make_loader`'s."""
-    old = loader.collate_fn
-
-    def collate(idx: list[int]) -> dict[str, Any]:
-        b = old(idx)
-        return {"inputs": {"pixels": b["pixels"]}, "labels": b["labels"], "index": b["index"]}
-
-    loader.collate_fn = collate
-    return loader
 
 
 class _EpochLog(L.Callback):
@@ -420,7 +412,7 @@ class DBD(TrainingDefense):
         module = SSLModule(model, method, aug, cfg.ssl_lr, cfg.ssl_weight_decay)
         batch = min(cfg.ssl_batch_size, len(images))
         dummy = torch.zeros(len(images), dtype=torch.long)
-        loader = _wrapped(_loader(images, dummy, batch, self.seed, drop_last=True))
+        loader = _loader(images, dummy, batch, self.seed, drop_last=True, nested=True)
         self._fit_stage("stage1_ssl", module, loader, cfg.ssl_epochs)
 
     def train_head(self, model: VisionClassifier, images: torch.Tensor, labels: torch.Tensor, loss: str) -> None:
@@ -438,24 +430,17 @@ class DBD(TrainingDefense):
             p.requires_grad_(False)
         try:
             module = LinearHeadModule(model, loss_fn, cfg.head_lr)
-            loader = _wrapped(_loader(images, labels, min(cfg.head_batch_size, len(images)), self.seed + 1))
+            loader = _loader(images, labels, min(cfg.head_batch_size, len(images)), self.seed + 1, nested=True)
             self._fit_stage(f"stage2_{loss}", module, loader, cfg.head_epochs)
         finally:
             for p, f in zip(frozen, flags, strict=True):
                 p.requires_grad_(f)
 
-    @torch.no_grad()
     def record_losses(self, model: VisionClassifier, images: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
         """Each sample's SCE loss under the stage-2 model, without augmentation (the reference's record)."""
-        model.eval()
-        out = []
-        dev = next(model.parameters()).device
-        for start in range(0, len(images), self.cfg.batch_size):
-            x = to_float(images[start : start + self.cfg.batch_size]).to(dev)
-            y = labels[start : start + self.cfg.batch_size].to(dev)
-            lo = model({"pixels": x})
-            out.append(sce_loss(lo, y, self.cfg.sce_alpha, self.cfg.sce_beta, self.cfg.rce_log_zero, "none").cpu())
-        return torch.cat(out).double().numpy()
+        logits = model.predict_logits(images, self.cfg.batch_size)
+        cfg = self.cfg
+        return sce_loss(logits, labels.cpu(), cfg.sce_alpha, cfg.sce_beta, cfg.rce_log_zero, "none").double().numpy()
 
     def train_mixmatch(
         self, model: VisionClassifier, images: torch.Tensor, labels: torch.Tensor, labelled: np.ndarray
@@ -509,7 +494,7 @@ class DBD(TrainingDefense):
             optimizer="sgd",
             grad_clip=0.0,
         )
-        loader = _wrapped(_loader(images, labels, min(128, len(images)), self.seed))
+        loader = _loader(images, labels, min(128, len(images)), self.seed, nested=True)
         self._fit_stage("supervised", ClassifierModule(model, tcfg), loader, cfg.supervised_epochs)
 
     # -- the whole defense -----------------------------------------------------------------------------
