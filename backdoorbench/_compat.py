@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import glob
 import importlib.util
+import logging
 import os
 
 import torch
+
+log = logging.getLogger(__name__)
 
 _STATE: dict[str, object] = {"patched": None}
 
@@ -79,6 +82,12 @@ def ensure_torchvision_importable() -> bool:
         lib.impl("nms", _nms_cpu, "CPU")
         _STATE["library"] = lib
         patched = True
+        log.debug(
+            "torchvision's compiled ops do not load next to torch %s (%s): defined torchvision::nms/qnms with a "
+            "pure-PyTorch CPU kernel so that torchvision imports",
+            torch.__version__,
+            path or "no extension found",
+        )
     _STATE["patched"] = patched
     return patched
 

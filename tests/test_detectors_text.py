@@ -589,6 +589,72 @@ def test_shared_prefix_variants_equal_whole_texts(kind: str) -> None:
         lm.mean_nll_variants(["a"], [])
 
 
+class LegacyCacheLM(nn.Module):
+    """A tiny HF LM behind the pre-5.24 interface: the KV cache goes in as ``past_key_values`` and comes back
+    as ``output.past_key_values``, whatever the installed transformers calls it."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.inner_kwarg = CausalLM(inner, word_tokenizer()).cache_kwarg
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=None):
+        kw = {} if past_key_values is None else {self.inner_kwarg: past_key_values}
+        res = self.inner(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=use_cache, **kw
+        )
+        cache = next((getattr(res, n) for n in ("cache", "past_key_values") if getattr(res, n, None) is not None), None)
+        return SimpleNamespace(logits=res.logits, past_key_values=cache)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_shared_prefix_path_takes_either_cache_keyword(kind: str) -> None:
+    """The keyword is read from the model: the installed transformers' own name, and ``past_key_values``
+    (transformers <= 5.23) through a wrapper; both give the whole-text values."""
+    import inspect
+
+    inner = tiny_lm(kind)
+    native = CausalLM(inner, word_tokenizer())
+    assert native.cache_kwarg in inspect.signature(inner.forward).parameters
+    legacy = CausalLM(LegacyCacheLM(inner), word_tokenizer())
+    assert legacy.cache_kwarg == "past_key_values"
+    groups = [deletions(t.split()) for t in SENTENCES if len(t.split()) >= 3]
+    whole = [CausalLM(inner, word_tokenizer()).mean_nll(g, batch_size=1) for g in groups]
+    for lm in (native, legacy):
+        got = lm.mean_nll_variants([g[0] for g in groups], [g[1:] for g in groups], batch_size=2)
+        assert lm.forward_count < sum(len(g) for g in groups)  # the shared-prefix path, not the fallback
+        for a, b in zip(got, whole):
+            assert np.allclose(a, b, rtol=0, atol=1e-5, equal_nan=True)
+
+
+def test_a_transformers_lm_without_a_cache_keyword_warns_once(caplog) -> None:
+    """The whole-text fallback for a transformers LM (which should take a cache) is logged, once per class."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    import backdoorbench.models.lm as lm_mod
+
+    class NoCacheGPT2(GPT2LMHeadModel):
+        def forward(self, input_ids=None, attention_mask=None):  # no cache keyword at all
+            return super().forward(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+
+    torch.manual_seed(0)
+    model = NoCacheGPT2(GPT2Config(vocab_size=len(VOCAB), n_embd=16, n_layer=1, n_head=2, n_positions=32)).eval()
+    lm = CausalLM(model, word_tokenizer())
+    assert lm.cache_kwarg is None
+    lm_mod._WARNED.discard("NoCacheGPT2")
+    groups = [deletions("the movie cf was good".split())]
+    with caplog.at_level("WARNING", logger="backdoorbench.models.lm"):
+        got = lm.mean_nll_variants([groups[0][0]], [groups[0][1:]])
+        lm.mean_nll_variants([groups[0][0]], [groups[0][1:]])
+    assert np.allclose(got[0], lm.mean_nll(groups[0]))
+    warnings = [r for r in caplog.records if "takes no KV cache" in r.getMessage()]
+    assert len(warnings) == 1 and "NoCacheGPT2" in warnings[0].getMessage()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="backdoorbench.models.lm"):
+        CausalLM(BigramLM(), word_tokenizer()).mean_nll_variants(["good fun"], [["fun"]])
+    assert not caplog.records  # a hand-made LM without a cache is expected to score whole texts
+
+
 def test_shared_prefix_variants_fall_back_without_a_cache() -> None:
     lm = CausalLM(BigramLM(), word_tokenizer())
     assert not lm.reuses_cache

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from backdoorbench.assets import find_package_file
+from backdoorbench.models._kvcache import CACHE_KWARGS, cache_layers, make_cache, output_cache
 from backdoorbench.store import default_cache_dir
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ SMOLLM2_CACHE_NAME = "smollm2-135m"
 LM_ALIASES = ("smollm2",)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _COMPLETE = ("config.json", "model.safetensors")
+_WARNED: set[str] = set()
 
 
 def smollm2_gguf_path() -> Path:
@@ -138,12 +140,21 @@ class CausalLM:
         return None
 
     @property
-    def reuses_cache(self) -> bool:
-        """Whether the model takes ``past_key_values``/``position_ids`` (HF causal LMs do)."""
+    def cache_kwarg(self) -> str | None:
+        """The keyword under which the model's ``forward`` takes a KV cache (``past_key_values`` up to
+        transformers 5.23, ``cache`` from 5.24), read from its signature; None when it takes none or no
+        ``position_ids`` (then :meth:`mean_nll_variants` scores every text whole)."""
         import inspect
 
         params = inspect.signature(self.model.forward).parameters
-        return "past_key_values" in params and "position_ids" in params
+        if "position_ids" not in params:
+            return None
+        return next((name for name in CACHE_KWARGS if name in params), None)
+
+    @property
+    def reuses_cache(self) -> bool:
+        """Whether the model takes a KV cache and ``position_ids`` (HF causal LMs do)."""
+        return self.cache_kwarg is not None
 
     @property
     def device(self) -> torch.device:
@@ -216,11 +227,11 @@ class CausalLM:
         word costs no pass at all. Variants sharing no token with their base (no start token) are scored
         by :meth:`mean_nll`. ``forward_count`` counts the base passes and the variant suffix passes.
         """
-        from transformers import DynamicCache
-
         if len(bases) != len(variants):
             raise ValueError(f"{len(bases)} bases but {len(variants)} variant lists")
-        if not self.reuses_cache:  # e.g. a hand-made LM without a KV cache: every text is scored whole
+        cache_kwarg = self.cache_kwarg
+        if cache_kwarg is None:  # e.g. a hand-made LM without a KV cache: every text is scored whole
+            self._warn_no_cache()
             flat = self.mean_nll([t for base, vs in zip(bases, variants) for t in (base, *vs)], batch_size)
             cuts = np.cumsum([1 + len(vs) for vs in variants])[:-1]
             return list(np.split(flat, cuts)) if len(bases) else []
@@ -255,7 +266,7 @@ class CausalLM:
             self.forward_count += len(seqs)
             res = self.model(input_ids=input_ids, attention_mask=mask, use_cache=True)
             logp = torch.log_softmax(res.logits.float(), dim=-1)
-            layers = [(layer.keys, layer.values) for layer in res.past_key_values.layers]
+            layers = cache_layers(output_cache(res))
             if kv is None:
                 kv = [
                     (
@@ -303,16 +314,14 @@ class CausalLM:
                     mask[row, pmax : pmax + len(f)] = 1
                     positions[row] = torch.arange(p, p + smax)
                 rows = torch.tensor([b for b, _, _ in group], device=device)
-                past = DynamicCache(
-                    ddp_cache_data=[(k_all[rows, :, :pmax], v_all[rows, :, :pmax]) for k_all, v_all in kv]
-                )
+                past = make_cache([(k_all[rows, :, :pmax], v_all[rows, :, :pmax]) for k_all, v_all in kv])
                 self.forward_count += len(group)
                 logits = self.model(
                     input_ids=input_ids.to(device),
                     attention_mask=mask.to(device),
                     position_ids=positions.to(device),
-                    past_key_values=past,
                     use_cache=False,
+                    **{cache_kwarg: past},
                 ).logits.float()
                 nll = nn.functional.cross_entropy(
                     logits.reshape(-1, logits.size(-1)),
@@ -336,6 +345,23 @@ class CausalLM:
             for (b, k, _), value in zip(fallback, self.mean_nll(texts, batch_size)):
                 out[b][1 + k] = value
         return out
+
+    def _warn_no_cache(self) -> None:
+        """Warn once per model class when a transformers LM, which should take a KV cache, does not: ONION
+        then scores every deletion whole (about 2x slower, same values)."""
+        name = type(self.model).__name__
+        try:
+            from transformers import PreTrainedModel
+        except ImportError:  # pragma: no cover - transformers is a dependency
+            return
+        if isinstance(self.model, PreTrainedModel) and name not in _WARNED:
+            _WARNED.add(name)
+            log.warning(
+                "%s.forward takes no KV cache under any of %s (with position_ids); scoring every ONION deletion "
+                "whole (same values, about 2x slower). This transformers version may have renamed the argument.",
+                name,
+                "/".join(CACHE_KWARGS),
+            )
 
     def _pad(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-padded ids and attention mask ``[B, max len]``."""
