@@ -14,7 +14,34 @@ from backdoorbench.registry import (  # noqa: E402
     register_model,
 )
 
+#: the public API (backdoorbench.api), imported on first use so that ``import backdoorbench`` stays cheap
+_API = (
+    "RunResult",
+    "compose",
+    "create_attack",
+    "create_dataset",
+    "create_defense",
+    "create_model",
+    "list_attacks",
+    "list_datasets",
+    "list_defenses",
+    "list_models",
+    "run",
+    "wrap_hf",
+    "wrap_image_model",
+)
+
+
+def __getattr__(name: str):  # PEP 562: lazy public API
+    if name in _API:
+        from backdoorbench import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'backdoorbench' has no attribute {name!r}")
+
+
 __all__ = [
+    *_API,
     "REGISTRY",
     "__version__",
     "register_attack",
