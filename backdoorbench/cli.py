@@ -85,8 +85,10 @@ def cmd_run(args: list[str]) -> int:
     from omegaconf import DictConfig
 
     from backdoorbench.config import ConfigError
+    from backdoorbench.engine.rundir import register_resolvers
 
     cdir = config_dir()
+    register_resolvers()  # ${bb.unique:} in the run / sweep directory names
     REGISTRY.load()
     register_plugin_configs(cdir)
     sys.argv = [sys.argv[0], *rewrite_model_override(args, cdir)]

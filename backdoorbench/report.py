@@ -5,10 +5,14 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 from backdoorbench.metrics import FRR_GRID
+from backdoorbench.store import atomic_write_text
+
+log = logging.getLogger(__name__)
 
 
 def _pct(v: Any) -> str:
@@ -66,11 +70,26 @@ def print_run_summary(results: dict[str, Any]) -> None:
 
 
 def collect(root: Path) -> list[dict[str, Any]]:
-    """Every run's results under ``root``; ``_dir`` is the run directory as found on disk."""
+    """Every run's results under ``root``; ``_dir`` is the run directory as found on disk.
+
+    A ``results.json`` that cannot be read (truncated, not JSON, not a run's record) is skipped with a
+    warning naming it; the other runs are still reported."""
     files = sorted(root.rglob("results.json"))
     if not files:
         raise FileNotFoundError(f"no results.json under {root}")
-    return [{**json.loads(f.read_text()), "_dir": str(f.parent)} for f in files]
+    out = []
+    for f in files:
+        try:
+            res = json.loads(f.read_text())
+            if not isinstance(res, dict) or not isinstance(res.get("run"), dict) or "metrics" not in res:
+                raise ValueError("not a run's results (no 'run' / 'metrics')")
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            log.warning("skipping unreadable %s: %s", f, str(exc).strip().splitlines()[0] if str(exc) else exc)
+            continue
+        out.append({**res, "_dir": str(f.parent)})
+    if not out:
+        raise FileNotFoundError(f"no readable results.json under {root} (skipped {len(files)}, see the warnings)")
+    return out
 
 
 RATES = [
@@ -124,7 +143,7 @@ def write_report(root: Path, out: Path | None = None) -> str:
     w = csv.DictWriter(buf, fieldnames=COLUMNS)
     w.writeheader()
     w.writerows(table)
-    (out / "report.csv").write_text(buf.getvalue())
+    atomic_write_text(out / "report.csv", buf.getvalue())
     pct = set(RATES) | {f"far@{g:g}" for g in FRR_GRID}
     used = [c for c in COLUMNS if any(row.get(c) is not None for row in table)]
     lines = ["| " + " | ".join(used) + " |", "|" + "---|" * len(used)]
@@ -137,7 +156,7 @@ def write_report(root: Path, out: Path | None = None) -> str:
             )
         lines.append("| " + " | ".join(cells) + " |")
     md = "Rates in %.\n\n" + "\n".join(lines) + "\n"
-    (out / "report.md").write_text(md)
+    atomic_write_text(out / "report.md", md)
     comp = write_comparison(results, out)
     if comp:
         md += "\n" + comp
@@ -182,7 +201,7 @@ def write_defended_comparison(results: list[dict[str, Any]], out: Path) -> str:
             row.append("—" if hit.empty else f"{_pct(hit.iloc[0]['ba_after'])} / {_pct(hit.iloc[0]['asr_after'])}")
         lines.append("| " + " | ".join(row) + " |")
     md = "\n".join(lines) + "\n"
-    (out / "defended.md").write_text(md)
+    atomic_write_text(out / "defended.md", md)
     return md
 
 
@@ -279,7 +298,7 @@ def write_comparison(results: list[dict[str, Any]], out: Path, frr: float = 0.05
     if partial:
         lines += ["", "† every run of this detector reused scores cached by an earlier run: cost understated."]
     md = "\n".join(lines) + "\n"
-    (out / "comparison.md").write_text(md)
+    atomic_write_text(out / "comparison.md", md)
     for attack, group in df.groupby("attack"):
         try:
             roc_figure(out / f"roc_{_slug(attack)}.png", attack, list(zip(group["detector"], map(Path, group["_dir"]))))

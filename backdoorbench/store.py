@@ -8,21 +8,55 @@ ten defenses against one attack trains the victim once.
 Writes are atomic: an entry is assembled in a temporary folder next to the cache and renamed into
 place in one step, so an interrupted write leaves no entry (only a ``.tmp-*`` folder, cleaned later)
 and a reader never sees half an entry.
+
+Entries are verified: ``meta.json`` records the SHA-256 and size of every file of the entry, computed
+in the temporary folder before the rename, and :meth:`ArtifactStore.lookup` checks them before the
+entry is used. A missing, truncated or changed file, or an unreadable ``meta.json``, raises
+:class:`CacheError`, naming the entry and how to rebuild it. Entries written before hashes were
+recorded are used after a presence check, with a warning (once per entry and process).
+
+This module also holds the atomic file writers used for every result file (:func:`atomic_path`,
+:func:`atomic_write_text`): a file appears complete under its name, or not at all.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from backdoorbench.config import ConfigError
+
+log = logging.getLogger(__name__)
+
 META = "meta.json"
+HASH = "sha256"
+_CHUNK = 1 << 20
+_warned_legacy: set[str] = set()
+
+
+class CacheError(ConfigError):
+    """A cache entry that cannot be trusted (missing, truncated or changed file, unreadable ``meta.json``).
+
+    A :class:`ConfigError`, so the command line prints it in one line and exits with status 2."""
+
+    def __init__(self, entry: Path, problem: str) -> None:
+        self.entry, self.problem = Path(entry), problem
+        super().__init__(
+            f"cache entry {entry} is damaged: {problem}. Rebuild it: rerun with cache.rebuild=true, "
+            f"or delete the folder {entry}"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable (multirun launchers send errors between processes)
+        return (type(self), (self.entry, self.problem))
 
 
 def canonical_json(obj: Any) -> str:
@@ -41,6 +75,26 @@ def default_cache_dir() -> Path:
     return Path(base) / "backdoorbench"
 
 
+def file_digest(path: str | Path) -> str:
+    """The SHA-256 of a file's content (hex), read in 1 MiB chunks."""
+    h = hashlib.new(HASH)
+    buf = bytearray(_CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def file_records(folder: Path) -> dict[str, dict[str, Any]]:
+    """``{relative name: {"sha256": hex, "bytes": size}}`` for every file under ``folder`` but ``meta.json``."""
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p.name != META:
+            out[p.relative_to(folder).as_posix()] = {HASH: file_digest(p), "bytes": p.stat().st_size}
+    return out
+
+
 class ArtifactStore:
     """A folder of cache entries, one sub-folder per key (``<root>/<key>/meta.json`` + files)."""
 
@@ -54,10 +108,70 @@ class ArtifactStore:
         return (self.path(key) / META).is_file()
 
     def meta(self, key: str) -> dict[str, Any]:
-        return json.loads((self.path(key) / META).read_text())
+        """The entry's ``meta.json``; :class:`CacheError` when it is missing or unreadable."""
+        path = self.path(key) / META
+        try:
+            meta = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise CacheError(self.path(key), f"{META} is missing") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CacheError(self.path(key), f"{META} is unreadable ({_first_line(exc)})") from None
+        if not isinstance(meta, dict) or not isinstance(meta.get("files", {}), dict):
+            raise CacheError(self.path(key), f"{META} is not an entry record")
+        return meta
+
+    def lookup(self, key: str, required: Iterable[str] = (), verify: bool = True) -> dict[str, Any] | None:
+        """The entry's metadata after checking its files, or None when there is no entry.
+
+        Every file recorded in ``meta.json`` must exist with its recorded size and, with ``verify``, its
+        recorded SHA-256; ``required`` names files that must exist in any case. An entry written before
+        hashes were recorded (no ``files`` in its metadata) gets the presence check only, and a warning.
+        Raises :class:`CacheError` naming the entry otherwise."""
+        entry = self.path(key)
+        if not entry.is_dir():
+            if entry.exists():
+                raise CacheError(entry, "it is not a folder")
+            return None
+        meta = self.meta(key)
+        files: dict[str, Any] | None = meta.get("files")
+        for name in required:
+            if not (entry / name).is_file():
+                raise CacheError(entry, f"{name} is missing")
+        if files is None:
+            if key not in _warned_legacy:
+                _warned_legacy.add(key)
+                log.warning(
+                    "cache entry %s predates content hashes: its files are checked for presence only. "
+                    "Delete the folder to rebuild it with hashes.",
+                    entry,
+                )
+            return meta
+        for name, rec in files.items():
+            self._check_file(entry, name, rec, verify)
+        return meta
+
+    def _check_file(self, entry: Path, name: str, rec: Any, verify: bool) -> None:
+        path = entry / name
+        if not isinstance(rec, dict) or not isinstance(rec.get(HASH), str) or not isinstance(rec.get("bytes"), int):
+            raise CacheError(entry, f"{META} has no valid record for {name}")
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise CacheError(entry, f"{name} is missing") from None
+        if size != rec["bytes"]:
+            raise CacheError(entry, f"{name} has {size} bytes, {rec['bytes']} were written (truncated or replaced)")
+        if verify:
+            try:
+                digest = file_digest(path)
+            except OSError as exc:
+                raise CacheError(entry, f"{name} is unreadable ({_first_line(exc)})") from None
+            if digest != rec[HASH]:
+                raise CacheError(entry, f"{name} changed since it was written ({HASH} mismatch)")
 
     def save(self, key: str, meta: dict[str, Any], writers: dict[str, Callable[[Path], None]]) -> Path:
-        """Write an entry atomically. ``writers`` maps a file name to a function writing that file."""
+        """Write an entry atomically. ``writers`` maps a file name to a function writing that file.
+
+        ``meta.json`` gets the key, the creation time and ``files``: the SHA-256 and size of each file."""
         self.root.mkdir(parents=True, exist_ok=True)
         self.clean_stale()
         tmp = self.root / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
@@ -65,7 +179,8 @@ class ArtifactStore:
         try:
             for name, write in writers.items():
                 write(tmp / name)
-            (tmp / META).write_text(json.dumps({**meta, "key": key, "created": time.time()}, indent=2, default=str))
+            record = {**meta, "key": key, "created": time.time(), "files": file_records(tmp)}
+            (tmp / META).write_text(json.dumps(record, indent=2, default=str))
             final = self.path(key)
             try:
                 os.rename(tmp, final)  # atomic; fails if another run already created the entry
@@ -91,4 +206,41 @@ class ArtifactStore:
                 pass
 
     def remove(self, key: str) -> None:
-        shutil.rmtree(self.path(key), ignore_errors=True)
+        path = self.path(key)
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.exists():
+            path.unlink()
+
+
+# -- atomic files ----------------------------------------------------------------------------------
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``path`` (same suffix, so writers that infer the format from it
+    work); when the block ends without an exception the file is flushed to disk and renamed onto
+    ``path`` in one step. On an exception the temporary file is removed and ``path`` is untouched."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp-{uuid.uuid4().hex[:8]}{path.suffix}")
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (see :func:`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -117,3 +117,25 @@ def test_repair_and_training_runs_get_their_own_table(tmp_path: Path) -> None:
     assert "| badnets | 98.0 / 100.0 | 97.0 / 0.6 | 90.0 / 2.0 | 95.0 / 50.0 |" in table
     assert "| wanet | 98.0 / 100.0 | — | 70.0 / 10.0 | — |" in table
     assert "comparison.md" not in {p.name for p in tmp_path.iterdir()}  # no detector runs, no detector table
+
+
+def test_unreadable_results_are_skipped_with_a_warning_naming_them(tmp_path: Path,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    _run(tmp_path, "0", "badnet_rw", "dan", 0.10)
+    _run(tmp_path, "1", "ripples", "dan", 0.30)
+    truncated = tmp_path / "1" / "results.json"
+    truncated.write_text(truncated.read_text()[:40])  # a run killed while writing its results
+    _run(tmp_path, "2", "ripples", "strip", 0.50)
+    not_a_run = tmp_path / "2" / "results.json"
+    not_a_run.write_text("[]")
+    with caplog.at_level("WARNING", logger="backdoorbench.report"):
+        md = write_report(tmp_path)
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 2
+    assert str(truncated) in warned[0] and str(not_a_run) in warned[1]
+    assert (tmp_path / "report.csv").read_text().count("\n") == 2  # header + the one readable run
+    assert "badnet_rw" in md and "ripples" not in md
+    truncated.write_text("")
+    (tmp_path / "0" / "results.json").write_text("{")
+    with pytest.raises(FileNotFoundError, match="no readable results.json"):
+        write_report(tmp_path)

@@ -194,3 +194,108 @@ def test_failed_rename_without_a_finished_entry_is_an_error(tmp_path: Path,
     with pytest.raises(OSError, match="disk trouble"):
         st.save("f" * 20, {}, {"a.bin": _writer("a")})
     assert not st.has("f" * 20) and _tmp_dirs(st.root) == []
+
+
+# -- verification (issue 12, finding 2) ------------------------------------------------------------
+def _entry(tmp_path: Path) -> tuple[ArtifactStore, str]:
+    st = ArtifactStore(tmp_path / "cache")
+    key = "v" * 20
+    st.save(key, {"poison_file": "poison.json"}, {"model.bin": _writer("w" * 64), "poison.json": _writer("[1, 2]")})
+    return st, key
+
+
+def test_save_records_a_content_hash_of_every_file(tmp_path: Path) -> None:
+    import hashlib
+
+    st, key = _entry(tmp_path)
+    files = st.meta(key)["files"]
+    assert set(files) == {"model.bin", "poison.json"}
+    assert files["poison.json"] == {"sha256": hashlib.sha256(b"[1, 2]").hexdigest(), "bytes": 6}
+    assert st.lookup(key, required=["model.bin"])["key"] == key
+    assert st.lookup("n" * 20) is None  # a miss
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_missing_file_is_an_error_naming_the_entry(tmp_path: Path, verify: bool) -> None:
+    st, key = _entry(tmp_path)
+    (st.path(key) / "poison.json").unlink()
+    with pytest.raises(store_mod.CacheError, match="poison.json is missing") as err:
+        st.lookup(key, verify=verify)
+    assert str(st.path(key)) in str(err.value) and "cache.rebuild=true" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_changed_content_of_the_same_size_is_detected(tmp_path: Path) -> None:
+    st, key = _entry(tmp_path)
+    (st.path(key) / "model.bin").write_text("w" * 32 + "x" * 32)  # same size, other content
+    with pytest.raises(store_mod.CacheError, match=r"model.bin changed since it was written \(sha256"):
+        st.lookup(key)
+    assert st.lookup(key, verify=False) is not None  # verify=false checks sizes only
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_truncated_file_is_an_error_naming_the_entry(tmp_path: Path, verify: bool) -> None:
+    st, key = _entry(tmp_path)
+    with open(st.path(key) / "model.bin", "r+b") as f:
+        f.truncate(10)
+    with pytest.raises(store_mod.CacheError, match="model.bin has 10 bytes, 64 were written") as err:
+        st.lookup(key, verify=verify)
+    assert str(st.path(key)) in str(err.value)
+
+
+@pytest.mark.parametrize("content", ['{"key": "v", "files": {', "", "[1, 2]", None])
+def test_broken_meta_is_an_error_naming_the_entry(tmp_path: Path, content: str | None) -> None:
+    st, key = _entry(tmp_path)
+    meta = st.path(key) / "meta.json"
+    if content is None:
+        meta.unlink()
+    else:
+        meta.write_text(content)
+    with pytest.raises(store_mod.CacheError, match="meta.json is") as err:
+        st.lookup(key)
+    assert str(st.path(key)) in str(err.value)
+
+
+def test_entry_without_hashes_is_checked_for_presence_and_warned_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_mod, "_warned_legacy", set())
+    st, key = _entry(tmp_path)
+    meta = st.meta(key)
+    del meta["files"]  # as written before content hashes
+    (st.path(key) / "meta.json").write_text(json.dumps(meta))
+    with caplog.at_level("WARNING", logger="backdoorbench.store"):
+        assert st.lookup(key, required=["model.bin"])["key"] == key
+        st.lookup(key, required=["model.bin"])
+    assert [r.getMessage().count("predates content hashes") for r in caplog.records] == [1]
+    (st.path(key) / "model.bin").unlink()
+    with pytest.raises(store_mod.CacheError, match="model.bin is missing"):
+        st.lookup(key, required=["model.bin"])
+
+
+def test_cache_error_pickles(tmp_path: Path) -> None:
+    import pickle
+
+    err = store_mod.CacheError(tmp_path / "entry", "x is missing")
+    again = pickle.loads(pickle.dumps(err))
+    assert str(again) == str(err) and again.entry == err.entry
+
+
+# -- atomic files (issue 12, finding 3) ------------------------------------------------------------
+def test_atomic_writer_leaves_no_partial_file(tmp_path: Path) -> None:
+    target = tmp_path / "results.json"
+    with pytest.raises(RuntimeError, match="killed"):
+        with store_mod.atomic_path(target) as tmp:
+            assert tmp.parent == tmp_path and tmp.suffix == ".json" and tmp != target
+            tmp.write_text('{"metrics": ')
+            raise RuntimeError("killed midway")
+    assert list(tmp_path.iterdir()) == []  # neither the target nor the temporary file
+
+    target.write_text('{"old": 1}')
+    with pytest.raises(RuntimeError):
+        with store_mod.atomic_path(target) as tmp:
+            tmp.write_text("{")
+            raise RuntimeError("killed midway")
+    assert target.read_text() == '{"old": 1}' and list(tmp_path.iterdir()) == [target]  # the old file is kept
+    store_mod.atomic_write_text(target, '{"new": 2}')
+    assert target.read_text() == '{"new": 2}' and list(tmp_path.iterdir()) == [target]

@@ -25,6 +25,7 @@ from backdoorbench.data.poisoned import PoisonedDataset
 from backdoorbench.data.split import Splits, threat_model_split
 from backdoorbench.defenses.base import Defense, Detector, RepairDefense, TrainingDefense, clean_count
 from backdoorbench.engine.lit import TrainConfig
+from backdoorbench.engine.rundir import check_locations
 from backdoorbench.metrics import (
     FRR_GRID,
     accuracy,
@@ -35,7 +36,7 @@ from backdoorbench.metrics import (
 )
 from backdoorbench.modality.base import Classifier
 from backdoorbench.registry import REGISTRY, Entry
-from backdoorbench.store import ArtifactStore, cache_key
+from backdoorbench.store import ArtifactStore, CacheError, atomic_path, atomic_write_text, cache_key
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,8 @@ class RunSpec:
     cache_enabled: bool
     threads: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    cache_verify: bool = True  # check the content hashes of a cache entry before using it
+    cache_rebuild: bool = False  # remove a damaged cache entry and train the victim again
 
 
 def validate(cfg: DictConfig) -> RunSpec:
@@ -89,6 +92,9 @@ def validate(cfg: DictConfig) -> RunSpec:
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise ConfigError(f"threads must be a positive integer or null, got {threads!r}")
     cache = cfg.get("cache") or {}
+    for flag in ("enabled", "verify", "rebuild"):
+        if not isinstance(cache.get(flag, True), bool):
+            raise ConfigError(f"cache.{flag} must be true or false, got {cache.get(flag)!r}")
     return RunSpec(
         attack=attack,
         defense=defense,
@@ -104,6 +110,8 @@ def validate(cfg: DictConfig) -> RunSpec:
         cache_dir=cache.get("dir"),
         cache_enabled=bool(cache.get("enabled", True)),
         threads=threads,
+        cache_verify=bool(cache.get("verify", True)),
+        cache_rebuild=bool(cache.get("rebuild", False)),
     )
 
 
@@ -178,23 +186,24 @@ def attack_cache_spec(spec: RunSpec, attack: Attack) -> dict[str, Any]:
 def obtain_victim(
     spec: RunSpec, attack: Attack, splits: Splits, bundle: DatasetBundle, new_model: Any, store: ArtifactStore | None
 ) -> tuple[Classifier, PoisonedDataset | None, dict[str, Any]]:
-    """Load the backdoored victim from the cache, or run the attack and store its products."""
-    from safetensors.torch import load_model, save_model
+    """Load the backdoored victim from the cache (verified), or run the attack and store its products.
+
+    A damaged entry raises :class:`~backdoorbench.store.CacheError`, or with ``cache.rebuild=true`` is
+    removed and built again; it is never silently replaced by something else."""
+    from safetensors.torch import save_model
 
     key = cache_key(attack_cache_spec(spec, attack))
-    if store is not None and store.has(key):
-        meta = store.meta(key)
-        model = new_model()
-        load_model(model, str(store.path(key) / "model.safetensors"), strict=True, device=str(model.device))
-        model.eval()
-        poisoned = None
-        delta = store.path(key) / meta.get("poison_file", "")
-        if meta.get("poison_file") and delta.is_file():
-            base = splits.train if meta.get("poisoned_split") == "train" else splits.proxy
-            poisoned = PoisonedDataset.load_delta(base, delta)
-        attack.restore(meta.get("info", {}))
-        log.info("attack artifacts loaded from cache %s", store.path(key))
-        return model, poisoned, {"key": key, "hit": True, "path": str(store.path(key)), "info": meta.get("info", {})}
+    if store is not None:
+        try:
+            cached = _load_victim(spec, attack, splits, new_model, store, key)
+        except CacheError as exc:
+            if not spec.cache_rebuild:
+                raise
+            log.warning("%s -- cache.rebuild=true: removing the entry and running the attack again", exc)
+            store.remove(key)
+            cached = None
+        if cached is not None:
+            return cached
 
     ctx = AttackContext(
         train=splits.train,
@@ -225,6 +234,48 @@ def obtain_victim(
     return result.model, result.poisoned, entry
 
 
+def _load_victim(
+    spec: RunSpec, attack: Attack, splits: Splits, new_model: Any, store: ArtifactStore, key: str
+) -> tuple[Classifier, PoisonedDataset | None, dict[str, Any]] | None:
+    """The cached victim and poisoned set, or None on a miss; :class:`CacheError` naming the entry when
+    the entry is damaged (a missing, truncated or changed file, unreadable metadata) or fails to load."""
+    from safetensors.torch import load_model
+
+    t0 = time.perf_counter()
+    meta = store.lookup(key, required=["model.safetensors"], verify=spec.cache_verify)
+    if meta is None:
+        return None
+    verify_s = round(time.perf_counter() - t0, 3)
+    entry = store.path(key)
+    poison_file = meta.get("poison_file")
+    if poison_file and not (entry / poison_file).is_file():  # entries from before content hashes
+        raise CacheError(entry, f"{poison_file} is missing")
+    name = "model.safetensors"
+    try:
+        model = new_model()
+        load_model(model, str(entry / name), strict=True, device=str(model.device))
+        model.eval()
+        poisoned = None
+        if poison_file:
+            name = poison_file
+            base = splits.train if meta.get("poisoned_split") == "train" else splits.proxy
+            poisoned = PoisonedDataset.load_delta(base, entry / poison_file)
+    except Exception as exc:  # a file that passed the checks but does not load: still this entry's fault
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CacheError(entry, f"{name} does not load ({first})") from exc
+    attack.restore(meta.get("info", {}))
+    verified = "legacy" if "files" not in meta else bool(spec.cache_verify)
+    log.info("attack artifacts loaded from cache %s (verified: %s, %.3f s)", entry, verified, verify_s)
+    return model, poisoned, {
+        "key": key,
+        "hit": True,
+        "path": str(entry),
+        "info": meta.get("info", {}),
+        "verified": verified,
+        "verify_s": verify_s,
+    }
+
+
 # -- evaluation ------------------------------------------------------------------------------------
 @dataclass
 class Scored:
@@ -250,12 +301,12 @@ def run_experiment(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     """Run one experiment and write its run directory. Returns the results dict."""
     t_start = time.perf_counter()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     spec = validate(cfg)
+    check_locations(out, spec.cache_dir, spec.cache_enabled)  # before any work: unwritable folders fail now
     set_determinism(spec.seed, spec.threads)
     timer = Timer()
-    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    (out / "versions.json").write_text(json.dumps(versions(), indent=2))
+    atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    atomic_write_text(out / "versions.json", json.dumps(versions(), indent=2))
 
     with timer("data"):
         bundle: DatasetBundle = spec.dataset.obj(root=spec.data_cfg.root, **spec.data_cfg.options)
@@ -400,20 +451,23 @@ def run_experiment(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         "frr_target": getattr(spec.defense_cfg, "frr", None),
         **extra,
     }
-    (out / "results.json").write_text(json.dumps(_finite(results), indent=2, default=_json_default, allow_nan=False))
+    atomic_write_text(
+        out / "results.json", json.dumps(_finite(results), indent=2, default=_json_default, allow_nan=False)
+    )
     write_scores(out / "scores.csv", scored, tgt, defense)
     if isinstance(defense, Detector):
         try:
             from backdoorbench.plots import detector_figure
 
-            detector_figure(
-                out / "detection.png",
-                defense.calibration_scores,
-                scored,
-                tgt,
-                defense.threshold,
-                title=f"{spec.defense.name} vs {spec.attack.name}",
-            )
+            with atomic_path(out / "detection.png") as tmp:
+                detector_figure(
+                    tmp,
+                    defense.calibration_scores,
+                    scored,
+                    tgt,
+                    defense.threshold,
+                    title=f"{spec.defense.name} vs {spec.attack.name}",
+                )
         except Exception as exc:  # a plot must never lose a run's results
             log.warning("could not draw the detection figure: %s", exc)
     return results
@@ -479,23 +533,24 @@ def plots_attention(path: Path, before: Classifier, after: Classifier, triggered
 
 def _write_curve(path: Path, curve: list[dict[str, float]]) -> None:
     keys = list(dict.fromkeys(k for row in curve for k in row))
-    with path.open("w", newline="") as f:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         w.writerows(curve)
 
 
-def _draw(fn: Callable[..., None], *args: Any) -> None:
+def _draw(fn: Callable[..., None], path: Path, *args: Any) -> None:
     try:
-        fn(*args)
+        with atomic_path(path) as tmp:
+            fn(tmp, *args)
     except Exception as exc:  # a plot must never lose a run's results
-        log.warning("could not draw %s: %s", args[0], exc)
+        log.warning("could not draw %s: %s", path, exc)
 
 
 def write_scores(path: Path, scored: list[Scored], target: int | np.ndarray, defense: Defense) -> None:
     """One row per scored input; ``target``: the target label, or one per poisoned input (all-to-all)."""
     target = np.broadcast_to(np.asarray(target), (len(scored[-1].labels),)) if scored else np.asarray(target)
-    with path.open("w", newline="") as f:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["split", "index", "label", "pred", "score", "rejected", "attack_success"])
         for s in scored:
