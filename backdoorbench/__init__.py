@@ -16,9 +16,27 @@ from backdoorbench.registry import (  # noqa: E402
 
 __all__ = [
     "REGISTRY",
+    "Guard",
+    "load_detector",
     "__version__",
     "register_attack",
     "register_dataset",
     "register_defense",
     "register_model",
 ]
+
+# public entry points imported on first use, so that `import backdoorbench` stays cheap
+_LAZY = {
+    "load_detector": "backdoorbench.defenses.persist",
+    "Guard": "backdoorbench.defenses.guard",
+}
+
+
+def __getattr__(name: str):  # PEP 562
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'backdoorbench' has no attribute {name!r}")
