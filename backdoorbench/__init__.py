@@ -16,7 +16,9 @@ from backdoorbench.registry import (  # noqa: E402
 
 __all__ = [
     "REGISTRY",
+    "DetectorLoadError",
     "Guard",
+    "ModelMismatchError",
     "load_detector",
     "__version__",
     "register_attack",
@@ -28,6 +30,8 @@ __all__ = [
 # public entry points imported on first use, so that `import backdoorbench` stays cheap
 _LAZY = {
     "load_detector": "backdoorbench.defenses.persist",
+    "DetectorLoadError": "backdoorbench.defenses.persist",
+    "ModelMismatchError": "backdoorbench.defenses.persist",
     "Guard": "backdoorbench.defenses.guard",
 }
 

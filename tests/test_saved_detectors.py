@@ -283,3 +283,31 @@ def test_onion_refuses_another_language_model(saved, tmp_path: Path) -> None:
     with pytest.raises(ModelMismatchError, match="language model of weights fingerprint") as info:
         bb.load_detector(moved, case.make_model())
     assert str(moved) in str(info.value)
+
+
+def test_save_needs_a_fitted_registered_detector(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match="call fit"):
+        DAN(DANConfig()).save(tmp_path / "unfitted")
+
+    class Unregistered(DAN):
+        pass
+
+    det = Unregistered(DANConfig(), seed=0).fit(tiny_cnn(), images(40, seed=0))
+    with pytest.raises(ValueError, match="not a registered defense"):
+        det.save(tmp_path / "unregistered")
+    assert not (tmp_path / "unfitted").exists() and not (tmp_path / "unregistered").exists()
+
+
+def test_public_entry_points_are_lazy() -> None:
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    code = (
+        "import sys, backdoorbench as bb\n"
+        "assert 'backdoorbench.defenses.persist' not in sys.modules\n"
+        "assert bb.load_detector.__module__ == 'backdoorbench.defenses.persist'\n"
+        "assert bb.Guard.__name__ == 'Guard' and issubclass(bb.ModelMismatchError, bb.DetectorLoadError)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, env=subprocess_env())
