@@ -43,9 +43,31 @@ def __getattr__(name: str):  # PEP 562: lazy public API
 __all__ = [
     *_API,
     "REGISTRY",
+    "DetectorLoadError",
+    "Guard",
+    "ModelMismatchError",
+    "load_detector",
     "__version__",
     "register_attack",
     "register_dataset",
     "register_defense",
     "register_model",
 ]
+
+# public entry points imported on first use, so that `import backdoorbench` stays cheap
+_LAZY = {
+    "load_detector": "backdoorbench.defenses.persist",
+    "DetectorLoadError": "backdoorbench.defenses.persist",
+    "ModelMismatchError": "backdoorbench.defenses.persist",
+    "Guard": "backdoorbench.defenses.guard",
+}
+
+
+def __getattr__(name: str):  # PEP 562
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'backdoorbench' has no attribute {name!r}")

@@ -175,6 +175,30 @@ class Detector(Defense):
         """True where an input is rejected as poisoned."""
         return self.reject(self.score(inputs))
 
+    # -- saving (backdoorbench.defenses.persist) -------------------------------------------------
+    def fitted_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """What ``_fit`` computed, for :meth:`save`: tensors (written to safetensors) and JSON-ready values
+        (numbers, strings, lists, dicts with string keys). The base class saves the threshold, the
+        calibration scores, the config and the seed itself; a detector returns only its own statistics.
+        Detectors that support saving override this and :meth:`load_fitted_state`."""
+        raise NotImplementedError(
+            f"{type(self).__name__} cannot be saved: it does not implement fitted_state() and load_fitted_state()"
+        )
+
+    def load_fitted_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        """Restore what :meth:`fitted_state` returned. Called by :func:`~backdoorbench.defenses.persist.
+        load_detector` on a detector built from the saved config and seed, with ``self.model`` already set
+        to the (fingerprint-checked) model, so that scores equal the saved detector's."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement load_fitted_state()")
+
+    def save(self, folder: str | Path) -> Path:
+        """Write the fitted detector to ``folder`` (``detector.safetensors`` + ``detector.json``, atomically)
+        with a fingerprint of the model's weights; :func:`backdoorbench.load_detector` loads it back onto
+        that model only."""
+        from backdoorbench.defenses.persist import save_detector
+
+        return save_detector(self, folder)
+
     #: Detectors that can also *repair* inputs (ONION removes suspicious words) override ``correct``;
     #: the pipeline then reports BA / ASR on the corrected inputs too.
     corrects_inputs: ClassVar[bool] = False

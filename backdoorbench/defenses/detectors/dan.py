@@ -172,6 +172,22 @@ class DAN(Detector):
         self.norm_std = d.std(0, correction=0).clamp(min=1e-12)  # population std, as the reference
         self.calibration_scores = self._score_from_features(norm_feats).astype(np.float64)
 
+    def fitted_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        if self.norm_mean is None or self.norm_std is None:
+            raise RuntimeError("call fit() first")
+        tensors = {"norm_mean": self.norm_mean, "norm_std": self.norm_std}
+        for i, g in enumerate(self.gaussians):
+            tensors[f"layer{i}.means"], tensors[f"layer{i}.precision"] = g.means, g.precision
+        return tensors, {"layer_index": list(self.layer_index)}
+
+    def load_fitted_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        self.layer_index = [int(i) for i in meta["layer_index"]]
+        self.gaussians = [
+            LayerGaussian(tensors[f"layer{i}.means"], tensors[f"layer{i}.precision"])
+            for i in range(len(self.layer_index))
+        ]
+        self.norm_mean, self.norm_std = tensors["norm_mean"], tensors["norm_std"]
+
     def _score_from_features(self, per_layer: list[torch.Tensor]) -> np.ndarray:
         assert self.norm_mean is not None and self.norm_std is not None
         normalised = (self._distances(per_layer) - self.norm_mean) / self.norm_std

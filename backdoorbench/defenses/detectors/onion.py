@@ -37,12 +37,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import torch
 
 from backdoorbench.config import ConfigError
 from backdoorbench.data.base import Samples
 from backdoorbench.defenses.base import Detector, DetectorConfig
+from backdoorbench.defenses.persist import ModelMismatchError, weights_fingerprint
 from backdoorbench.modality.base import Classifier
 from backdoorbench.models.lm import DTYPES, CausalLM, load_causal_lm
 from backdoorbench.progress import progress
@@ -147,11 +150,15 @@ class ONION(Detector):
         return [self._cache[t] for t in texts]
 
     # -- detector --------------------------------------------------------------------------------
-    def _fit(self, model: Classifier, clean: Samples) -> None:
+    def _load_lm(self, model: Classifier) -> None:
         cfg = self.cfg
         if self.lm is None:
             self.lm = load_causal_lm(cfg.lm, device=model.device, dtype=cfg.lm_dtype, max_length=cfg.lm_max_length)
             self._cache = _SHARED_CACHES.setdefault((cfg.lm, cfg.lm_dtype, cfg.lm_max_length), {})
+
+    def _fit(self, model: Classifier, clean: Samples) -> None:
+        cfg = self.cfg
+        self._load_lm(model)
         if cfg.bar is not None:
             self.bar = float(cfg.bar)
             return
@@ -160,6 +167,24 @@ class ONION(Detector):
             raise ConfigError("ONION: the defender's clean data has no sentence of two or more words")
         self.bar = float(np.quantile(np.concatenate(per_word), cfg.bar_quantile, method="higher"))
         log.info("ONION bar %.4g (quantile %.3g of clean per-word suspicion)", self.bar, cfg.bar_quantile)
+
+    def fitted_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The bar and a fingerprint of the LM's weights; the LM itself is reloaded by name (``defense.lm``)."""
+        if self.bar is None or self.lm is None:
+            raise RuntimeError("call fit() first")
+        return {}, {"bar": self.bar, "lm_fingerprint": weights_fingerprint(self.lm.model)}
+
+    def load_fitted_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        assert self.model is not None
+        self._load_lm(self.model)
+        assert self.lm is not None
+        actual = weights_fingerprint(self.lm.model)
+        if actual != meta["lm_fingerprint"]:
+            raise ModelMismatchError(
+                f"ONION was fitted with a language model of weights fingerprint {meta['lm_fingerprint']}; "
+                f"defense.lm={self.cfg.lm!r} loads one with {actual}: make that name load the same LM, or refit"
+            )
+        self.bar = float(meta["bar"])
 
     def score(self, inputs: Sequence[str]) -> np.ndarray:  # type: ignore[override]
         return np.array([float(f.max()) if len(f) else 0.0 for f in self.suspicion(list(inputs), "ONION: scoring")])

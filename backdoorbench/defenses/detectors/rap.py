@@ -244,6 +244,20 @@ class RAP(Detector):
                 p.requires_grad_(flag)
         self.rows = rows.detach().clone()
 
+    def fitted_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        if self.rows is None or self.original_rows is None:
+            raise RuntimeError("call fit() first")
+        meta = {"trigger_ids": self.trigger_ids, "unique_ids": self.unique_ids, "history": self.history}
+        return {"rows": self.rows, "original_rows": self.original_rows}, meta
+
+    def load_fitted_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        assert self.model is not None
+        self._check_model(self.model)
+        self.trigger_ids = [int(i) for i in meta["trigger_ids"]]
+        self.unique_ids = [int(i) for i in meta["unique_ids"]]
+        self.history = [float(v) for v in meta.get("history", [])]
+        self.rows, self.original_rows = tensors["rows"], tensors["original_rows"]
+
     # -- scoring ---------------------------------------------------------------------------------
     @torch.no_grad()
     def probability_drop(self, inputs: Sequence[str], desc: str | None = None) -> tuple[np.ndarray, torch.Tensor]:

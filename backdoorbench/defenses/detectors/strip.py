@@ -200,6 +200,23 @@ class STRIP(Detector):
         return out
 
     # -- detector ------------------------------------------------------------------------------
+    def fitted_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        if self.modality == "vision":
+            if self.backgrounds is None:
+                raise RuntimeError("call fit() first")
+            return {"backgrounds": self.backgrounds}, {"modality": self.modality}
+        if not self.pools:
+            raise RuntimeError("call fit() first")
+        # JSON object keys are strings; the ranked word lists keep their order
+        return {}, {"modality": self.modality, "pools": {str(c): pool for c, pool in self.pools.items()}}
+
+    def load_fitted_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        self.modality = str(meta["modality"])
+        if self.modality == "vision":
+            self.backgrounds = tensors["backgrounds"]
+        else:
+            self.pools = {int(c): [list(map(str, words)) for words in pool] for c, pool in meta["pools"].items()}
+
     def _fit(self, model: Classifier, clean: Samples) -> None:
         self.fit_perturbation(model, clean)
 
