@@ -1,4 +1,8 @@
-"""backdoorbench: attack models with backdoors and compare defenses, for text and vision alike."""
+"""backdoorbench: attack models with backdoors and compare defenses, for text and vision alike.
+
+The public API (``import backdoorbench as bb``; see docs/api.md) is imported on first use, so that
+``import backdoorbench`` stays cheap.
+"""
 
 from backdoorbench._compat import ensure_torchvision_importable
 
@@ -14,51 +18,31 @@ from backdoorbench.registry import (  # noqa: E402
     register_model,
 )
 
-#: the public API (backdoorbench.api), imported on first use so that ``import backdoorbench`` stays cheap
-_API = (
-    "RunResult",
-    "compose",
-    "create_attack",
-    "create_dataset",
-    "create_defense",
-    "create_model",
-    "list_attacks",
-    "list_datasets",
-    "list_defenses",
-    "list_models",
-    "run",
-    "wrap_hf",
-    "wrap_image_model",
-)
-
-
-def __getattr__(name: str):  # PEP 562: lazy public API
-    if name in _API:
-        from backdoorbench import api
-
-        return getattr(api, name)
-    raise AttributeError(f"module 'backdoorbench' has no attribute {name!r}")
-
-
-__all__ = [
-    *_API,
-    "REGISTRY",
-    "DetectorLoadError",
-    "Guard",
-    "ModelMismatchError",
-    "load_detector",
-    "__version__",
-    "register_attack",
-    "register_dataset",
-    "register_defense",
-    "register_model",
-]
-
-# public entry points imported on first use, so that `import backdoorbench` stays cheap
+_API = "backdoorbench.api"
+_PERSIST = "backdoorbench.defenses.persist"
+#: public name → the module that defines it (imported on first access, PEP 562)
 _LAZY = {
-    "load_detector": "backdoorbench.defenses.persist",
-    "DetectorLoadError": "backdoorbench.defenses.persist",
-    "ModelMismatchError": "backdoorbench.defenses.persist",
+    **{
+        name: _API
+        for name in (
+            "RunResult",
+            "compose",
+            "create_attack",
+            "create_dataset",
+            "create_defense",
+            "create_model",
+            "list_attacks",
+            "list_datasets",
+            "list_defenses",
+            "list_models",
+            "run",
+            "wrap_hf",
+            "wrap_image_model",
+        )
+    },
+    "load_detector": _PERSIST,
+    "DetectorLoadError": _PERSIST,
+    "ModelMismatchError": _PERSIST,
     "Guard": "backdoorbench.defenses.guard",
 }
 
@@ -71,3 +55,14 @@ def __getattr__(name: str):  # PEP 562
         globals()[name] = value
         return value
     raise AttributeError(f"module 'backdoorbench' has no attribute {name!r}")
+
+
+__all__ = [
+    *_LAZY,
+    "REGISTRY",
+    "__version__",
+    "register_attack",
+    "register_dataset",
+    "register_defense",
+    "register_model",
+]
