@@ -20,4 +20,8 @@ if [ -n "$CONSTRAINTS" ]; then
 fi
 venv/bin/python -m pip install -q -e .
 venv/bin/python -m pip install -q --no-deps -r requirements-assets.txt
-echo "backdoorbench is installed in venv/ (${CONSTRAINTS:+locked by $(basename "$CONSTRAINTS")}${CONSTRAINTS:-unlocked})"
+if [ -n "$CONSTRAINTS" ]; then
+    echo "backdoorbench is installed in venv/ (versions locked by $(basename "$CONSTRAINTS"))"
+else
+    echo "backdoorbench is installed in venv/ (unlocked: the newest versions pyproject.toml allows)"
+fi
