@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import random
+import re
 from pathlib import Path
 
 import lightning as L
@@ -97,7 +98,7 @@ def test_unreadable_files_name_themselves_and_run_no_code(tmp_path: Path) -> Non
     as_ours = tmp_path / "stage.safetensors"
     as_ours.write_bytes(evil.read_bytes())
     for loader in (load_state_dict, load_tree, SafetensorsCheckpointIO().load_checkpoint):
-        with pytest.raises(CheckpointError, match=str(as_ours)):
+        with pytest.raises(CheckpointError, match=re.escape(str(as_ours))):
             loader(as_ours)
     assert not marker.exists()
 
@@ -109,7 +110,7 @@ def test_trainer_resume_never_unpickles(tmp_path: Path) -> None:
     trainer = make_trainer(TrainConfig(max_epochs=1, accelerator="cpu"))
     assert isinstance(trainer.strategy.checkpoint_io, SafetensorsCheckpointIO)
     loader = DataLoader(TensorDataset(torch.randn(8, 4), torch.randn(8, 1)), batch_size=4)
-    with pytest.raises(CheckpointError, match="evil.ckpt"):
+    with pytest.raises(CheckpointError, match=re.escape(str(evil))):
         trainer.fit(_Tiny(), train_dataloaders=loader, ckpt_path=evil)
     assert not marker.exists()
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -288,8 +289,20 @@ def torch_load_weights(path: str | Path, what: str = "checkpoint", convert_hint:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError, RuntimeError (not a zip/pickle), EOFError, ...
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(
-            f"{what} {path} cannot be loaded safely (torch.load with weights_only=True refused it: {first}); "
+            f"{what} {path} cannot be loaded safely (torch.load with weights_only=True refused it: {_reason(exc)}); "
             f"convert it to safetensors{', ' + convert_hint if convert_hint else ''}, and only if you trust it"
         ) from exc
+
+
+def _reason(exc: Exception) -> str:
+    """The informative part of torch's weights-only refusal (its message is a page long)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if found:
+        return f"it needs {found.group(1)}, which is code, not data"
+    found = re.search(r"Unsupported operand (\d+)", text)
+    if found:
+        return f"not a pickle torch can read (operand {found.group(1)})"
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return (lines[0][:200] if lines else "") or type(exc).__name__
