@@ -256,7 +256,8 @@ def test_stages_checkpoint_and_resume(tmp_path: Path, monkeypatch: pytest.Monkey
     model = first.train(data, tiny_model)
     assert calls == {"ssl": 1, "head": 1, "mixmatch": 1}
     files = sorted(p.name for p in first.work_dir.iterdir())
-    assert files == ["stage1_ssl.ckpt", "stage2_sce.ckpt", "stage2_split.json", "stage3_mixmatch.ckpt"]
+    stages = ["stage1_ssl.safetensors", "stage2_sce.safetensors", "stage2_split.json", "stage3_mixmatch.safetensors"]
+    assert files == stages
     assert len(first.labelled_indices) == 24 and set(first.stage_times) >= {"stage1_ssl", "stage2_sce"}
     split = json.loads((first.work_dir / "stage2_split.json").read_text())
     losses = np.array(split["losses"])
@@ -273,7 +274,7 @@ def test_stages_checkpoint_and_resume(tmp_path: Path, monkeypatch: pytest.Monkey
         assert torch.equal(a, b)
 
     # interrupted after stage 1: stage 1 is loaded, stages 2 and 3 run
-    for name in ("stage2_sce.ckpt", "stage2_split.json", "stage3_mixmatch.ckpt"):
+    for name in ("stage2_sce.safetensors", "stage2_split.json", "stage3_mixmatch.safetensors"):
         (first.work_dir / name).unlink()
     third = DBD(cfg, seed=0)
     third.work_dir = first.work_dir
@@ -296,13 +297,14 @@ def test_an_interrupted_stage_resumes_from_its_last_epoch(tmp_path: Path, monkey
     d.work_dir = tmp_path
     with pytest.raises(RuntimeError, match="power cut"):
         d.train(tiny_images(), tiny_model)
-    assert (tmp_path / "stage1_ssl.partial.ckpt").is_file() and not (tmp_path / "stage1_ssl.ckpt").exists()
+    assert (tmp_path / "stage1_ssl.partial.safetensors").is_file()
+    assert not (tmp_path / "stage1_ssl.safetensors").exists()
     monkeypatch.undo()
     again = DBD(cfg)
     again.work_dir = tmp_path
     again.train(tiny_images(), tiny_model)
     assert again.stage_status["stage1_ssl"] == "resumed" and again.stage_status["stage2_sce"] == "trained"
-    assert (tmp_path / "stage1_ssl.ckpt").is_file() and not list(tmp_path.glob("*.partial.ckpt"))
+    assert (tmp_path / "stage1_ssl.safetensors").is_file() and not list(tmp_path.glob("*.partial.safetensors"))
 
 
 @pytest.mark.parametrize(("variant", "final"), [("ss_ce", "stage2_ce"), ("no_ss", "supervised")])
@@ -310,7 +312,7 @@ def test_ablation_variants(tmp_path: Path, variant: str, final: str) -> None:
     d = DBD(DBDConfig(variant=variant, supervised_epochs=1, **TINY_DBD))
     d.work_dir = tmp_path
     model = d.train(tiny_images(), tiny_model)
-    assert (tmp_path / f"{final}.ckpt").is_file() and not (tmp_path / "stage3_mixmatch.ckpt").exists()
+    assert (tmp_path / f"{final}.safetensors").is_file() and not (tmp_path / "stage3_mixmatch.safetensors").exists()
     assert len(d.labelled_indices) == 48  # trained with every label
     assert model.predict(tiny_images().inputs[:4], 4).shape == (4,)
 
@@ -319,11 +321,11 @@ def test_ssl_checkpoint_is_reused(tmp_path: Path) -> None:
     first = DBD(DBDConfig(variant="ss_sce", **TINY_DBD))
     first.work_dir = tmp_path / "a"
     first.train(tiny_images(), tiny_model)
-    ckpt = tmp_path / "a" / "stage1_ssl.ckpt"
+    ckpt = tmp_path / "a" / "stage1_ssl.safetensors"
     second = DBD(DBDConfig(variant="ss_ce", ssl_checkpoint=str(ckpt), **TINY_DBD))
     second.work_dir = tmp_path / "b"
     second.train(tiny_images(), tiny_model)
-    assert second.stage_status["stage1_ssl"] == "loaded" and not (tmp_path / "b" / "stage1_ssl.ckpt").exists()
+    assert second.stage_status["stage1_ssl"] == "loaded" and not (tmp_path / "b" / "stage1_ssl.safetensors").exists()
 
 
 # -- end to end ------------------------------------------------------------------------------------------
@@ -362,7 +364,7 @@ def test_dbd_through_the_pipeline(tmp_path: Path) -> None:
     assert on_disk["metrics"]["labelled_poisoned_fraction"] == pytest.approx(metrics["labelled_poisoned_fraction"])
     assert (tmp_path / "run" / "dbd_stages.json").is_file()
     work = list((tmp_path / "cache").glob("defense-*"))
-    assert len(work) == 1 and (work[0] / "stage3_mixmatch.ckpt").is_file()
+    assert len(work) == 1 and (work[0] / "stage3_mixmatch.safetensors").is_file()
 
 
 @pytest.mark.skipif(importlib.util.find_spec("solo") is None, reason="solo-learn not installed")

@@ -123,8 +123,13 @@ class ClassifierModule(L.LightningModule):
 
 def make_trainer(cfg: TrainConfig, desc: str = "", callbacks: list[Any] | None = None) -> L.Trainer:
     """The one Trainer recipe (no logger, quiet, deterministic by config); ``callbacks`` (e.g. a
-    ``ModelCheckpoint`` for stages that resume) switch Lightning's checkpointing on."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
+    :class:`~backdoorbench.engine.checkpoint.ResumableCheckpoint` for stages that resume) switch Lightning's
+    checkpointing on. Checkpoints are written and read as safetensors + JSON
+    (:class:`~backdoorbench.engine.checkpoint.SafetensorsCheckpointIO`), never pickled, so
+    ``fit(ckpt_path=...)`` cannot run code from a checkpoint file."""
+    from lightning.pytorch.callbacks import Checkpoint
+
+    from backdoorbench.engine.checkpoint import SafetensorsCheckpointIO
 
     for pattern in (
         ".*does not have many workers.*",
@@ -146,7 +151,8 @@ def make_trainer(cfg: TrainConfig, desc: str = "", callbacks: list[Any] | None =
         deterministic="warn" if cfg.deterministic else False,
         logger=False,
         callbacks=callbacks,
-        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks or []),
+        enable_checkpointing=any(isinstance(c, Checkpoint) for c in callbacks or []),
+        plugins=[SafetensorsCheckpointIO()],
         enable_model_summary=False,
         enable_progress_bar=progress_enabled(),
         num_sanity_val_steps=0,

@@ -15,9 +15,12 @@ shape the feature extractor directly:
 3. **Semi-supervised fine-tuning** (``mixmatch.py``): MixMatch over the whole model (backbone + head),
    with the kept samples as labelled data and the others as unlabelled data.
 
-Each stage is one Lightning fit that writes a checkpoint to the defense's ``work_dir`` (``stage1_ssl.ckpt``,
-``stage2_sce.ckpt`` with ``stage2_split.json``, ``stage3_mixmatch.ckpt``); a finished stage is loaded, not
-retrained, and an interrupted stage resumes from its last finished epoch (``*.partial.ckpt``). The paper's
+Each stage is one Lightning fit that writes its weights to the defense's ``work_dir`` as safetensors
+(``stage1_ssl.safetensors``, ``stage2_sce.safetensors`` with ``stage2_split.json``,
+``stage3_mixmatch.safetensors``); a finished stage is loaded, not retrained, and an interrupted stage resumes
+from its last finished epoch (``*.partial.safetensors``: weights, optimizer, scheduler, loop counters and
+every RNG state, see :mod:`backdoorbench.engine.checkpoint`), exactly as the uninterrupted run. No file is
+ever unpickled: a given ``ssl_checkpoint`` in another format loads with ``torch.load(weights_only=True)``. The paper's
 ablations are ``defense.variant``: ``no_ss`` (supervised CE from scratch: no defense), ``ss_ce`` (frozen SSL
 backbone + linear head with CE), ``ss_sce`` (frozen SSL backbone + SCE head), ``dbd`` (the full defense).
 """
@@ -53,6 +56,13 @@ from backdoorbench.defenses.training.ssl import (
     make_method,
     solo_available,
 )
+from backdoorbench.engine.checkpoint import (
+    CheckpointError,
+    ResumableCheckpoint,
+    load_state_dict,
+    save_state_dict,
+    torch_load_weights,
+)
 from backdoorbench.engine.lit import ClassifierModule, TrainConfig, make_trainer
 from backdoorbench.modality.base import Classifier
 from backdoorbench.modality.vision import VisionClassifier, random_crop_flip, to_float
@@ -64,6 +74,9 @@ VARIANTS = ("dbd", "ss_sce", "ss_ce", "no_ss")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 PRECISIONS = ("32-true", "32", "16-mixed", "bf16-mixed")
 SPLIT_FILE = "stage2_split.json"
+FINAL = ".safetensors"  # <stage>.safetensors: the finished stage's model weights
+PARTIAL = ".partial.safetensors"  # <stage>.partial.safetensors: the running stage's state after its last epoch
+CONVERT_HINT = "as docs/defenses/dbd.md ('Checkpoint files') shows"
 
 
 @dataclass
@@ -78,7 +91,7 @@ class DBDConfig(DefenseConfig):
     # -- stage 1: self-supervised backbone
     ssl: str = "simclr"  # simclr | byol | barlow_twins | vicreg
     ssl_backend: str = "lightly"  # lightly | solo (solo-learn's loss functions)
-    ssl_checkpoint: str | None = None  # a finished stage1_ssl.ckpt to reuse instead of training stage 1
+    ssl_checkpoint: str | None = None  # finished stage-1 weights (stage1_ssl.safetensors) instead of training stage 1
     ssl_epochs: int = 40
     ssl_batch_size: int = 256
     ssl_lr: float = 0.2  # SGD, momentum 0.9, cosine decay to 0 (reference: 0.4 at batch 512)
@@ -338,52 +351,47 @@ class DBD(TrainingDefense):
         d.mkdir(parents=True, exist_ok=True)
         return d
 
-    def _trainer(self, stage: str, epochs: int) -> tuple[L.Trainer, Path | None]:
-        """A Trainer as :func:`~backdoorbench.engine.lit.make_trainer` builds one, plus a per-epoch checkpoint
-        of the stage (``<stage>.partial.ckpt``) so that an interrupted stage resumes; returns it and the
-        partial checkpoint to resume from, if any."""
-        from lightning.pytorch.callbacks import ModelCheckpoint
-
-        partial = self._dir() / f"{stage}.partial.ckpt"
-        ckpt = ModelCheckpoint(
-            dirpath=self._dir(),
-            filename=f"{stage}.partial",
-            save_top_k=1,
-            every_n_epochs=1,
-            enable_version_counter=False,
-        )
-        cfg = TrainConfig(
-            max_epochs=epochs, accelerator=self.cfg.accelerator, precision=self.cfg.precision, grad_clip=0.0
-        )
-        trainer = make_trainer(cfg, stage, callbacks=[ckpt, _EpochLog(stage)])
-        return trainer, partial if partial.is_file() else None
-
     def _fit_stage(self, stage: str, module: L.LightningModule, loaders: Any, epochs: int) -> None:
-        """Fit ``module`` (resuming from the stage's partial checkpoint), save ``<stage>.ckpt``, drop the partial."""
+        """Fit ``module`` with a per-epoch resumable checkpoint (``<stage>.partial.safetensors``), resuming
+        from it when an earlier run was interrupted; then save the model's weights as
+        ``<stage>.safetensors`` and drop the partial checkpoint."""
         L.seed_everything(self.seed, workers=True, verbose=False)
-        trainer, resume = self._trainer(stage, epochs)
+        partial = self._dir() / f"{stage}{PARTIAL}"
+        resume = partial if partial.is_file() else None
         if resume is not None:
             log.info("DBD %s: resuming from %s", stage, resume)
             self.stage_status[stage] = "resumed"
         else:
             self.stage_status[stage] = "trained"
+        cfg = TrainConfig(
+            max_epochs=epochs, accelerator=self.cfg.accelerator, precision=self.cfg.precision, grad_clip=0.0
+        )
+        trainer = make_trainer(cfg, stage, callbacks=[_EpochLog(stage), ResumableCheckpoint(partial, loaders)])
         module.train()
-        trainer.fit(module, train_dataloaders=loaders, ckpt_path=str(resume) if resume else None)
-        final = self._dir() / f"{stage}.ckpt"
-        trainer.save_checkpoint(str(final) + ".tmp", weights_only=True)
-        Path(str(final) + ".tmp").replace(final)
-        if resume is not None or (self._dir() / f"{stage}.partial.ckpt").exists():
-            (self._dir() / f"{stage}.partial.ckpt").unlink(missing_ok=True)
+        trainer.fit(module, train_dataloaders=loaders, ckpt_path=resume)
+        save_state_dict(self._dir() / f"{stage}{FINAL}", module.model.state_dict(), {"stage": stage})
+        partial.unlink(missing_ok=True)
 
     @staticmethod
     def _load_model_state(model: VisionClassifier, path: Path, what: str) -> None:
-        """Load the ``model.*`` weights of a stage checkpoint (a Lightning checkpoint of a module whose
-        ``model`` attribute is the classifier)."""
-        state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
-        sub = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
-        missing, unexpected = model.load_state_dict(sub, strict=False)
+        """Load model weights from a safetensors file (ours: the model's ``state_dict``), or from a
+        ``.ckpt``/``.pt`` file that ``torch.load(weights_only=True)`` accepts (a Lightning checkpoint's
+        ``model.*`` entries, or a plain state dict); never unpickles anything else."""
+        if path.suffix == ".safetensors":
+            state = load_state_dict(path)
+        else:
+            obj = torch_load_weights(path, what, CONVERT_HINT)
+            state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+            if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+                raise CheckpointError(f"{what} {path} holds no state dict of tensors; convert it {CONVERT_HINT}")
+        if any(k.startswith("model.") for k in state):  # a Lightning module's state: keep the classifier's
+            state = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
+        missing, unexpected = model.load_state_dict(state, strict=False)
         if unexpected or [k for k in missing if not k.startswith(("mean", "std"))]:
-            raise RuntimeError(f"DBD: {what} checkpoint {path} does not fit this model ({missing=}, {unexpected=})")
+            raise CheckpointError(
+                f"{what} {path} does not fit this model (missing {missing[:5]}, unexpected {unexpected[:5]}); "
+                "delete it to recompute it"
+            )
 
     def _timed(self, stage: str, fn: Callable[[], Any]) -> Any:
         t0 = time.perf_counter()
@@ -520,7 +528,7 @@ class DBD(TrainingDefense):
 
         final_stage = {"dbd": "stage3_mixmatch", "ss_sce": "stage2_sce", "ss_ce": "stage2_ce"}[cfg.variant]
         split = self._load_split(n) if cfg.variant == "dbd" else None
-        if (work / f"{final_stage}.ckpt").is_file() and (cfg.variant != "dbd" or split is not None):
+        if (work / f"{final_stage}{FINAL}").is_file() and (cfg.variant != "dbd" or split is not None):
             # the last stage is finished: its weights are the answer
             self._run_or_load(final_stage, model, lambda: None)
             self.labelled_indices = split if split is not None else all_idx
@@ -558,7 +566,7 @@ class DBD(TrainingDefense):
         return self._finish(model)
 
     def _run_or_load(self, stage: str, model: VisionClassifier, run: Callable[[], None]) -> None:
-        ckpt = self._dir() / f"{stage}.ckpt"
+        ckpt = self._dir() / f"{stage}{FINAL}"
         if ckpt.is_file():
             self.stage_status[stage] = "loaded"
             self._timed(stage, lambda: self._load_model_state(model, ckpt, stage))
@@ -603,7 +611,10 @@ class DBD(TrainingDefense):
         }
         if self.run_dir is not None:
             Path(self.run_dir).mkdir(parents=True, exist_ok=True)
-            (Path(self.run_dir) / "dbd_stages.json").write_text(json.dumps(summary, indent=2))
+            path = Path(self.run_dir) / "dbd_stages.json"
+            tmp = path.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(summary, indent=2))
+            tmp.replace(path)
         log.info(
             "DBD done: %s",
             ", ".join(f"{k} {v:.1f}s ({self.stage_status.get(k, '-')})" for k, v in self.stage_times.items()),

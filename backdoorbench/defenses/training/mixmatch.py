@@ -116,5 +116,12 @@ class MixMatchModule(L.LightningModule):
         )
         return loss
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # the mixing RNG (λ and the permutation), so that a resumed run mixes as the uninterrupted one
+        checkpoint["mixmatch_rng"] = self.rng.bit_generator.state
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.rng.bit_generator.state = checkpoint["mixmatch_rng"]
+
     def configure_optimizers(self) -> Any:
         return torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad], lr=self.lr)
