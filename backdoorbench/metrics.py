@@ -52,10 +52,16 @@ def auroc(clean_scores: np.ndarray, poison_scores: np.ndarray) -> float:
     return float(roc_auc_score(y, np.concatenate([c, p])))
 
 
-def threshold_at(calibration_scores: np.ndarray, frr: float) -> float:
-    from backdoorbench.defenses.base import quantile_threshold
+def quantile_threshold(calibration_scores: np.ndarray, frr: float) -> float:
+    """The (1 − frr) quantile of clean calibration scores: about ``frr`` of clean inputs score above it."""
+    scores = np.asarray(calibration_scores, dtype=np.float64)
+    if scores.size == 0 or not np.all(np.isfinite(scores)):
+        raise ValueError("calibration scores must be a non-empty array of finite numbers")
+    return float(np.quantile(scores, 1.0 - frr, method="higher"))
 
-    return quantile_threshold(calibration_scores, frr)
+
+#: the threshold at a target FRR (the name the detection metrics use)
+threshold_at = quantile_threshold
 
 
 def rates_at(threshold: float, clean_scores: np.ndarray, poison_scores: np.ndarray) -> tuple[float, float]:

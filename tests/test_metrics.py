@@ -7,7 +7,6 @@ import math
 import numpy as np
 import pytest
 
-from backdoorbench.defenses.base import quantile_threshold
 from backdoorbench.metrics import (
     FRR_GRID,
     accuracy,
@@ -15,6 +14,7 @@ from backdoorbench.metrics import (
     auroc,
     der,
     detection_metrics,
+    quantile_threshold,
     rates_at,
     robust_accuracy,
     threshold_at,

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from backdoorbench.data.base import Samples
+from backdoorbench.metrics import quantile_threshold
 from backdoorbench.modality.base import Classifier
 
 DEFENSE_KINDS = ("detector", "training", "repair", "none")
@@ -91,14 +92,6 @@ class Defense(ABC):  # noqa: B024 - the three kinds below declare the abstract m
 
     def rng(self, salt: int = 0) -> np.random.Generator:
         return np.random.default_rng([self.seed, 104729, salt])
-
-
-def quantile_threshold(calibration_scores: np.ndarray, frr: float) -> float:
-    """The (1 − frr) quantile of clean calibration scores: about ``frr`` of clean inputs score above it."""
-    scores = np.asarray(calibration_scores, dtype=np.float64)
-    if scores.size == 0 or not np.all(np.isfinite(scores)):
-        raise ValueError("calibration scores must be a non-empty array of finite numbers")
-    return float(np.quantile(scores, 1.0 - frr, method="higher"))
 
 
 class Detector(Defense):
