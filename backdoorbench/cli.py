@@ -4,6 +4,10 @@
 trainer); override anything with ``key=value``, sweep with ``--multirun a=x,y``. Each run writes its
 resolved config, library versions, ``results.json``, ``scores.csv`` and figures into its own run
 directory, printed at the end.
+
+Exit status: 0 on success; 2 for an expected failure (a :class:`~backdoorbench.errors.UserError`, a missing
+file, a Hydra config error), printed as one ``error: ...`` line; 1 for anything else, printed as one line
+naming the log file that keeps the traceback (``<run dir>/error.log``).
 """
 
 from __future__ import annotations
