@@ -4,19 +4,30 @@
 trainer); override anything with ``key=value``, sweep with ``--multirun a=x,y``. Each run writes its
 resolved config, library versions, ``results.json``, ``scores.csv`` and figures into its own run
 directory, printed at the end.
+
+Exit status: 0 on success; 2 for an expected failure (a :class:`~backdoorbench.errors.UserError`, a missing
+file, a Hydra config error), printed as one ``error: ...`` line; 1 for anything else, printed as one line
+naming the log file that keeps the traceback (``<run dir>/error.log``).
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import os
+import re
 import sys
+import tempfile
+import traceback
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from backdoorbench.registry import KINDS, REGISTRY, UnknownNameError
+from backdoorbench.errors import UserError
+from backdoorbench.registry import KINDS, REGISTRY
+
+log = logging.getLogger(__name__)
 
 GROUP_OF_KIND = {"attack": "attack", "defense": "defense", "dataset": "data", "model": "model"}
 USAGE = """usage: python -m backdoorbench COMMAND [ARGS]
@@ -82,9 +93,9 @@ def register_plugin_configs(cdir: Path) -> None:
 def cmd_run(args: list[str]) -> int:
     import hydra
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
     from omegaconf import DictConfig
 
-    from backdoorbench.config import ConfigError
     from backdoorbench.engine.rundir import register_resolvers
 
     cdir = config_dir()
@@ -93,21 +104,108 @@ def cmd_run(args: list[str]) -> int:
     register_plugin_configs(cdir)
     sys.argv = [sys.argv[0], *rewrite_model_override(args, cdir)]
 
+    failures: list[BaseException] = []
+
     @hydra.main(version_base="1.3", config_path=str(cdir), config_name="config")
     def _main(cfg: DictConfig) -> None:
         from backdoorbench.engine.pipeline import run_experiment
         from backdoorbench.report import print_run_summary
 
-        out_dir = HydraConfig.get().runtime.output_dir
+        hc = HydraConfig.get()
+        out_dir = Path(hc.runtime.output_dir)
         try:
             results = run_experiment(cfg, out_dir)
-        except (ConfigError, UnknownNameError, FileNotFoundError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            raise SystemExit(2) from None
+        except Exception as exc:  # kept for main() to report; a sweep goes on with its next job
+            record_failure(exc, out_dir)
+            failures.append(exc)
+            if hc.mode == RunMode.MULTIRUN:
+                log.error("job %s (%s) failed: %s", hc.job.num, " ".join(hc.overrides.task), failure_line(exc))
+            return
         print_run_summary(results)
 
-    _main()
+    # Hydra's own errors (override syntax, unknown group option or key) are re-raised, not printed with a
+    # traceback and status 1: main() reports them like every other expected failure
+    previous = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        _main()
+    finally:
+        if previous is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = previous
+    if failures:
+        if len(failures) > 1:
+            log.error("%d jobs of the sweep failed (see the lines above); the first:", len(failures))
+        raise failures[0]
     return 0
+
+
+# -- one error path ------------------------------------------------------------------------------
+def is_expected(exc: BaseException) -> bool:
+    """Failures the user can fix: :class:`UserError` (config, data, model), a missing file, and Hydra's own
+    config errors (bad override syntax, unknown config group option, unknown key)."""
+    from hydra.errors import HydraException
+
+    return isinstance(exc, (UserError, FileNotFoundError, HydraException))
+
+
+def failure_line(exc: BaseException) -> str:
+    """The exception's message on one line (Hydra's multi-line messages folded)."""
+    from hydra.errors import HydraException
+
+    text = str(exc)
+    if isinstance(exc, HydraException):
+        if exc.__cause__ is not None and str(exc.__cause__) not in text:
+            text += "\n" + str(exc.__cause__)
+        text = text.split("Config search path")[0]
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    lines = [ln for ln in lines if not ln.startswith(("full_key:", "object_type=", "reference_type=", "See https"))]
+    if any(ln.startswith("Available options in") for ln in lines):  # Hydra's unknown group option
+        head = [ln for ln in lines if not ln.startswith("Available options in")]
+        at = next(i for i, ln in enumerate(lines) if ln.startswith("Available options in"))
+        options = lines[at + 1 :]
+        group = lines[at][len("Available options in ") :].rstrip(":")
+        wanted = re.search(r"Could not find '[^/']*/([^']*)'", text)
+        close = difflib.get_close_matches(wanted.group(1), options, n=1) if wanted else []
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        return f"{' '.join(head[: at])}.{hint} Available options in {group}: {', '.join(options)}"
+    line = " ".join(lines) or type(exc).__name__
+    return line
+
+
+def record_failure(exc: BaseException, where: Path | None = None) -> None:
+    """Keep the traceback of an unexpected failure in ``<where>/error.log`` (a temporary file without a run
+    directory) and remember the path on the exception; expected failures need no traceback."""
+    if is_expected(exc) or getattr(exc, "error_log", None):
+        return
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        if where is None:
+            raise OSError
+        where.mkdir(parents=True, exist_ok=True)
+        path = where / "error.log"
+        path.write_text(text)
+    except OSError:
+        fd, name = tempfile.mkstemp(prefix="backdoorbench-error-", suffix=".log")
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        path = Path(name)
+    try:
+        exc.error_log = str(path)  # type: ignore[attr-defined]
+    except AttributeError:  # exceptions with __slots__
+        pass
+
+
+def report_failure(exc: BaseException) -> int:
+    """Print one line for a failure; 2 for expected ones, 1 (traceback kept in a log file) otherwise."""
+    if is_expected(exc):
+        print(f"error: {failure_line(exc)}", file=sys.stderr)
+        return 2
+    record_failure(exc)
+    where = getattr(exc, "error_log", None) or "(could not be written)"
+    print(f"error: unexpected {type(exc).__name__}: {failure_line(exc)} (full traceback in {where})", file=sys.stderr)
+    return 1
 
 
 def cmd_list(argv: list[str]) -> int:
@@ -167,9 +265,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_list(rest)
         if cmd == "report":
             return cmd_report(rest)
-    except UnknownNameError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except Exception as exc:  # the one error path: one line, status 2 (expected) or 1 (traceback in a file)
+        return report_failure(exc)
     print(f"error: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

@@ -9,18 +9,22 @@ value and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import logging
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from backdoorbench.errors import UserError
 from backdoorbench.registry import Entry
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A bad configuration value; the message says what is allowed."""
 
 
@@ -70,10 +74,52 @@ def to_dataclass(schema: type[T], node: Any, where: str) -> T:
         raise ConfigError(str(exc)) from None
 
 
-def component_config(entry: Entry, node: Any, where: str) -> Any:
+def component_config(entry: Entry, node: Any, where: str, forced: Collection[str] = ()) -> Any:
+    """``node`` merged into the component's dataclass.
+
+    ``forced``: keys of this group given with ``++`` on the command line. Such a key that this component
+    does not declare but another registered component of its kind does (``++defense.num_copies=10`` in a
+    sweep over ``defense=dan,strip``) is dropped with a warning naming the key and the component; every
+    other unknown key is an error.
+    """
     if entry.config is None:
         return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+    if forced and dataclasses.is_dataclass(entry.config):
+        own = {f.name for f in dataclasses.fields(entry.config)}
+        drop = [k for k in forced if k not in own and k in _declared_by_others(entry)]
+        if drop:
+            if isinstance(node, DictConfig):
+                node = OmegaConf.to_container(node, resolve=True)
+            node = {k: v for k, v in dict(node or {}).items() if k not in drop}
+            for k in drop:
+                log.warning("%s %r has no key %r: ignoring ++%s.%s for this run", entry.kind, entry.name, k, where, k)
     return to_dataclass(entry.config, node, where)
+
+
+def _declared_by_others(entry: Entry) -> set[str]:
+    from backdoorbench.registry import REGISTRY
+
+    keys: set[str] = set()
+    for other in REGISTRY.entries(entry.kind):
+        if other.name != entry.name and other.config is not None and dataclasses.is_dataclass(other.config):
+            keys.update(f.name for f in dataclasses.fields(other.config))
+    return keys
+
+
+def forced_keys() -> dict[str, set[str]]:
+    """Per config group, the top-level keys the running Hydra job's command line forces in with ``++``
+    (``++defense.num_copies=10`` → ``{"defense": {"num_copies"}}``); empty outside a Hydra job."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if not HydraConfig.initialized():
+        return {}
+    out: dict[str, set[str]] = {}
+    for o in OverridesParser.create().parse_overrides(list(HydraConfig.get().overrides.task)):
+        group, _, key = o.key_or_group.partition(".")
+        if o.is_force_add() and key:
+            out.setdefault(group, set()).add(key.split(".")[0])
+    return out
 
 
 def _first_line(exc: BaseException) -> str:

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any, TypeVar
 
+from backdoorbench.errors import UserError
+
 log = logging.getLogger(__name__)
 
 KINDS = ("attack", "defense", "dataset", "model")
@@ -30,7 +32,7 @@ ENTRY_POINT_GROUP = "backdoorbench.plugins"
 T = TypeVar("T")
 
 
-class UnknownNameError(KeyError):
+class UnknownNameError(UserError, KeyError):
     """Raised for an unregistered name; the message lists the valid ones."""
 
     def __str__(self) -> str:  # KeyError quotes its message otherwise

@@ -230,7 +230,8 @@ def test_dan_layer_selection_and_errors() -> None:
     assert det.gaussians[0].means.shape == (2, 2)
     with pytest.raises(ConfigError, match="out of range"):
         DAN(DANConfig(covariance="empirical", layers=[5]), seed=0).fit(FakeClassifier(), clean)
-    with pytest.raises(ConfigError, match="at least 4 clean samples"):
+    with pytest.raises(ConfigError, match="DAN got 4 clean samples but needs at least 8 .*defense.clean_size.*"
+                                          "data.holdout_size"):
         DAN(DANConfig(covariance="empirical"), seed=0).fit(FakeClassifier(), make_clean(4))
     small = DAN(DANConfig(covariance="shrunk"), seed=0).fit(FakeClassifier(), make_clean(10))
     assert len(small.calibration_scores) == 2  # 8 samples for the Gaussians, 2 for the normaliser

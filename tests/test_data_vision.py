@@ -25,6 +25,7 @@ from PIL import Image
 from backdoorbench import assets
 from backdoorbench.data import vision as V
 from backdoorbench.data.base import DatasetBundle
+from backdoorbench.errors import DataError
 from backdoorbench.modality.vision import image_spec
 from backdoorbench.registry import REGISTRY
 
@@ -238,7 +239,7 @@ def test_cifar10_refuses_code_in_pickles(tmp_path: Path) -> None:
     _write_cifar(tmp_path)
     with open(tmp_path / "data_batch_3", "wb") as fh:
         pickle.dump({"data": _Evil(), "labels": [0]}, fh)
-    with pytest.raises(pickle.UnpicklingError, match="refusing to load"):
+    with pytest.raises(DataError, match="data_batch_3 is not a valid CIFAR-10 batch .*: refusing to load"):
         V.load_cifar10(str(tmp_path))
 
 

@@ -120,8 +120,9 @@ def test_unknown_name_lists_valid_names_and_suggests_a_close_match() -> None:
 
 
 # -- the model resolver ----------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["bert-base-uncased", "prajjwal1/bert-tiny", "/some/local/path"])
-def test_any_hf_name_or_path_resolves_to_the_generic_hf_model(name: str) -> None:
+@pytest.mark.parametrize("name", ["bert-base-uncased", "prajjwal1/bert-tiny", "<an existing folder>"])
+def test_any_hf_name_or_path_resolves_to_the_generic_hf_model(name: str, tmp_path) -> None:
+    name = str(tmp_path) if name.startswith("<") else name  # a path that does not exist is an error (test_errors)
     e = REGISTRY.get("model", name)
     assert e.kind == "model" and e.name == name
     assert e.obj is create_hf and e.config is TextModelConfig

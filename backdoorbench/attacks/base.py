@@ -23,6 +23,7 @@ import torch
 from backdoorbench.data.base import Samples
 from backdoorbench.data.poisoned import PoisonedDataset
 from backdoorbench.engine.lit import TrainConfig
+from backdoorbench.errors import DataError
 from backdoorbench.modality.base import Classifier
 
 SETTINGS = ("afm", "apmf")
@@ -95,9 +96,23 @@ class Attack(ABC):
 
         Returns the triggered samples (with their *true* labels) and their indices in ``test``.
         """
-        idx = np.flatnonzero(test.labels != self.target)
+        idx = self.non_target_indices(test)
         base = test.subset(idx)
         return Samples(self.apply_trigger(base.inputs, self.rng(7919)), base.labels, base.modality), idx
+
+    def non_target_indices(self, test: Samples) -> np.ndarray:
+        """Indices of the test samples whose label is not the target; a :class:`DataError` when there are none
+        (the attack success rate is measured on them)."""
+        idx = np.flatnonzero(test.labels != self.target)
+        if len(test) == 0:
+            raise DataError("the test split is empty: no samples to measure the attack success rate on")
+        if len(idx) == 0:
+            raise DataError(
+                f"no non-target test samples to measure the attack success rate on: all {len(test)} test samples "
+                f"are labelled {self.target}, the attack's target (attack.target); check the dataset's labels "
+                "or choose another attack.target"
+            )
+        return idx
 
     def poison(self, samples: Samples, rate: float, rng: np.random.Generator) -> PoisonedDataset:
         """Dirty-label data poisoning: trigger ``rate`` of the samples and relabel them to the target."""

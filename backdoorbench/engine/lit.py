@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +20,21 @@ from backdoorbench.modality.base import Classifier
 from backdoorbench.progress import progress_enabled
 
 log = logging.getLogger(__name__)
+
+
+PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true", "32", "16", "bf16", "64")
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+
+
+def accelerator_problem(accelerator: str) -> str | None:
+    """Why ``accelerator`` cannot run on this machine, or ``None`` when it can."""
+    if accelerator not in ACCELERATORS:
+        return f"accelerator must be one of {', '.join(ACCELERATORS)}, got {accelerator!r}"
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        return f"accelerator={accelerator}: no GPU visible (torch.cuda.is_available() is False); use cpu or auto"
+    if accelerator == "mps" and not torch.backends.mps.is_available():
+        return "accelerator=mps: no Apple MPS device visible; use accelerator=cpu or auto"
+    return None
 
 
 @dataclass
@@ -47,10 +63,14 @@ class TrainConfig:
             (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
             (self.optimizer in ("adamw", "sgd"), "optimizer must be adamw or sgd"),
             (self.grad_clip >= 0, "grad_clip must be >= 0 (0 disables clipping)"),
+            (self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"),
         ]
         for ok, msg in checks:
             if not ok:
                 raise ValueError(f"trainer: {msg}")
+        problem = accelerator_problem(self.accelerator)
+        if problem:
+            raise ValueError(f"trainer: {problem}")
 
 
 class SamplesDataset(Dataset):
@@ -121,15 +141,67 @@ class ClassifierModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    return f"{h}h{rest // 60:02d}m" if h else f"{rest // 60}m{rest % 60:02d}s"
+
+
+class EpochLog(L.Callback):
+    """One INFO line per finished epoch: stage, epoch i/n, mean training loss, elapsed time and ETA.
+
+    ``make_trainer`` adds it when progress bars are off (output redirected, ``BACKDOORBENCH_PROGRESS=0``), so
+    that a long stage in a cluster job's log still shows it is alive and how long it will take.
+    """
+
+    def __init__(self, desc: str = "train") -> None:
+        self.desc = desc or "train"
+        self.t0 = 0.0
+        self.loss_sum = 0.0
+        self.loss_n = 0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.t0 = time.perf_counter()
+        self.start_epoch = trainer.current_epoch  # a resumed stage counts its ETA from where it resumed
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.loss_sum, self.loss_n = 0.0, 0
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+            self.loss_sum += float(loss.detach())
+            self.loss_n += 1
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        done, total = trainer.current_epoch + 1, trainer.max_epochs or 0
+        if trainer.max_steps and trainer.max_steps > 0:  # max_steps may end training before max_epochs
+            per_epoch = max(trainer.global_step // max(done, 1), 1)
+            total = min(total or done, -(-trainer.max_steps // per_epoch))
+        elapsed = time.perf_counter() - self.t0
+        ran = done - self.start_epoch
+        eta = elapsed / max(ran, 1) * max(total - done, 0)
+        loss = f"train loss {self.loss_sum / self.loss_n:.4f}" if self.loss_n else "train loss n/a"
+        log.info("%s: epoch %d/%d, %s, %s elapsed, ETA %s", self.desc, done, total, loss, _duration(elapsed),
+                 _duration(eta))
+
+
 def make_trainer(cfg: TrainConfig, desc: str = "", callbacks: list[Any] | None = None) -> L.Trainer:
     """The one Trainer recipe (no logger, quiet, deterministic by config); ``callbacks`` (e.g. a
     :class:`~backdoorbench.engine.checkpoint.ResumableCheckpoint` for stages that resume) switch Lightning's
     checkpointing on. Checkpoints are written and read as safetensors + JSON
     (:class:`~backdoorbench.engine.checkpoint.SafetensorsCheckpointIO`), never pickled, so
-    ``fit(ckpt_path=...)`` cannot run code from a checkpoint file."""
+    ``fit(ckpt_path=...)`` cannot run code from a checkpoint file. Without progress bars an :class:`EpochLog`
+    logs one line per epoch."""
     from lightning.pytorch.callbacks import Checkpoint
 
     from backdoorbench.engine.checkpoint import SafetensorsCheckpointIO
+
+    callbacks = list(callbacks or [])
+    if not progress_enabled():
+        callbacks.append(EpochLog(desc))
 
     for pattern in (
         ".*does not have many workers.*",
@@ -151,7 +223,7 @@ def make_trainer(cfg: TrainConfig, desc: str = "", callbacks: list[Any] | None =
         deterministic="warn" if cfg.deterministic else False,
         logger=False,
         callbacks=callbacks,
-        enable_checkpointing=any(isinstance(c, Checkpoint) for c in callbacks or []),
+        enable_checkpointing=any(isinstance(c, Checkpoint) for c in callbacks),
         plugins=[SafetensorsCheckpointIO()],
         enable_model_summary=False,
         enable_progress_bar=progress_enabled(),

@@ -79,6 +79,15 @@ def validate(cfg: DictConfig) -> RunSpec:
     model = REGISTRY.get("model", str(cfg.model.name))
     modality = dataset.modality[0]
     for entry in (attack, defense, model):
+        if entry.kind == "model" and entry.modality == ("text",) and modality != "text" and entry.name not in (
+            REGISTRY.names("model")
+        ):  # an unregistered name, claimed by the HF resolver: for this dataset it is simply unknown
+            raise ConfigError(
+                f"unknown model {entry.name!r} for the {modality} dataset {dataset.name!r} (a name that is not "
+                f"registered loads a HuggingFace text model). Valid {modality} models: "
+                + ", ".join([e.name for e in REGISTRY.entries("model") if e.supports(modality)]
+                            + [p for p in REGISTRY.patterns("model") if p.startswith("timm")])
+            )
         if not entry.supports(modality):
             raise ConfigError(
                 f"{entry.kind} {entry.name!r} supports {'/'.join(entry.modality)} only, but the dataset "
@@ -91,19 +100,22 @@ def validate(cfg: DictConfig) -> RunSpec:
     threads = cfg.get("threads")
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise ConfigError(f"threads must be a positive integer or null, got {threads!r}")
+    from backdoorbench.config import forced_keys
+
     cache = cfg.get("cache") or {}
     for flag in ("enabled", "verify", "rebuild"):
         if not isinstance(cache.get(flag, True), bool):
             raise ConfigError(f"cache.{flag} must be true or false, got {cache.get(flag)!r}")
+    forced = forced_keys()  # ++group.key overrides: dropped, with a warning, by components without that key
     return RunSpec(
         attack=attack,
         defense=defense,
         dataset=dataset,
         model=model,
-        attack_cfg=component_config(attack, cfg.attack, "attack"),
-        defense_cfg=component_config(defense, cfg.defense, "defense"),
+        attack_cfg=component_config(attack, cfg.attack, "attack", forced.get("attack", ())),
+        defense_cfg=component_config(defense, cfg.defense, "defense", forced.get("defense", ())),
         data_cfg=to_dataclass(DataConfig, cfg.data, "data"),
-        model_cfg=component_config(model, cfg.model, "model"),
+        model_cfg=component_config(model, cfg.model, "model", forced.get("model", ())),
         trainer_cfg=to_dataclass(TrainConfig, cfg.trainer, "trainer"),
         seed=seed,
         modality=modality,

@@ -6,6 +6,7 @@ package, offline) and, through a resolver, any HF model name or local path.
 
 from __future__ import annotations
 
+import difflib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from backdoorbench.errors import ModelError
 from backdoorbench.modality.base import Batch, Classifier
 from backdoorbench.registry import REGISTRY, Entry, register_model
 
@@ -88,7 +90,11 @@ def minilm_path() -> Path:
 
 
 def load_hf_classifier(name_or_path: str, num_classes: int, max_length: int = 64) -> TextClassifier:
-    """Load any HF sequence-classification model (fresh head when the checkpoint has none)."""
+    """Load any HF sequence-classification model (fresh head when the checkpoint has none).
+
+    Raises :class:`ModelError` for a path that does not exist, a folder without ``config.json`` and a
+    ``max_length`` beyond the model's position embeddings."""
+    check_model_path(name_or_path)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -108,9 +114,45 @@ def load_hf_classifier(name_or_path: str, num_classes: int, max_length: int = 64
             ) from exc
     finally:
         hf_logging.set_verbosity(verbosity)
+    limit = max_positions(hf)
+    if limit is not None and max_length > limit:
+        raise ModelError(
+            f"model.max_length={max_length} is more than the model {name_or_path} takes: it has {limit} token "
+            f"positions (max_position_embeddings); set model.max_length={limit} or less"
+        )
     model = TextClassifier(hf, tokenizer, max_length)
     model.source = str(name_or_path)
     return model
+
+
+def looks_like_path(name: str) -> bool:
+    """A name written as a file-system path (``/…``, ``./…``, ``../…``, ``~…``), never a hub id."""
+    return name.startswith(("/", "./", "../", "~")) or name in (".", "..")
+
+
+def check_model_path(name_or_path: str) -> None:
+    """Refuse a path-like name that does not exist and a folder that holds no HF model."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(
+                f"model folder {path} holds no model (no config.json); give a folder written by "
+                "save_pretrained (config.json, weights and tokenizer files)"
+            )
+    elif path.exists():
+        raise ModelError(f"model path {path} is a file; give the folder that holds config.json and the weights")
+    elif looks_like_path(name_or_path):
+        raise ModelError(f"model path {name_or_path} does not exist")
+
+
+def max_positions(hf: nn.Module) -> int | None:
+    """How many tokens the model's position embeddings take (RoBERTa-style models reserve ``padding_idx + 1``
+    of them); ``None`` for models without absolute positions."""
+    limit = getattr(hf.config, "max_position_embeddings", None)
+    if not isinstance(limit, int) or limit <= 0:
+        return None
+    pad = getattr(getattr(getattr(hf, "base_model", None), "embeddings", None), "padding_idx", None)
+    return limit - (pad + 1) if isinstance(pad, int) and 0 <= pad < limit else limit
 
 
 @register_model(
@@ -129,8 +171,22 @@ def create_hf(cfg: TextModelConfig, num_classes: int) -> TextClassifier:
 
 
 def _resolve_hf(name: str) -> Entry | None:
-    if ":" in name.split("/")[0] and not Path(name).exists():  # "timm:..." and other prefixes
+    """Any name that is not registered is an HF model: a local folder or a hub id (``org/name`` or a
+    bare legacy name such as ``bert-base-uncased``). Not claimed: prefixed names (``timm:…``) and
+    near-misses of registered names (``resnet19``), which then fail as unknown with a suggestion; a
+    path that does not exist fails here."""
+    if Path(name).expanduser().exists():
+        return _hf_entry(name)
+    if looks_like_path(name):
+        raise ModelError(f"model path {name} does not exist")
+    if ":" in name.split("/")[0]:  # "timm:..." and other prefixes
         return None
+    if "/" not in name and difflib.get_close_matches(name, REGISTRY.names("model"), n=1, cutoff=0.8):
+        return None
+    return _hf_entry(name)
+
+
+def _hf_entry(name: str) -> Entry:
     return Entry(
         "model",
         name,

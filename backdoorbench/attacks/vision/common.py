@@ -182,7 +182,7 @@ class VisionAttack(Attack):
 
     def triggered_test(self, test: Samples) -> tuple[Samples, np.ndarray]:
         """Test-time triggered copies of the non-target test samples (true labels kept), for ASR."""
-        idx = np.flatnonzero(test.labels != self.target)
+        idx = self.non_target_indices(test)
         base = test.subset(idx)
         return Samples(self.apply_test_trigger(base.inputs, self.rng(7919)), base.labels, base.modality), idx
 

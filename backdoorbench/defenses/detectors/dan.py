@@ -60,6 +60,12 @@ class DANConfig(DetectorConfig):
             raise ValueError(f"defense.fit_fraction must be in (0, 1), got {self.fit_fraction}")
         if self.aggregation not in AGGREGATIONS:
             raise ValueError(f"defense.aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
+        need = min_clean_samples(self.fit_fraction)
+        if self.clean_fraction is None and self.clean_size < need:  # refused before the victim is trained
+            raise ValueError(
+                f"defense.clean_size={self.clean_size}: DAN needs at least {need} clean samples with "
+                f"defense.fit_fraction={self.fit_fraction:g} (2 to fit the class Gaussians, 2 to normalise)"
+            )
 
 
 def covariance_estimator(kind: str, shrinkage: float = 0.1) -> Any:
@@ -106,6 +112,14 @@ class LayerGaussian:
 def aggregate(normalised: torch.Tensor, how: str = "max") -> torch.Tensor:
     """Combine per-layer normalised distances ``[N, L]`` into one score ``[N]``."""
     return normalised.max(dim=1).values if how == "max" else normalised.mean(dim=1)
+
+
+def min_clean_samples(fit_fraction: float) -> int:
+    """The fewest clean samples DAN can split into >= 2 for the Gaussians and >= 2 for the normaliser."""
+    n = 4
+    while not (2 <= round(fit_fraction * n) <= n - 2):
+        n += 1
+    return n
 
 
 @register_defense(
@@ -160,7 +174,13 @@ class DAN(Detector):
         perm = self.rng(2).permutation(n)
         n_fit = int(round(self.cfg.fit_fraction * n))
         if n_fit < 2 or n - n_fit < 2:
-            raise ConfigError(f"DAN needs at least 4 clean samples, got {n}")
+            need = min_clean_samples(self.cfg.fit_fraction)
+            raise ConfigError(
+                f"DAN got {n} clean samples but needs at least {need} with defense.fit_fraction="
+                f"{self.cfg.fit_fraction:g} (2 to fit the class Gaussians, 2 to normalise the scores); give it more "
+                "with defense.clean_size (or defense.clean_fraction), and data.holdout_size, the defender's reserve "
+                "they are drawn from"
+            )
         gauss_part, norm_part = clean.subset(np.sort(perm[:n_fit])), clean.subset(np.sort(perm[n_fit:]))
         _, feats = self.features(gauss_part.inputs, desc="DAN: clean features")
         self.gaussians = [

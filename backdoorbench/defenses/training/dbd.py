@@ -287,26 +287,6 @@ def _loader(
     )
 
 
-class _EpochLog(L.Callback):
-    """One log line per epoch: the stage, the epoch, the mean training loss, the elapsed time."""
-
-    def __init__(self, stage: str) -> None:
-        self.stage = stage
-        self.t0 = time.perf_counter()
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        m = trainer.callback_metrics
-        parts = [f"{k} {float(v):.4f}" for k, v in m.items() if k in ("train_loss", "loss_x", "loss_u")]
-        log.info(
-            "DBD %s: epoch %d/%d, %s, %.1fs",
-            self.stage,
-            trainer.current_epoch + 1,
-            trainer.max_epochs,
-            ", ".join(parts),
-            time.perf_counter() - self.t0,
-        )
-
-
 @dataclass
 class DBDFullConfig(DBDConfig):
     """``defense=dbd_full``: the same defense and keys; ``configs/defense/dbd_full.yaml`` holds the paper's values."""
@@ -366,7 +346,7 @@ class DBD(TrainingDefense):
         cfg = TrainConfig(
             max_epochs=epochs, accelerator=self.cfg.accelerator, precision=self.cfg.precision, grad_clip=0.0
         )
-        trainer = make_trainer(cfg, stage, callbacks=[_EpochLog(stage), ResumableCheckpoint(partial, loaders)])
+        trainer = make_trainer(cfg, f"DBD {stage}", callbacks=[ResumableCheckpoint(partial, loaders)])
         module.train()
         trainer.fit(module, train_dataloaders=loaders, ckpt_path=resume)
         save_state_dict(self._dir() / f"{stage}{FINAL}", module.model.state_dict(), {"stage": stage})
