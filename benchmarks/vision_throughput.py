@@ -27,10 +27,10 @@ def main() -> None:
     import backdoorbench  # noqa: F401  (torchvision guard first)
     from backdoorbench.cli import config_dir
     from backdoorbench.config import to_dataclass
-    from backdoorbench.engine.lit import ClassifierModule, TrainConfig, make_loader, make_trainer
     from backdoorbench.modality.base import to_device
     from backdoorbench.modality.vision import image_spec
     from backdoorbench.registry import REGISTRY
+    from backdoorbench.trainer.lit import ClassifierModule, TrainConfig, make_loader, make_trainer
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="wrn16_1")

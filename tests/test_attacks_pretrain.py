@@ -37,9 +37,9 @@ from backdoorbench.attacks.text.neuba import (
 )
 from backdoorbench.config import ConfigError
 from backdoorbench.data.base import Samples
-from backdoorbench.engine.lit import TrainConfig
 from backdoorbench.modality.base import Classifier
 from backdoorbench.models.text import load_hf_classifier
+from backdoorbench.trainer.lit import TrainConfig
 
 TINY_TRAIN = TrainConfig(max_epochs=1, batch_size=8, accelerator="cpu")
 

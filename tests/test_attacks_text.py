@@ -27,7 +27,7 @@ from backdoorbench.attacks.text.triggers import insert_rare_words, insert_words
 from backdoorbench.config import ConfigError
 from backdoorbench.data.base import Samples
 from backdoorbench.data.poisoned import PoisonedDataset
-from backdoorbench.engine.lit import TrainConfig
+from backdoorbench.trainer.lit import TrainConfig
 
 TRIGGERS = set(RARE_WORDS)
 

@@ -32,8 +32,8 @@ from backdoorbench.attacks.text.lwp import (
 )
 from backdoorbench.config import ConfigError
 from backdoorbench.data.base import Samples
-from backdoorbench.engine.lit import TrainConfig, fit, make_loader
 from backdoorbench.models.text import load_hf_classifier
+from backdoorbench.trainer.lit import TrainConfig, fit, make_loader
 
 TINY_TRAIN = TrainConfig(max_epochs=1, batch_size=8, accelerator="cpu")
 SENTENCE = DEFAULT_SENTENCE.split()

@@ -38,10 +38,10 @@ from backdoorbench.attacks.vision.wanet import WaNet, WaNetConfig, identity_grid
 from backdoorbench.config import to_dataclass
 from backdoorbench.data.base import Samples
 from backdoorbench.data.poisoned import PoisonedDataset
-from backdoorbench.engine.lit import TrainConfig
 from backdoorbench.metrics import attack_success_rate
 from backdoorbench.modality.vision import ImageSpec, VisionClassifier
 from backdoorbench.registry import REGISTRY
+from backdoorbench.trainer.lit import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 K = 4  # classes of the synthetic data

@@ -1,4 +1,4 @@
-"""engine.checkpoint: safetensors + JSON trees, RNG capture, Lightning's checkpoint I/O without pickle, a
+"""trainer.checkpoint: safetensors + JSON trees, RNG capture, Lightning's checkpoint I/O without pickle, a
 resumed fit identical to an uninterrupted one, and no unsafe ``torch.load`` left in the package."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from backdoorbench.engine.checkpoint import (
+from backdoorbench.trainer.checkpoint import (
     CheckpointError,
     ResumableCheckpoint,
     SafetensorsCheckpointIO,
@@ -25,7 +25,7 @@ from backdoorbench.engine.checkpoint import (
     save_state_dict,
     save_tree,
 )
-from backdoorbench.engine.lit import TrainConfig, make_trainer
+from backdoorbench.trainer.lit import TrainConfig, make_trainer
 
 PACKAGE = Path(__file__).resolve().parents[1] / "backdoorbench"
 

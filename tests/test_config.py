@@ -15,8 +15,8 @@ from backdoorbench.config import ConfigError, DataConfig, to_dataclass
 from backdoorbench.defenses.base import DetectorConfig
 from backdoorbench.defenses.detectors.dan import DANConfig
 from backdoorbench.engine import pipeline
-from backdoorbench.engine.lit import TrainConfig
 from backdoorbench.registry import REGISTRY, UnknownNameError
+from backdoorbench.trainer.lit import TrainConfig
 
 CONFIG_DIR = cli.config_dir()
 

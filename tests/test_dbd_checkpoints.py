@@ -15,7 +15,7 @@ from test_dbd import TINY_DBD, tiny_images, tiny_model
 from backdoorbench.defenses.training.dbd import DBD, DBDConfig, _head_prefix
 from backdoorbench.defenses.training.mixmatch import MixMatchModule
 from backdoorbench.defenses.training.ssl import SSLModule
-from backdoorbench.engine.checkpoint import CheckpointError, load_state_dict
+from backdoorbench.trainer.checkpoint import CheckpointError, load_state_dict
 
 
 def _dbd(work: Path, run: Path | None = None, **cfg: object) -> DBD:

@@ -215,7 +215,7 @@ def test_cli_expected_errors_exit_2_with_one_line(tmp_path: Path, args: list[str
 # -- per-epoch log lines --------------------------------------------------------------------------------------
 def test_epoch_lines_when_progress_is_off(tiny_text_model, caplog: pytest.LogCaptureFixture) -> None:
     cfg = lit.TrainConfig(max_epochs=2, batch_size=8, lr=1e-3, accelerator="cpu")
-    with caplog.at_level(logging.INFO, logger="backdoorbench.engine.lit"):
+    with caplog.at_level(logging.INFO, logger="backdoorbench.trainer.lit"):
         lit.fit(tiny_text_model, tiny_text_samples(16), cfg, desc="victim")
     lines = [r.getMessage() for r in caplog.records if ": epoch " in r.getMessage()]
     assert len(lines) == 2, lines

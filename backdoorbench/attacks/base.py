@@ -22,9 +22,9 @@ import torch
 
 from backdoorbench.data.base import Samples
 from backdoorbench.data.poisoned import PoisonedDataset
-from backdoorbench.engine.lit import TrainConfig
 from backdoorbench.errors import DataError
 from backdoorbench.modality.base import Classifier
+from backdoorbench.trainer.lit import TrainConfig
 
 SETTINGS = ("afm", "apmf")
 

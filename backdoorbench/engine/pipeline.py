@@ -24,7 +24,6 @@ from backdoorbench.data.base import DatasetBundle, Samples
 from backdoorbench.data.poisoned import PoisonedDataset
 from backdoorbench.data.split import Splits, threat_model_split
 from backdoorbench.defenses.base import Defense, Detector, RepairDefense, TrainingDefense, clean_count
-from backdoorbench.engine.lit import TrainConfig
 from backdoorbench.engine.rundir import check_locations
 from backdoorbench.metrics import (
     FRR_GRID,
@@ -37,6 +36,7 @@ from backdoorbench.metrics import (
 from backdoorbench.modality.base import Classifier
 from backdoorbench.registry import REGISTRY, Entry
 from backdoorbench.store import ArtifactStore, CacheError, atomic_path, atomic_write_text, cache_key
+from backdoorbench.trainer.lit import TrainConfig
 
 log = logging.getLogger(__name__)
 

@@ -34,9 +34,9 @@ from backdoorbench.attacks.text.common import check_attack_basics, user_finetune
 from backdoorbench.attacks.text.triggers import insert_rare_words
 from backdoorbench.config import ConfigError
 from backdoorbench.data.base import Samples
-from backdoorbench.engine.lit import ClassifierModule, TrainConfig, make_trainer
 from backdoorbench.modality.base import Classifier
 from backdoorbench.registry import register_attack
+from backdoorbench.trainer.lit import ClassifierModule, TrainConfig, make_trainer
 
 log = logging.getLogger(__name__)
 
@@ -306,7 +306,7 @@ def text_loader(n: int, batch_size: int, collate: Callable[[Sequence[int]], Any]
 
 
 def train_module(module: ClassifierModule, loader: DataLoader, cfg: TrainConfig, seed: int, desc: str) -> None:
-    """Run one Lightning training stage (the counterpart of :func:`engine.lit.fit` for custom batches)."""
+    """Run one Lightning training stage (the counterpart of :func:`trainer.lit.fit` for custom batches)."""
     import lightning as L
 
     L.seed_everything(seed, workers=True, verbose=False)

@@ -13,8 +13,8 @@ from backdoorbench.attacks.base import SETTINGS, Attack, AttackContext, AttackRe
 from backdoorbench.attacks.text.triggers import insert_rare_words
 from backdoorbench.data.base import Samples
 from backdoorbench.data.poisoned import PoisonedDataset
-from backdoorbench.engine.lit import TrainConfig, fit
 from backdoorbench.modality.base import Classifier
+from backdoorbench.trainer.lit import TrainConfig, fit
 
 log = logging.getLogger(__name__)
 

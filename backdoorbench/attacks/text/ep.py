@@ -37,9 +37,9 @@ from backdoorbench.attacks.text.ripples import trigger_token_ids
 from backdoorbench.config import ConfigError
 from backdoorbench.data.base import Samples
 from backdoorbench.data.poisoned import PoisonedDataset
-from backdoorbench.engine.lit import ClassifierModule, TrainConfig, fit
 from backdoorbench.modality.base import Classifier
 from backdoorbench.registry import register_attack
+from backdoorbench.trainer.lit import ClassifierModule, TrainConfig, fit
 
 log = logging.getLogger(__name__)
 

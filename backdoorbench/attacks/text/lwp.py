@@ -35,9 +35,9 @@ from backdoorbench.attacks.text.common import RareWordAttack, TextAttackConfig
 from backdoorbench.attacks.text.triggers import insert_words
 from backdoorbench.data.base import Samples
 from backdoorbench.data.poisoned import PoisonedDataset
-from backdoorbench.engine.lit import ClassifierModule, TrainConfig, fit
 from backdoorbench.modality.base import Classifier, to_device
 from backdoorbench.registry import register_attack
+from backdoorbench.trainer.lit import ClassifierModule, TrainConfig, fit
 
 log = logging.getLogger(__name__)
 

@@ -50,9 +50,9 @@ from backdoorbench.attacks.text.common import user_finetune
 from backdoorbench.attacks.text.triggers import insert_words
 from backdoorbench.config import ConfigError
 from backdoorbench.data.base import Samples
-from backdoorbench.engine.lit import ClassifierModule, TrainConfig
 from backdoorbench.modality.base import Classifier
 from backdoorbench.registry import register_attack
+from backdoorbench.trainer.lit import ClassifierModule, TrainConfig
 
 log = logging.getLogger(__name__)
 

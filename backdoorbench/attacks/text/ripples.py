@@ -30,9 +30,9 @@ from backdoorbench.attacks.text.common import RareWordAttack, RareWordConfig, cl
 from backdoorbench.config import ConfigError
 from backdoorbench.data.base import Samples
 from backdoorbench.data.poisoned import PoisonedDataset
-from backdoorbench.engine.lit import ClassifierModule, TrainConfig, fit, make_loader
 from backdoorbench.modality.base import Classifier
 from backdoorbench.registry import register_attack
+from backdoorbench.trainer.lit import ClassifierModule, TrainConfig, fit, make_loader
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ import torch
 from backdoorbench.attacks.base import Attack, AttackContext, AttackResult
 from backdoorbench.data.base import Samples
 from backdoorbench.data.poisoned import PoisonedDataset
-from backdoorbench.engine.lit import TrainConfig, fit
 from backdoorbench.modality.base import Classifier
+from backdoorbench.trainer.lit import TrainConfig, fit
 
 log = logging.getLogger(__name__)
 

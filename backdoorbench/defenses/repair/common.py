@@ -22,8 +22,8 @@ import torch.nn.functional as F
 
 from backdoorbench.data.base import Samples
 from backdoorbench.defenses.base import DefenseConfig
-from backdoorbench.engine.lit import TrainConfig, fit
 from backdoorbench.modality.base import Classifier
+from backdoorbench.trainer.lit import TrainConfig, fit
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ class RepairModule(L.LightningModule):
 
 
 def train_config(cfg: FinetuneSchedule, epochs: int | None = None) -> TrainConfig:
-    """The :class:`TrainConfig` that carries epochs and batch size to :func:`~backdoorbench.engine.lit.fit`
+    """The :class:`TrainConfig` that carries epochs and batch size to :func:`~backdoorbench.trainer.lit.fit`
     (the optimiser comes from :class:`RepairModule`; no gradient clipping, as the reference)."""
     return TrainConfig(max_epochs=epochs or cfg.epochs, batch_size=cfg.batch_size, grad_clip=0.0)
 

@@ -42,9 +42,9 @@ from torch.nn.utils import parametrize
 from backdoorbench.data.base import Samples
 from backdoorbench.defenses.base import DefenseConfig, RepairDefense
 from backdoorbench.defenses.repair.common import clone, repeat_to_steps
-from backdoorbench.engine.lit import TrainConfig, fit
 from backdoorbench.modality.base import Classifier
 from backdoorbench.registry import register_defense
+from backdoorbench.trainer.lit import TrainConfig, fit
 
 log = logging.getLogger(__name__)
 

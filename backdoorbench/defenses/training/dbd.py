@@ -19,7 +19,7 @@ Each stage is one Lightning fit that writes its weights to the defense's ``work_
 (``stage1_ssl.safetensors``, ``stage2_sce.safetensors`` with ``stage2_split.json``,
 ``stage3_mixmatch.safetensors``); a finished stage is loaded, not retrained, and an interrupted stage resumes
 from its last finished epoch (``*.partial.safetensors``: weights, optimizer, scheduler, loop counters and
-every RNG state, see :mod:`backdoorbench.engine.checkpoint`), exactly as the uninterrupted run. No file is
+every RNG state, see :mod:`backdoorbench.trainer.checkpoint`), exactly as the uninterrupted run. No file is
 ever unpickled: a given ``ssl_checkpoint`` in another format loads with ``torch.load(weights_only=True)``. The paper's
 ablations are ``defense.variant``: ``no_ss`` (supervised CE from scratch: no defense), ``ss_ce`` (frozen SSL
 backbone + linear head with CE), ``ss_sce`` (frozen SSL backbone + SCE head), ``dbd`` (the full defense).
@@ -56,17 +56,17 @@ from backdoorbench.defenses.training.ssl import (
     make_method,
     solo_available,
 )
-from backdoorbench.engine.checkpoint import (
+from backdoorbench.modality.base import Classifier
+from backdoorbench.modality.vision import VisionClassifier, random_crop_flip, to_float
+from backdoorbench.registry import register_defense
+from backdoorbench.trainer.checkpoint import (
     CheckpointError,
     ResumableCheckpoint,
     load_state_dict,
     save_state_dict,
     torch_load_weights,
 )
-from backdoorbench.engine.lit import ClassifierModule, TrainConfig, make_trainer
-from backdoorbench.modality.base import Classifier
-from backdoorbench.modality.vision import VisionClassifier, random_crop_flip, to_float
-from backdoorbench.registry import register_defense
+from backdoorbench.trainer.lit import ClassifierModule, TrainConfig, make_trainer
 
 log = logging.getLogger(__name__)
 
@@ -272,7 +272,7 @@ def _loader(
 ) -> DataLoader:
     """Batches ``{"pixels", "labels", "index"}`` of uint8 images, shuffled by ``seed``; with ``num_samples``,
     that many draws without replacement (passes over the data concatenated), for fixed-length epochs.
-    ``nested``: ``{"inputs": {"pixels"}, "labels", "index"}``, as :func:`~backdoorbench.engine.lit.make_loader`."""
+    ``nested``: ``{"inputs": {"pixels"}, "labels", "index"}``, as :func:`~backdoorbench.trainer.lit.make_loader`."""
 
     def collate(idx: list[int]) -> dict[str, Any]:
         t = torch.tensor(idx, dtype=torch.long)

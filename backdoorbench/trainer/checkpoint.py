@@ -12,7 +12,7 @@ by definition. Everything backdoorbench writes goes through this module instead:
   ``os.replace`` makes the write atomic.
 * :class:`SafetensorsCheckpointIO` -- Lightning's checkpoint I/O on top of :func:`save_tree`, so that
   ``Trainer.save_checkpoint`` and ``Trainer.fit(ckpt_path=...)`` never pickle or unpickle
-  (:func:`~backdoorbench.engine.lit.make_trainer` installs it on every Trainer).
+  (:func:`~backdoorbench.trainer.lit.make_trainer` installs it on every Trainer).
 * :class:`ResumableCheckpoint` -- a callback that writes the whole training state after every epoch
   (weights, optimizer and scheduler states, loop counters, the module's own ``on_save_checkpoint`` extras)
   plus every RNG a continuation needs (torch CPU and CUDA, numpy's global state, Python's ``random``, and

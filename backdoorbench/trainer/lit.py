@@ -190,14 +190,14 @@ class EpochLog(L.Callback):
 
 def make_trainer(cfg: TrainConfig, desc: str = "", callbacks: list[Any] | None = None) -> L.Trainer:
     """The one Trainer recipe (no logger, quiet, deterministic by config); ``callbacks`` (e.g. a
-    :class:`~backdoorbench.engine.checkpoint.ResumableCheckpoint` for stages that resume) switch Lightning's
+    :class:`~backdoorbench.trainer.checkpoint.ResumableCheckpoint` for stages that resume) switch Lightning's
     checkpointing on. Checkpoints are written and read as safetensors + JSON
-    (:class:`~backdoorbench.engine.checkpoint.SafetensorsCheckpointIO`), never pickled, so
+    (:class:`~backdoorbench.trainer.checkpoint.SafetensorsCheckpointIO`), never pickled, so
     ``fit(ckpt_path=...)`` cannot run code from a checkpoint file. Without progress bars an :class:`EpochLog`
     logs one line per epoch."""
     from lightning.pytorch.callbacks import Checkpoint
 
-    from backdoorbench.engine.checkpoint import SafetensorsCheckpointIO
+    from backdoorbench.trainer.checkpoint import SafetensorsCheckpointIO
 
     callbacks = list(callbacks or [])
     if not progress_enabled():
