@@ -22,10 +22,10 @@ from backdoorbench.data import text as text_data
 from backdoorbench.data import vision as vision_data
 from backdoorbench.data.base import DatasetBundle, Samples
 from backdoorbench.defenses.detectors.dan import DANConfig
-from backdoorbench.engine import lit
 from backdoorbench.errors import DataError, ModelError, UserError
 from backdoorbench.models.text import load_hf_classifier
 from backdoorbench.registry import REGISTRY, UnknownNameError
+from backdoorbench.trainer import lit
 
 
 # -- data files -----------------------------------------------------------------------------------------
