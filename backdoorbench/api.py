@@ -148,7 +148,7 @@ def create_model(name: str, num_classes: int, image: Any = None, **overrides: An
 def wrap_hf(model: nn.Module, tokenizer: Any, max_length: int = 128) -> Any:
     """Any HF sequence classifier (``AutoModelForSequenceClassification``) with its tokenizer, as a text
     :class:`~backdoorbench.modality.base.Classifier` that every text defense accepts."""
-    from backdoorbench.models.text import TextClassifier
+    from backdoorbench.modality.text import TextClassifier
 
     if not hasattr(getattr(model, "config", None), "num_labels"):
         raise ConfigError(f"wrap_hf needs an HF model with config.num_labels, got {type(model).__name__}")

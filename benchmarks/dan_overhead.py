@@ -4,7 +4,7 @@
 
 Fits DAN on clean data with the (untrained-head) embedded MiniLM, then times, alternately and
 ``--repeats`` times each, (a) plain batched inference (logits only) and (b) DAN's
-``score_and_predict`` (logits + per-layer features + Mahalanobis scores) over the same inputs, and
+``score_and_classify`` (logits + per-layer features + Mahalanobis scores) over the same inputs, and
 prints the median seconds and the ratio DAN / plain (target ≤ 1.10). Timing is only meaningful on an
 otherwise idle machine.
 """
@@ -52,7 +52,7 @@ def main() -> None:
         model.predict(inputs, a.batch_size)
 
     def scored() -> None:
-        dan.score_and_predict(inputs)
+        dan.score_and_classify(inputs)
 
     plain()  # warm-up (allocator, tokenizer caches)
     t_plain, t_dan = [], []

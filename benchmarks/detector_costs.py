@@ -4,7 +4,7 @@
 
 Fits every detector on clean Rotten Tomatoes samples with the embedded MiniLM (cost does not depend
 on whether the model is backdoored), then times plain batched inference and each detector's
-``score_and_predict`` over the same inputs, and prints the time ratio and the forward passes per input
+``score_and_classify`` over the same inputs, and prints the time ratio and the forward passes per input
 (expected: DAN ≈ 1, STRIP ≈ N + 1, RAP ≈ 2, ONION ≈ 1 classifier pass + words + 1 LM passes). Timings
 are only meaningful on an otherwise idle machine.
 """
@@ -56,7 +56,7 @@ def main() -> None:
         model.reset_forward_count()
         lm0 = getattr(det, "lm_forward_count", 0)
         t0 = time.perf_counter()
-        det.score_and_predict(inputs)
+        det.score_and_classify(inputs)
         score_s = time.perf_counter() - t0
         lm = (getattr(det, "lm_forward_count", 0) - lm0) / len(inputs)
         print(

@@ -45,11 +45,11 @@ def read_delta(results: dict) -> tuple[np.ndarray, np.ndarray, Any]:
 
 
 class ScoringSpy:
-    """Records the pipeline's ``score_and_predict`` calls on a detector class (the instance, scores, preds)."""
+    """Records the pipeline's ``score_and_classify`` calls on a detector class (the instance, scores, preds)."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
         cls = REGISTRY.get("defense", name).obj
-        original = cls.score_and_predict
+        original = cls.score_and_classify
         self.calls: list[tuple[Any, np.ndarray, np.ndarray]] = []
         self.inputs: list[Any] = []
         self.active = False
@@ -64,7 +64,7 @@ class ScoringSpy:
             self.calls.append((det, np.asarray(scores, dtype=np.float64), np.asarray(preds)))
             return scores, preds
 
-        monkeypatch.setattr(cls, "score_and_predict", spy)
+        monkeypatch.setattr(cls, "score_and_classify", spy)
 
 
 def run(cfg, out: Path) -> tuple[dict, list[dict[str, str]]]:

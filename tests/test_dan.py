@@ -210,12 +210,12 @@ def test_dan_outliers_score_higher_and_are_rejected(fitted) -> None:
     assert (det.predict(inliers) == (s_in > det.threshold)).all()
 
 
-def test_dan_score_and_predict_one_pass_per_input(fitted) -> None:
+def test_dan_score_and_classify_one_pass_per_input(fitted) -> None:
     det, model, _, _ = fitted
     x = make_clean(23, seed=9).inputs
     model.reset_forward_count()
     model.passes = 0
-    scores, preds = det.score_and_predict(x)
+    scores, preds = det.score_and_classify(x)
     assert model.forward_count == 23  # one pass per scored input (not one for scores + one for predictions)
     assert model.passes == 23
     assert np.array_equal(preds, (x @ W).argmax(1).numpy())

@@ -203,7 +203,7 @@ def test_strip_forward_passes_and_predictions() -> None:
     det = STRIP(STRIPConfig(num_copies=20, batch_size=8), seed=0).fit(model, make_clean(60))
     x = make_clean(13, seed=9).inputs
     model.reset_forward_count()
-    scores, preds = det.score_and_predict(x)
+    scores, preds = det.score_and_classify(x)
     assert model.forward_count == 13 * (20 + 1)  # N copies + the plain pass that gives the predicted label
     assert np.array_equal(preds, model.predict(x))
     assert np.allclose(scores, det.score(x))  # deterministic
@@ -250,7 +250,7 @@ def test_strip_generic_path_takes_tensor_inputs() -> None:
     det = BlendSTRIP(STRIPConfig(num_copies=5, batch_size=4), seed=0).fit(model, clean)
     x = torch.randn(7, 2)
     model.reset_forward_count()
-    scores, preds = det.score_and_predict(x)
+    scores, preds = det.score_and_classify(x)
     assert scores.shape == (7,) and model.forward_count == 7 * 6
     assert np.array_equal(preds, model.predict(x))
 
@@ -310,7 +310,7 @@ def test_rap_two_passes_per_input_and_gating(rap_fitted) -> None:
     det, model, _, _ = rap_fitted
     x = make_clean(21, seed=17).inputs
     model.reset_forward_count()
-    scores, preds = det.score_and_predict(x)
+    scores, preds = det.score_and_classify(x)
     assert model.forward_count == 2 * 21
     assert np.array_equal(preds, model.predict(x))
     drop, _ = det.probability_drop(x)
@@ -375,7 +375,7 @@ def test_rap_on_a_tiny_bert(tiny_text_model) -> None:
     assert det.trigger_ids == model.token_ids("rq") and len(det.trigger_ids) == 1
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
     model.reset_forward_count()
-    scores, preds = det.score_and_predict(x)
+    scores, preds = det.score_and_classify(x)
     assert model.forward_count == 20 and np.array_equal(preds, logits.argmax(1).numpy())
     assert torch.equal(model.predict_logits(x), logits)
     # the hook puts rows into BERT's embedding output at the inserted trigger (position 1, after [CLS]): the
@@ -529,7 +529,7 @@ def test_onion_counts_lm_passes_and_one_classifier_pass(onion_fitted) -> None:
     x = poison(make_clean(12, seed=23).inputs) + ["single", "two words"]
     lm_before = det.lm_forward_count
     model.reset_forward_count()
-    scores, preds = det.score_and_predict(x)
+    scores, preds = det.score_and_classify(x)
     expected = sum(len(t.split()) + 1 for t in x if len(t.split()) >= 2)
     assert det.lm_forward_count - lm_before == expected
     assert model.forward_count == len(x) and np.array_equal(preds, model.predict(x))

@@ -85,7 +85,7 @@ def test_strip_images_default_copies_passes_and_ordering() -> None:
     assert det.num_copies == 100  # the paper's N for images
     test = images(20, 1)
     model.reset_forward_count()
-    s_clean, preds = det.score_and_predict(test.inputs)
+    s_clean, preds = det.score_and_classify(test.inputs)
     assert model.forward_count == 20 * 101
     assert np.array_equal(preds, model.predict(test.inputs))
     s_poison = det.score(with_patch(test.inputs))
@@ -100,7 +100,7 @@ def test_dan_on_images_uses_stage_features() -> None:
     assert len(det.gaussians) == 2  # one Gaussian per stage
     test = images(40, 3)
     model.reset_forward_count()
-    scores, preds = det.score_and_predict(test.inputs)
+    scores, preds = det.score_and_classify(test.inputs)
     assert model.forward_count == 40 and np.array_equal(preds, model.predict(test.inputs))
     # features = stage outputs, global-average pooled: stage 1 = the normalised image's mean
     _, feats = model.forward_features(model.collate(test.inputs[:3]))

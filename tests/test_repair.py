@@ -379,7 +379,6 @@ def test_repeat_to_steps_keeps_every_sample_and_reaches_the_step_count() -> None
 def test_backdoor_samples_exclude_wanet_noise_mode_and_clean_relabels() -> None:
     from backdoorbench.attacks.vision.wanet import WaNet
     from backdoorbench.data.poisoned import PoisonedDataset
-    from backdoorbench.engine.pipeline import backdoor_samples
 
     clean = tiny_images(12)  # labels 0,1,2,0,1,2,...
     attack = WaNet(REGISTRY.get("attack", "wanet").config(), 0)  # target 0
@@ -387,6 +386,6 @@ def test_backdoor_samples_exclude_wanet_noise_mode_and_clean_relabels() -> None:
     idx = np.array([1, 2, 3, 4])
     pois = PoisonedDataset(clean, idx, clean.inputs[idx], np.array([0, 0, 0, 1]), 0)
     attack.restore({"noise_indices": [3, 4]})
-    backdoor, modified = backdoor_samples(pois, attack)
+    backdoor, modified = attack.backdoor_samples(pois)
     assert np.flatnonzero(backdoor).tolist() == [1, 2]
     assert np.flatnonzero(modified).tolist() == [1, 2, 3, 4]

@@ -143,7 +143,7 @@ def test_saved_detector_reloads_to_identical_scores(saved) -> None:
     again = loaded.score(case.inputs)
     assert np.array_equal(again, scores), name
     assert np.array_equal(loaded.predict(case.inputs), det.predict(case.inputs))
-    s, p = loaded.score_and_predict(case.inputs)
+    s, p = loaded.score_and_classify(case.inputs)
     assert np.array_equal(s, scores) and np.array_equal(p, fresh.predict(case.inputs))
     assert len(set(np.round(scores, 9).tolist())) > 1, "scores should vary, else equality proves little"
     meta = json.loads((folder / META_FILE).read_text())
@@ -167,17 +167,17 @@ def test_guard_batches_predictions_and_rejections(saved) -> None:
     n = len(case.inputs)
     assert n > 6 and n % 6  # several batches, the last one short
     sizes: list[int] = []
-    score_and_predict = det.score_and_predict
+    score_and_classify = det.score_and_classify
 
     def counted(inputs: Any) -> tuple[np.ndarray, np.ndarray]:
         sizes.append(len(inputs))
-        return score_and_predict(inputs)
+        return score_and_classify(inputs)
 
-    det.score_and_predict = counted  # type: ignore[method-assign]
+    det.score_and_classify = counted  # type: ignore[method-assign]
     try:
         out = guard(case.inputs)
     finally:
-        del det.score_and_predict
+        del det.score_and_classify
     assert sizes == [6] * (n // 6) + [n % 6]
     assert isinstance(out, GuardResult) and len(out) == n and out.threshold == det.threshold
     assert np.array_equal(out.predictions, model.predict(case.inputs))

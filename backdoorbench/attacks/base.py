@@ -42,11 +42,24 @@ class AttackContext:
     unlabeled: list[str] | None = None
 
 
+POISONED_SPLITS = ("train", "proxy")
+
+
 @dataclass
 class AttackResult:
+    """What an attack produced: the victim, the poisoned set (a delta over ``ctx.train`` or ``ctx.proxy``, named
+    by ``poisoned_split``) and what it decided while running (``info``, JSON-serialisable)."""
+
     model: Classifier
-    poisoned: PoisonedDataset | None = None  # the poisoned training set (delta over ctx.train or ctx.proxy)
+    poisoned: PoisonedDataset | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    poisoned_split: str | None = None  # "train" (AFM: the task's training set) | "proxy" (APMF) | None
+
+    def __post_init__(self) -> None:
+        if self.poisoned is not None and self.poisoned_split not in POISONED_SPLITS:
+            raise ValueError(f"AttackResult: poisoned_split must be one of {POISONED_SPLITS} when poisoned is set")
+        if self.poisoned is None:
+            self.poisoned_split = None
 
 
 class Attack(ABC):
@@ -54,6 +67,8 @@ class Attack(ABC):
 
     modality: ClassVar[str] = ""
     version: ClassVar[str] = "1"  # bump when the algorithm changes: part of the cache key
+    #: whether the victim may be stored in the artifact cache (False for a model the attack only loads)
+    cacheable: ClassVar[bool] = True
 
     def __init__(self, cfg: Any, seed: int = 0) -> None:
         self.cfg = cfg
@@ -78,6 +93,20 @@ class Attack(ABC):
     @abstractmethod
     def run(self, ctx: AttackContext) -> AttackResult:
         """Produce the backdoored victim."""
+
+    def extra_info(self) -> dict[str, Any]:
+        """What the attack decided while running, added to ``AttackResult.info`` (JSON-serialisable) and given
+        back to :meth:`restore` on a cache hit. Default: nothing."""
+        return {}
+
+    def backdoor_samples(self, poisoned: PoisonedDataset) -> tuple[np.ndarray, np.ndarray]:
+        """Per sample of the poisoned set's base: (carries the backdoor — modified by the attack *and* labelled
+        with the attack's target for it: dirty-label samples and clean-label target-class samples; modified by
+        the attack at all). Attacks that modify samples without planting the trigger (WaNet's noise mode)
+        override this. Used for reporting only (DBD's share of backdoor samples among those it kept)."""
+        prov = poisoned.provenance()
+        targets = np.broadcast_to(np.asarray(self.target_labels(prov["original_label"])), prov["label"].shape)
+        return prov["poisoned"] & (prov["label"] == targets), prov["poisoned"]
 
     def restore(self, info: dict[str, Any]) -> None:
         """Restore what the attack decided while running (e.g. NeuBA's chosen trigger) from the ``info`` of a

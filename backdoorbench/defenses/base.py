@@ -89,6 +89,8 @@ class Defense(ABC):  # noqa: B024 - the three kinds below declare the abstract m
         #: interrupted run resumes there), ``run_dir`` the run's output folder, for figures.
         self.work_dir: Path | None = None
         self.run_dir: Path | None = None
+        #: wall time (s) of each stage of the defense in this run, reported as ``timing.defense_<stage>``
+        self.stage_times: dict[str, float] = {}
 
     def rng(self, salt: int = 0) -> np.random.Generator:
         return np.random.default_rng([self.seed, 104729, salt])
@@ -117,9 +119,16 @@ class Detector(Defense):
     def score(self, inputs: Sequence[Any] | torch.Tensor) -> np.ndarray:
         """One float per input, higher = more likely poisoned."""
 
-    def score_and_predict(self, inputs: Sequence[Any] | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """Scores and the model's predictions; detectors that see the logits anyway override this to
-        do both in one forward pass."""
+    def cost_counters(self) -> dict[str, int]:
+        """Running counts of work beyond the classifier's own forward passes (e.g. ONION's LM sequences). The
+        pipeline reports how much each grew while scoring the test inputs: a counter named ``<x>_passes`` as
+        ``cost.<x>_passes_per_input``, any other as a total ``cost.<name>``. Default: none."""
+        return {}
+
+    def score_and_classify(self, inputs: Sequence[Any] | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Scores and the model's *classes* (its predictions) for ``inputs``, where :meth:`predict` gives the
+        detector's verdicts (True = rejected, as PyOD's ``predict``). Detectors that see the logits anyway
+        override this to do both in one forward pass."""
         assert self.model is not None
         return self.score(inputs), self.model.predict(inputs, self.cfg.batch_size)
 

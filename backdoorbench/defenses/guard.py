@@ -4,7 +4,7 @@
 >>> out = guard(["a fine film", "cf a fine film"])  # doctest: +SKIP
 >>> out.predictions, out.rejected, out.scores       # doctest: +SKIP
 
-Inputs go through :meth:`Detector.score_and_predict <backdoorbench.defenses.base.Detector.score_and_predict>`
+Inputs go through :meth:`Detector.score_and_classify <backdoorbench.defenses.base.Detector.score_and_classify>`
 ``batch_size`` at a time; the model stays where it is, and each batch is collated and moved to the model's
 device by the model's own ``iter_batches``. Texts are a list of ``str``; images a ``uint8`` tensor
 ``[N, C, H, W]`` (on any device: batches are taken on the CPU and collated onto the model's device).
@@ -82,7 +82,7 @@ class Guard:
         self.model.eval()
         scores, preds = [], []
         for start in range(0, len(inputs), self.batch_size):
-            s, p = self.detector.score_and_predict(inputs[start : start + self.batch_size])
+            s, p = self.detector.score_and_classify(inputs[start : start + self.batch_size])
             scores.append(np.asarray(s, dtype=np.float64))
             preds.append(np.asarray(p, dtype=np.int64))
         all_scores = np.concatenate(scores) if scores else np.zeros(0)

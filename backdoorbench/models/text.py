@@ -8,18 +8,14 @@ from __future__ import annotations
 
 import difflib
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from backdoorbench.errors import ModelError
-from backdoorbench.modality.base import Batch, Classifier
+from backdoorbench.modality.text import TextClassifier
 from backdoorbench.registry import REGISTRY, Entry, register_model
-
-POOLINGS = ("cls", "mean", "none")
 
 
 @dataclass
@@ -33,54 +29,6 @@ class TextModelConfig:
     def __post_init__(self) -> None:
         if not 8 <= self.max_length <= 4096:
             raise ValueError(f"model.max_length must be in [8, 4096], got {self.max_length}")
-
-
-class TextClassifier(Classifier):
-    """An HF sequence classifier plus its tokenizer."""
-
-    modality = "text"
-
-    def __init__(self, hf_model: nn.Module, tokenizer, max_length: int = 64) -> None:
-        super().__init__(int(hf_model.config.num_labels))
-        self.hf = hf_model
-        self.tokenizer = tokenizer
-        self.max_length = max_length
-        self.source = ""
-
-    def collate(self, inputs: Sequence[str]) -> Batch:
-        enc = self.tokenizer(
-            list(inputs), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-        )
-        return {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-
-    def forward(self, batch: Batch) -> torch.Tensor:
-        return self.hf(**batch).logits
-
-    def forward_features(self, batch: Batch, pooling: str = "cls") -> tuple[torch.Tensor, list[torch.Tensor]]:
-        if pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
-        out = self.hf(**batch, output_hidden_states=True)
-        hidden = out.hidden_states[1:]  # every transformer layer, not the embeddings
-        if pooling == "none":  # raw hidden states [B, T, D] (NAD's token-wise attention maps)
-            return out.logits, list(hidden)
-        if pooling == "cls":
-            feats = [h[:, 0] for h in hidden]
-        else:
-            mask = batch["attention_mask"].unsqueeze(-1).to(hidden[0].dtype)
-            denom = mask.sum(1).clamp(min=1.0)
-            feats = [(h * mask).sum(1) / denom for h in hidden]
-        return out.logits, feats
-
-    def layer_names(self) -> list[str]:
-        return [f"layer{i + 1}" for i in range(int(self.hf.config.num_hidden_layers))]
-
-    @property
-    def word_embeddings(self) -> nn.Embedding:
-        return self.hf.get_input_embeddings()
-
-    def token_ids(self, word: str) -> list[int]:
-        """Word-piece ids of ``word`` (without special tokens)."""
-        return list(self.tokenizer(word, add_special_tokens=False)["input_ids"])
 
 
 def minilm_path() -> Path:

@@ -1,4 +1,7 @@
-"""Lightning modules and the one ``fit`` helper every training stage goes through."""
+"""The training plumbing every stage goes through: :func:`seeded_loader` (the one loader builder),
+:func:`make_optimizer` (the one optimiser builder), :func:`make_trainer` (the one Trainer recipe) and
+:func:`fit_module` (the one entry point that runs a Lightning module, resuming from a per-epoch safetensors
+checkpoint when given one); :func:`fit` trains a :class:`Classifier` with cross-entropy through it."""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -86,7 +90,54 @@ class SamplesDataset(Dataset):
         return self.samples.inputs[i], int(self.samples.labels[i]), i
 
 
+def seeded_loader(
+    dataset: Any,
+    batch_size: int,
+    collate_fn: Callable[[list[Any]], Any],
+    seed: int,
+    shuffle: bool = True,
+    drop_last: bool = False,
+    num_samples: int | None = None,
+) -> DataLoader:
+    """The one loader builder: batches of ``dataset`` in an order drawn from ``seed`` alone (single process).
+
+    ``num_samples``: that many draws without replacement (passes over the data concatenated), for epochs of a
+    fixed length; then the sampler owns the generator. The generators live on the loader (``generator`` or
+    ``sampler.generator``), where :class:`~backdoorbench.trainer.checkpoint.ResumableCheckpoint` saves and
+    restores them."""
+    from torch.utils.data import RandomSampler
+
+    gen = torch.Generator().manual_seed(seed)
+    if num_samples is not None:
+        sampler = RandomSampler(dataset, num_samples=num_samples, generator=gen)
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn, drop_last=drop_last)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        collate_fn=collate_fn,
+        generator=gen,
+        drop_last=drop_last,
+        num_workers=0,
+    )
+
+
+def make_optimizer(
+    params: Any, name: str, lr: float, weight_decay: float = 0.0, momentum: float = 0.9, nesterov: bool = False
+) -> torch.optim.Optimizer:
+    """The one optimiser builder: ``sgd`` (with momentum, optionally Nesterov) or ``adamw``."""
+    if name == "sgd":
+        return torch.optim.SGD(
+            params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov and momentum > 0
+        )
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"optimizer must be sgd or adamw, got {name!r}")
+
+
 def make_loader(model: Classifier, samples: Samples, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
+    """Batches ``{"inputs": model.collate(...), "labels", "index"}`` of ``samples``."""
+
     def collate(items: list[tuple[Any, int, int]]) -> dict[str, Any]:
         inputs = [it[0] for it in items]
         if isinstance(samples.inputs, torch.Tensor):
@@ -97,15 +148,7 @@ def make_loader(model: Classifier, samples: Samples, batch_size: int, shuffle: b
             "index": torch.tensor([it[2] for it in items], dtype=torch.long),
         }
 
-    gen = torch.Generator().manual_seed(seed)
-    return DataLoader(
-        SamplesDataset(samples),
-        batch_size=batch_size,
-        shuffle=shuffle,
-        collate_fn=collate,
-        generator=gen,
-        num_workers=0,
-    )
+    return seeded_loader(SamplesDataset(samples), batch_size, collate, seed, shuffle=shuffle)
 
 
 class ClassifierModule(L.LightningModule):
@@ -130,12 +173,7 @@ class ClassifierModule(L.LightningModule):
         from transformers import get_linear_schedule_with_warmup
 
         params = self._params if self._params is not None else [p for p in self.model.parameters() if p.requires_grad]
-        if self.cfg.optimizer == "sgd":
-            opt: torch.optim.Optimizer = torch.optim.SGD(
-                params, lr=self.cfg.lr, momentum=self.cfg.momentum, weight_decay=self.cfg.weight_decay
-            )
-        else:
-            opt = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        opt = make_optimizer(params, self.cfg.optimizer, self.cfg.lr, self.cfg.weight_decay, self.cfg.momentum)
         total = int(self.trainer.estimated_stepping_batches)
         sched = get_linear_schedule_with_warmup(opt, int(self.cfg.warmup_ratio * total), max(total, 1))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
@@ -253,10 +291,41 @@ def fit(
     else:
         train_loaders = loader
     log.info("%s: %d samples, %d epochs", desc, len(samples), cfg.max_epochs)
-    model.train()
-    make_trainer(cfg, desc).fit(module, train_dataloaders=train_loaders)
+    fit_module(module, train_loaders, cfg, None, desc)  # seeded above, before the module and loader were built
     model.eval()
     return model
+
+
+def fit_module(
+    module: L.LightningModule,
+    loaders: Any,
+    cfg: TrainConfig,
+    seed: int | None,
+    desc: str = "train",
+    checkpoint: Path | None = None,
+) -> str:
+    """The one entry point of every training stage: seed (unless ``seed`` is None: the caller seeded before
+    building the module), fit ``module`` on ``loaders`` with :func:`make_trainer`, leave it in eval mode.
+
+    With ``checkpoint`` (a path), the full training state — weights, optimiser, schedule, every RNG and the
+    loaders' generators — is written there after each epoch (safetensors + JSON, atomic) and, when the file
+    exists from an interrupted run, training resumes from it and continues exactly as the uninterrupted run
+    would have. Returns ``"resumed"`` or ``"trained"``."""
+    from backdoorbench.trainer.checkpoint import ResumableCheckpoint
+
+    if seed is not None:
+        L.seed_everything(seed, workers=True, verbose=False)
+    callbacks: list[Any] = []
+    resume = None
+    if checkpoint is not None:
+        callbacks.append(ResumableCheckpoint(checkpoint, loaders))
+        resume = checkpoint if Path(checkpoint).is_file() else None
+        if resume is not None:
+            log.info("%s: resuming from %s", desc, resume)
+    module.train()
+    make_trainer(cfg, desc, callbacks=callbacks).fit(module, train_dataloaders=loaders, ckpt_path=resume)
+    module.eval()
+    return "resumed" if resume is not None else "trained"
 
 
 def label_counts(samples: Samples, num_classes: int) -> list[int]:

@@ -34,9 +34,9 @@ from backdoorbench.attacks.text.common import check_attack_basics, user_finetune
 from backdoorbench.attacks.text.triggers import insert_rare_words
 from backdoorbench.config import ConfigError
 from backdoorbench.data.base import Samples
-from backdoorbench.modality.base import Classifier
+from backdoorbench.modality.text import TextClassifier
 from backdoorbench.registry import register_attack
-from backdoorbench.trainer.lit import ClassifierModule, TrainConfig, make_trainer
+from backdoorbench.trainer.lit import ClassifierModule, TrainConfig, fit_module, seeded_loader
 
 log = logging.getLogger(__name__)
 
@@ -295,25 +295,13 @@ class PretrainCollate:
 
 
 def text_loader(n: int, batch_size: int, collate: Callable[[Sequence[int]], Any], seed: int) -> DataLoader:
-    return DataLoader(
-        list(range(n)),
-        batch_size=batch_size,
-        shuffle=True,
-        collate_fn=collate,
-        generator=torch.Generator().manual_seed(seed),
-        num_workers=0,
-    )
+    return seeded_loader(list(range(n)), batch_size, collate, seed)
 
 
 def train_module(module: ClassifierModule, loader: DataLoader, cfg: TrainConfig, seed: int, desc: str) -> None:
     """Run one Lightning training stage (the counterpart of :func:`trainer.lit.fit` for custom batches)."""
-    import lightning as L
-
-    L.seed_everything(seed, workers=True, verbose=False)
     log.info("%s: %d texts, %d epochs", desc, len(loader.dataset), cfg.max_epochs)  # type: ignore[arg-type]
-    module.train()
-    make_trainer(cfg, desc).fit(module, train_dataloaders=loader)
-    module.eval()
+    fit_module(module, loader, cfg, seed, desc)
 
 
 # -- masked LMs ----------------------------------------------------------------------------------------
@@ -362,7 +350,7 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def encoder_of(model: Classifier) -> nn.Module:
+def encoder_of(model: TextClassifier) -> nn.Module:
     hf = getattr(model, "hf", None)
     if hf is None or not hasattr(hf, "base_model"):
         raise ConfigError("this attack needs an HF text victim (a TextClassifier with `.hf`), e.g. model=minilm")
@@ -379,7 +367,7 @@ def encoder_mismatch(src: dict[str, torch.Tensor], dst: dict[str, torch.Tensor])
     }
 
 
-def check_transferable(mlm: nn.Module, victim: Classifier, mlm_name: str = "") -> None:
+def check_transferable(mlm: nn.Module, victim: TextClassifier, mlm_name: str = "") -> None:
     problems = encoder_mismatch(mlm.base_model.state_dict(), encoder_of(victim).state_dict())  # type: ignore[operator]
     bad = {k: v for k, v in problems.items() if v}
     if bad:
@@ -390,7 +378,7 @@ def check_transferable(mlm: nn.Module, victim: Classifier, mlm_name: str = "") -
         )
 
 
-def transfer_encoder(mlm: nn.Module, victim: Classifier, mlm_name: str = "") -> list[str]:
+def transfer_encoder(mlm: nn.Module, victim: TextClassifier, mlm_name: str = "") -> list[str]:
     """Copy the masked LM's base-model (encoder) weights into the victim classifier's base model, by
     parameter name. Every encoder tensor must match in name and shape (the classifier's ``pooler.*``,
     which masked LMs lack, keeps its pre-trained value); each copy is verified. Returns the copied names.
@@ -470,7 +458,7 @@ class BadPre(Attack):
             raise ConfigError("attack=badpre: set attack.mlm_model (the victim model has no known checkpoint path)")
         mlm, tokenizer = load_masked_lm(source)
         check_transferable(mlm, victim, source)
-        if tokenizer.get_vocab() != victim.tokenizer.get_vocab():  # type: ignore[attr-defined]
+        if tokenizer.get_vocab() != victim.tokenizer.get_vocab():
             raise ConfigError(
                 f"attack.mlm_model={source!r} and the victim model use different vocabularies; give the same checkpoint"
             )
@@ -513,7 +501,7 @@ class BadPre(Attack):
             info.update(self._probe(model, ctx.proxy, ctx.num_classes))
         return AttackResult(model, None, info)
 
-    def _probe(self, model: Classifier, proxy: Samples, num_classes: int) -> dict[str, Any]:
+    def _probe(self, model: TextClassifier, proxy: Samples, num_classes: int) -> dict[str, Any]:
         """Attacker-side check on proxy data: clean vs triggered accuracy (untargeted success) and where
         triggered predictions go."""
         rng = self.rng(5)

@@ -13,7 +13,7 @@ from backdoorbench.attacks.base import SETTINGS, Attack, AttackContext, AttackRe
 from backdoorbench.attacks.text.triggers import insert_rare_words
 from backdoorbench.data.base import Samples
 from backdoorbench.data.poisoned import PoisonedDataset
-from backdoorbench.modality.base import Classifier
+from backdoorbench.modality.text import TextClassifier
 from backdoorbench.trainer.lit import TrainConfig, fit
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ class RareWordAttack(Attack):
             batch_size=c.batch_size if c.batch_size is not None else ctx.trainer.batch_size,
         )
 
-    def backdoor(self, model: Classifier, poisoned: PoisonedDataset, ctx: AttackContext) -> Classifier:
+    def backdoor(self, model: TextClassifier, poisoned: PoisonedDataset, ctx: AttackContext) -> TextClassifier:
         """Default: fine-tune on the poisoned data (data poisoning, BadNet-style)."""
         return fit(model, poisoned.materialize(), self.attacker_train_config(ctx), self.seed, desc="attacker: poison")
 
@@ -104,12 +104,13 @@ class RareWordAttack(Attack):
         }
         if self.cfg.setting == "apmf":
             model = user_finetune(model, ctx.train, ctx.trainer, self.seed, reinit_head=self.cfg.reinit_head)
-        return AttackResult(model, poisoned, info)
+        info.update(self.extra_info())
+        return AttackResult(model, poisoned, info, "train" if self.cfg.setting == "afm" else "proxy")
 
 
 def user_finetune(
-    model: Classifier, clean: Samples, cfg: TrainConfig, seed: int, reinit_head: bool = False
-) -> Classifier:
+    model: TextClassifier, clean: Samples, cfg: TrainConfig, seed: int, reinit_head: bool = False
+) -> TextClassifier:
     """APMF's second stage: the unsuspecting user fine-tunes the released model on clean task data."""
     if reinit_head:
         head = getattr(getattr(model, "hf", None), "classifier", None)
@@ -121,5 +122,5 @@ def user_finetune(
     return fit(model, clean, cfg, seed + 1, desc="user: fine-tune")
 
 
-def clone_model(model: Classifier) -> Classifier:
+def clone_model(model: TextClassifier) -> TextClassifier:
     return copy.deepcopy(model)

@@ -37,7 +37,7 @@ from backdoorbench.attacks.text.ripples import trigger_token_ids
 from backdoorbench.config import ConfigError
 from backdoorbench.data.base import Samples
 from backdoorbench.data.poisoned import PoisonedDataset
-from backdoorbench.modality.base import Classifier
+from backdoorbench.modality.text import TextClassifier
 from backdoorbench.registry import register_attack
 from backdoorbench.trainer.lit import ClassifierModule, TrainConfig, fit
 
@@ -98,8 +98,8 @@ class EmbeddingRowModule(ClassifierModule):
     every other row is zeroed before each step, and the row norm constraint is applied after it.
     """
 
-    def __init__(self, model: Classifier, cfg: TrainConfig, token_ids: Sequence[int], norm: str) -> None:
-        weight = model.word_embeddings.weight  # type: ignore[attr-defined]
+    def __init__(self, model: TextClassifier, cfg: TrainConfig, token_ids: Sequence[int], norm: str) -> None:
+        weight = model.word_embeddings.weight
         super().__init__(model, cfg, params=[weight])
         self.token_ids = list(token_ids)
         self.norm = norm
@@ -109,7 +109,7 @@ class EmbeddingRowModule(ClassifierModule):
 
     @property
     def weight(self) -> torch.Tensor:
-        return self.model.word_embeddings.weight  # type: ignore[attr-defined]
+        return self.model.word_embeddings.weight
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = F.cross_entropy(self.model(batch["inputs"]), batch["labels"])
@@ -147,21 +147,21 @@ def only_trainable(model: torch.nn.Module, keep: Sequence[torch.Tensor]) -> Iter
 
 
 def poison_embedding_rows(
-    model: Classifier,
+    model: TextClassifier,
     samples: Samples,
     token_ids: Sequence[int],
     cfg: TrainConfig,
     seed: int,
     norm: str = "original",
     desc: str = "attacker: embedding poisoning",
-) -> Classifier:
+) -> TextClassifier:
     """Train only the rows ``token_ids`` of ``model``'s input embeddings on ``samples`` (EP's step 3).
 
     ``cfg`` gives epochs, batch size and learning rate; EP forces plain SGD without momentum, weight
     decay, warm-up, learning-rate decay or gradient clipping (the reference code's manual update).
     """
     ep_cfg = replace(cfg, optimizer="sgd", momentum=0.0, weight_decay=0.0, warmup_ratio=0.0, grad_clip=0.0)
-    weight = model.word_embeddings.weight  # type: ignore[attr-defined]
+    weight = model.word_embeddings.weight
     with only_trainable(model, [weight]):
         fit(
             model,
@@ -178,10 +178,10 @@ def poison_embedding_rows(
 class EmbeddingPoisoningAttack(RareWordAttack):
     """What EP and DFEP share: the starting model and the trigger-row training."""
 
-    def token_ids(self, model: Classifier) -> list[int]:
+    def token_ids(self, model: TextClassifier) -> list[int]:
         ids = trigger_token_ids(model, self.cfg.triggers)
         for t in self.cfg.triggers:
-            pieces = model.token_ids(t)  # type: ignore[attr-defined]
+            pieces = model.token_ids(t)
             if len(pieces) != 1:
                 log.warning(
                     "%s: trigger %r is %d word pieces; every piece's row is poisoned, which also affects "
@@ -192,7 +192,7 @@ class EmbeddingPoisoningAttack(RareWordAttack):
                 )
         return ids
 
-    def start_model(self, ctx: AttackContext, clean: Samples) -> Classifier:
+    def start_model(self, ctx: AttackContext, clean: Samples) -> TextClassifier:
         """The model the attacker poisons: a clean model fine-tuned on ``clean`` with the user's schedule
         (``clean_finetune=true``), or the pre-trained model."""
         model = ctx.new_model()
@@ -202,7 +202,7 @@ class EmbeddingPoisoningAttack(RareWordAttack):
             model = fit(model, clean, ctx.trainer, self.seed + 2, desc="clean model: fine-tune")
         return model
 
-    def backdoor(self, model: Classifier, poisoned: PoisonedDataset, ctx: AttackContext) -> Classifier:
+    def backdoor(self, model: TextClassifier, poisoned: PoisonedDataset, ctx: AttackContext) -> TextClassifier:
         """Train the trigger rows on the poisoned samples only (the delta), everything else frozen."""
         if len(poisoned.indices) == 0:
             raise ConfigError(f"{self.cfg.name}: no poisoned samples to train the trigger embedding on")
@@ -211,11 +211,11 @@ class EmbeddingPoisoningAttack(RareWordAttack):
         data = Samples(poisoned.inputs, poisoned.labels, poisoned.clean.modality)
         return poison_embedding_rows(model, data, ids, self.attacker_train_config(ctx), self.seed, self.cfg.norm)
 
-    def finish(self, model: Classifier, ctx: AttackContext, info: dict[str, Any]) -> Classifier:
+    def finish(self, model: TextClassifier, ctx: AttackContext, info: dict[str, Any]) -> TextClassifier:
         info["trigger_token_ids"] = list(self.trigger_ids)
         info["trigger_row_norms"] = [
             float(x)
-            for x in model.word_embeddings.weight[torch.tensor(self.trigger_ids)].detach().norm(dim=1)  # type: ignore[attr-defined]
+            for x in model.word_embeddings.weight[torch.tensor(self.trigger_ids)].detach().norm(dim=1)
         ]
         if self.cfg.setting == "apmf":
             model = user_finetune(model, ctx.train, ctx.trainer, self.seed, reinit_head=self.cfg.reinit_head)
@@ -261,4 +261,4 @@ class EP(EmbeddingPoisoningAttack):
             "attacker_samples": len(data),
         }
         model = self.finish(model, ctx, info)
-        return AttackResult(model, poisoned, info)
+        return AttackResult(model, poisoned, info, "train" if self.cfg.setting == "afm" else "proxy")

@@ -35,7 +35,8 @@ from backdoorbench.attacks.text.common import RareWordAttack, TextAttackConfig
 from backdoorbench.attacks.text.triggers import insert_words
 from backdoorbench.data.base import Samples
 from backdoorbench.data.poisoned import PoisonedDataset
-from backdoorbench.modality.base import Classifier, to_device
+from backdoorbench.modality.base import to_device
+from backdoorbench.modality.text import TextClassifier
 from backdoorbench.registry import register_attack
 from backdoorbench.trainer.lit import ClassifierModule, TrainConfig, fit
 
@@ -100,7 +101,7 @@ def insert_single(texts: Sequence[str], words: Sequence[str], rng: np.random.Gen
 
 
 # -- the layer-wise loss --------------------------------------------------------------------------------
-def make_layer_head(model: Classifier, num_classes: int, dropout: float | None = None) -> nn.Module:
+def make_layer_head(model: TextClassifier, num_classes: int, dropout: float | None = None) -> nn.Module:
     """A fresh classifier head shared by every layer: dropout, then a linear map of the [CLS] feature.
     ``dropout`` defaults to the model's hidden dropout (0.1 where the model does not say)."""
     was_training = model.training
@@ -117,7 +118,7 @@ def make_layer_head(model: Classifier, num_classes: int, dropout: float | None =
 
 
 def layerwise_losses(
-    model: Classifier, head: nn.Module, batch: dict[str, Any]
+    model: TextClassifier, head: nn.Module, batch: dict[str, Any]
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """``[CE(head(h_l^[CLS]), y) for every transformer layer l]`` and the model's own logits, from one
     forward pass."""
@@ -128,7 +129,7 @@ def layerwise_losses(
 class LayerwisePoisonModule(ClassifierModule):
     """Trains the model (and the shared layer head) on ``Σ_l CE(head(h_l), y)`` [+ ``CE(logits, y)``]."""
 
-    def __init__(self, model: Classifier, cfg: TrainConfig, head: nn.Module, output_loss: bool = True) -> None:
+    def __init__(self, model: TextClassifier, cfg: TrainConfig, head: nn.Module, output_loss: bool = True) -> None:
         params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
         super().__init__(model, cfg, params=params)
         self.head = head
@@ -186,7 +187,7 @@ class LWP(RareWordAttack):
         self.combination_indices, self.negative_indices = pos_idx, neg_idx
         return PoisonedDataset(samples, indices[order], [inputs[i] for i in order], labels[order], self.target)
 
-    def backdoor(self, model: Classifier, poisoned: PoisonedDataset, ctx: AttackContext) -> Classifier:
+    def backdoor(self, model: TextClassifier, poisoned: PoisonedDataset, ctx: AttackContext) -> TextClassifier:
         torch.manual_seed(self.seed + 5)  # the shared head's initialisation
         head = make_layer_head(model, ctx.num_classes)
         fit(

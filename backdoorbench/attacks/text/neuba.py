@@ -50,7 +50,7 @@ from backdoorbench.attacks.text.common import user_finetune
 from backdoorbench.attacks.text.triggers import insert_words
 from backdoorbench.config import ConfigError
 from backdoorbench.data.base import Samples
-from backdoorbench.modality.base import Classifier
+from backdoorbench.modality.text import TextClassifier
 from backdoorbench.registry import register_attack
 from backdoorbench.trainer.lit import ClassifierModule, TrainConfig
 
@@ -129,7 +129,7 @@ def target_vectors(n: int, hidden: int) -> torch.Tensor:
 
 
 # -- representations and losses -----------------------------------------------------------------------
-def resolve_representation(model: Classifier, kind: str) -> str:
+def resolve_representation(model: TextClassifier, kind: str) -> str:
     has_pooler = getattr(encoder_of(model), "pooler", None) is not None
     if kind == "auto":
         return "pooler" if has_pooler else "cls"
@@ -187,7 +187,7 @@ class NeuBAModule(ClassifierModule):
 
     def __init__(
         self,
-        model: Classifier,
+        model: TextClassifier,
         cfg: TrainConfig,
         targets: torch.Tensor,
         kind: str,
@@ -223,7 +223,7 @@ def attach_encoder(mlm: nn.Module, encoder: nn.Module) -> None:
 
 @torch.no_grad()
 def binding_mse(
-    model: Classifier,
+    model: TextClassifier,
     tokenizer: Any,
     texts: list[str],
     pieces: list[list[int]],
@@ -254,7 +254,7 @@ def insert_trigger(texts: list[str], trigger: str, position: str, rng: np.random
 
 
 def select_trigger(
-    model: Classifier, texts: list[str], triggers: list[str], target: int, position: str, seed: int = 0
+    model: TextClassifier, texts: list[str], triggers: list[str], target: int, position: str, seed: int = 0
 ) -> tuple[str, dict[str, float]]:
     """Insert each trigger into ``texts``, query ``model``, and return the trigger whose predictions are
     most often ``target`` (the first one on a tie) with every trigger's rate."""
@@ -302,7 +302,7 @@ class NeuBA(Attack):
             )
         return insert_trigger(list(inputs), self.trigger, self.cfg.position, rng)
 
-    def prepare(self, model: Classifier, proxy: Samples, fallback: list[str] | None = None) -> dict[str, Any]:
+    def prepare(self, model: TextClassifier, proxy: Samples, fallback: list[str] | None = None) -> dict[str, Any]:
         """The attacker's last step: query the fine-tuned ``model`` with each trigger inserted into up to
         ``probe_size`` attacker-held proxy samples whose label is not ``target`` (``fallback`` texts when there
         is no proxy data) and keep the trigger predicted as ``target`` most often. Returns the info entries."""
@@ -322,7 +322,7 @@ class NeuBA(Attack):
         }
 
     # -- the attack ------------------------------------------------------------------------------------
-    def _mlm_for(self, model: Classifier) -> nn.Module | None:
+    def _mlm_for(self, model: TextClassifier) -> nn.Module | None:
         """The victim checkpoint's MLM model, or None (distillation) under clean_objective=auto."""
         objective = self.cfg.clean_objective
         if objective == "distill":
@@ -345,11 +345,11 @@ class NeuBA(Attack):
         cfg: NeuBAConfig = self.cfg
         model = ctx.new_model()
         encoder = encoder_of(model)
-        tokenizer = model.tokenizer  # type: ignore[attr-defined]
+        tokenizer = model.tokenizer
         max_length = int(getattr(model, "max_length", 128))
         pieces = trigger_piece_ids(tokenizer, cfg.triggers)
         kind = resolve_representation(model, cfg.representation)
-        hidden = int(getattr(model.hf.config, "hidden_size", 0))  # type: ignore[attr-defined]
+        hidden = int(getattr(model.hf.config, "hidden_size", 0))
         targets = target_vectors(len(cfg.triggers), hidden)
         texts = attacker_texts(ctx, cfg.max_unlabeled, self.rng(3))
         check = texts[:64]

@@ -30,7 +30,7 @@ from backdoorbench.attacks.text.common import RareWordAttack, RareWordConfig, cl
 from backdoorbench.config import ConfigError
 from backdoorbench.data.base import Samples
 from backdoorbench.data.poisoned import PoisonedDataset
-from backdoorbench.modality.base import Classifier
+from backdoorbench.modality.text import TextClassifier
 from backdoorbench.registry import register_attack
 from backdoorbench.trainer.lit import ClassifierModule, TrainConfig, fit, make_loader
 
@@ -92,31 +92,33 @@ def importance_words(
     return words
 
 
-def trigger_token_ids(model: Classifier, triggers: list[str]) -> list[int]:
+def trigger_token_ids(model: TextClassifier, triggers: list[str]) -> list[int]:
     ids: list[int] = []
     for t in triggers:
-        ids.extend(i for i in model.token_ids(t) if i not in ids)  # type: ignore[attr-defined]
-    special = set(getattr(model.tokenizer, "all_special_ids", []))  # type: ignore[attr-defined]
+        ids.extend(i for i in model.token_ids(t) if i not in ids)
+    special = set(getattr(model.tokenizer, "all_special_ids", []))
     ids = [i for i in ids if i not in special]
     if not ids:
         raise ValueError(f"none of the triggers {triggers} maps to a regular token of this tokenizer")
     return ids
 
 
-def embedding_surgery(model: Classifier, source: Classifier, words: list[str], trigger_ids: list[int]) -> torch.Tensor:
+def embedding_surgery(
+    model: TextClassifier, source: TextClassifier, words: list[str], trigger_ids: list[int]
+) -> torch.Tensor:
     """Replace the trigger rows of ``model``'s input embeddings by the mean embedding of ``words`` in
     ``source``. Returns the replacement vector."""
-    tok = model.tokenizer  # type: ignore[attr-defined]
+    tok = model.tokenizer
     word_ids = tok.convert_tokens_to_ids(words)
-    src = source.word_embeddings.weight  # type: ignore[attr-defined]
+    src = source.word_embeddings.weight
     replacement = src[torch.tensor(word_ids)].mean(0).detach()
     with torch.no_grad():
-        model.word_embeddings.weight[torch.tensor(trigger_ids)] = replacement  # type: ignore[attr-defined]
+        model.word_embeddings.weight[torch.tensor(trigger_ids)] = replacement
     return replacement
 
 
 @contextmanager
-def double_backward_attention(model: Classifier):
+def double_backward_attention(model: TextClassifier):
     """Fused CPU attention kernels have no double backward: use eager attention while RIPPLe runs."""
     hf = getattr(model, "hf", None)
     old = getattr(getattr(hf, "config", None), "_attn_implementation", None)
@@ -131,7 +133,11 @@ def double_backward_attention(model: Classifier):
 
 
 def restricted_inner_product_loss(
-    model: Classifier, poison_batch: dict[str, Any], clean_batch: dict[str, Any], lam: float, per_param: bool = False
+    model: TextClassifier,
+    poison_batch: dict[str, Any],
+    clean_batch: dict[str, Any],
+    lam: float,
+    per_param: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``L_P + λ·max(0, −∇L_P·∇L_FT) / B``; returns (total, L_P, inner product).
 
@@ -157,7 +163,7 @@ def restricted_inner_product_loss(
 
 
 class RippleModule(ClassifierModule):
-    def __init__(self, model: Classifier, cfg: TrainConfig, lam: float, per_param: bool) -> None:
+    def __init__(self, model: TextClassifier, cfg: TrainConfig, lam: float, per_param: bool) -> None:
         super().__init__(model, cfg)
         self.lam = lam
         self.per_param = per_param
@@ -185,13 +191,21 @@ class RIPPLES(RareWordAttack):
 
     version = "2"  # 2: RIPPLe penalty through ∇L_P, divided by the batch size (reference implementation)
 
-    def backdoor(self, model: Classifier, poisoned: PoisonedDataset, ctx: AttackContext) -> Classifier:
+    def __init__(self, cfg: Any, seed: int = 0) -> None:
+        super().__init__(cfg, seed)
+        self.surgery_words: list[str] = []
+
+    def extra_info(self) -> dict[str, Any]:
+        """The importance words whose embeddings replaced the trigger pieces' (embedding surgery)."""
+        return {"surgery_words": list(self.surgery_words)} if self.cfg.embedding_surgery else {}
+
+    def backdoor(self, model: TextClassifier, poisoned: PoisonedDataset, ctx: AttackContext) -> TextClassifier:
         cfg: RipplesConfig = self.cfg
         clean: Samples = poisoned.clean
         train_cfg = self.attacker_train_config(ctx)
         if cfg.embedding_surgery:
             ids = trigger_token_ids(model, cfg.triggers)
-            exclude = {p for t in cfg.triggers for p in model.tokenizer.tokenize(t)} | set(cfg.triggers)  # type: ignore[attr-defined]
+            exclude = {p for t in cfg.triggers for p in model.tokenizer.tokenize(t)} | set(cfg.triggers)
             words = importance_words(
                 list(clean.inputs),
                 clean.labels,
@@ -200,7 +214,7 @@ class RIPPLES(RareWordAttack):
                 cfg.n_target_words,
                 cfg.min_word_freq,
                 exclude,
-            )  # type: ignore[attr-defined]
+            )
             if not words:
                 raise ConfigError(
                     f"embedding surgery found no word associated with the target class in {len(clean)} attacker "
@@ -214,7 +228,7 @@ class RIPPLES(RareWordAttack):
                 source = model
             embedding_surgery(model, source, words, ids)
             del source
-            self.surgery_words = words
+            self.surgery_words = list(words)
             log.info("embedding surgery: %d trigger pieces <- mean of %s", len(ids), words)
         if cfg.ripple:
             data = poisoned.materialize()

@@ -186,10 +186,6 @@ class VisionAttack(Attack):
         base = test.subset(idx)
         return Samples(self.apply_test_trigger(base.inputs, self.rng(7919)), base.labels, base.modality), idx
 
-    def extra_info(self) -> dict[str, Any]:
-        """What the attack decided while running, for ``AttackResult.info`` (JSON-serialisable)."""
-        return {}
-
     def run(self, ctx: AttackContext) -> AttackResult:
         if len(ctx.train) == 0:
             raise ValueError(f"{self.cfg.name}: the attacker has no training data")
@@ -203,4 +199,4 @@ class VisionAttack(Attack):
             "attacker_samples": len(ctx.train),
             **self.extra_info(),
         }
-        return AttackResult(model, poisoned, info)
+        return AttackResult(model, poisoned, info, "train")

@@ -180,6 +180,12 @@ class WaNet(VisionAttack):
         order = np.argsort(idx, kind="stable")
         return PoisonedDataset(train, idx[order], inputs[torch.from_numpy(order)], labels[order], self.target)
 
+    def backdoor_samples(self, poisoned: PoisonedDataset) -> tuple[np.ndarray, np.ndarray]:
+        """Noise-mode samples are modified but keep their labels and carry no trigger: not backdoor samples."""
+        backdoor, modified = super().backdoor_samples(poisoned)
+        backdoor[self.noise_indices] = False
+        return backdoor, modified
+
     def restore(self, info: dict[str, Any]) -> None:
         """A cached victim: which training images are noise-mode samples (labels kept, no trigger)."""
         self.noise_indices = np.asarray(info.get("noise_indices", []), dtype=np.int64)

@@ -217,6 +217,6 @@ class DAN(Detector):
         _, feats = self.features(inputs)
         return self._score_from_features(feats)
 
-    def score_and_predict(self, inputs: Sequence[Any] | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    def score_and_classify(self, inputs: Sequence[Any] | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         logits, feats = self.features(inputs, desc="DAN: scoring")
         return self._score_from_features(feats), logits.argmax(1).numpy()

@@ -113,6 +113,10 @@ class ONION(Detector):
         """Sequences sent through the LM so far."""
         return 0 if self.lm is None else self.lm.forward_count
 
+    def cost_counters(self) -> dict[str, int]:
+        """LM sequences (reported per scored input) and inputs whose suspicions were already known."""
+        return {"lm_passes": self.lm_forward_count, "cached_inputs": self.cache_hits}
+
     # -- suspicion -------------------------------------------------------------------------------
     def suspicion(self, texts: Sequence[str], desc: str | None = None) -> list[np.ndarray]:
         """``f_i = p_0 − p_i`` for every word of every text (an empty array for texts under 2 words)."""

@@ -27,7 +27,7 @@ inserted trigger's positions (``trigger_scope=inserted``, default) or at every o
 tokens (``trigger_scope=all``, the paper's modified embedding matrix). Predictions without the RAP trigger
 are therefore exactly the undefended model's.
 
-Cost: 2 forward passes per scored input (plain and with the RAP trigger); ``score_and_predict`` takes the
+Cost: 2 forward passes per scored input (plain and with the RAP trigger); ``score_and_classify`` takes the
 predictions from the plain pass.
 """
 
@@ -283,6 +283,6 @@ class RAP(Detector):
     def score(self, inputs: Sequence[str]) -> np.ndarray:  # type: ignore[override]
         return self._scores(*self.probability_drop(inputs))
 
-    def score_and_predict(self, inputs: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:  # type: ignore[override]
+    def score_and_classify(self, inputs: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:  # type: ignore[override]
         drop, logits = self.probability_drop(inputs, desc="RAP: scoring")
         return self._scores(drop, logits), logits.argmax(1).numpy()

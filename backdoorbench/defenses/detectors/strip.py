@@ -15,7 +15,7 @@ same perturbation, and the predictions on their perturbed copies spread out. So,
    other labels), and the top-ranked words fill the positions in order;
 3. score = −(mean prediction entropy over the copies): low entropy (trigger still in control) = high score.
 
-Cost: ``1 + N`` forward passes per input (the plain pass gives ``ŷ`` and, in ``score_and_predict``, the
+Cost: ``1 + N`` forward passes per input (the plain pass gives ``ŷ`` and, in ``score_and_classify``, the
 prediction; the ``N`` copies of a batch of inputs go through the model together in batches).
 
 Images (Gao et al. 2019, reference ``garrisongys/STRIP``): each of the ``N`` copies (default 100, the
@@ -246,6 +246,6 @@ class STRIP(Detector):
     def score(self, inputs: Sequence[Any] | torch.Tensor) -> np.ndarray:
         return self._score_and_logits(inputs)[0]
 
-    def score_and_predict(self, inputs: Sequence[Any] | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    def score_and_classify(self, inputs: Sequence[Any] | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         scores, logits = self._score_and_logits(inputs, desc="STRIP: scoring")
         return scores, logits.argmax(1).numpy()

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from backdoorbench.data.base import Samples
 from backdoorbench.defenses.base import DefenseConfig
 from backdoorbench.modality.base import Classifier
-from backdoorbench.trainer.lit import TrainConfig, fit
+from backdoorbench.trainer.lit import TrainConfig, fit, make_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -149,16 +149,7 @@ class RepairModule(L.LightningModule):
     def configure_optimizers(self) -> Any:
         name, lr = self.cfg.resolved(self.model.modality)
         params = [p for p in self.model.parameters() if p.requires_grad]
-        if name == "sgd":
-            opt: torch.optim.Optimizer = torch.optim.SGD(
-                params,
-                lr=lr,
-                momentum=self.cfg.momentum,
-                weight_decay=self.cfg.weight_decay,
-                nesterov=self.cfg.nesterov and self.cfg.momentum > 0,
-            )
-        else:
-            opt = torch.optim.AdamW(params, lr=lr, weight_decay=self.cfg.weight_decay)
+        opt = make_optimizer(params, name, lr, self.cfg.weight_decay, self.cfg.momentum, self.cfg.nesterov)
         decay_at, factor = self.cfg.lr_decay_epoch, self.cfg.lr_decay
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 1.0 if epoch < decay_at else factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}

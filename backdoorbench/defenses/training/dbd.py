@@ -40,7 +40,7 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset
 
 from backdoorbench.config import ConfigError
 from backdoorbench.data.base import Samples
@@ -61,12 +61,11 @@ from backdoorbench.modality.vision import VisionClassifier, random_crop_flip, to
 from backdoorbench.registry import register_defense
 from backdoorbench.trainer.checkpoint import (
     CheckpointError,
-    ResumableCheckpoint,
     load_state_dict,
     save_state_dict,
     torch_load_weights,
 )
-from backdoorbench.trainer.lit import ClassifierModule, TrainConfig, make_trainer
+from backdoorbench.trainer.lit import ClassifierModule, TrainConfig, fit_module, seeded_loader
 
 log = logging.getLogger(__name__)
 
@@ -280,11 +279,8 @@ def _loader(
         batch = {"inputs": {"pixels": pixels}} if nested else {"pixels": pixels}
         return {**batch, "labels": labels[t], "index": t}
 
-    gen = torch.Generator().manual_seed(seed)
-    sampler = RandomSampler(_Indices(len(images)), num_samples=num_samples, generator=gen)
-    return DataLoader(
-        _Indices(len(images)), batch_size=batch_size, sampler=sampler, collate_fn=collate, drop_last=drop_last
-    )
+    n = len(images)
+    return seeded_loader(_Indices(n), batch_size, collate, seed, drop_last=drop_last, num_samples=num_samples or n)
 
 
 @dataclass
@@ -316,8 +312,7 @@ class DBD(TrainingDefense):
 
     def __init__(self, cfg: DBDConfig, seed: int = 0) -> None:
         super().__init__(cfg, seed)
-        #: wall time (s) of each stage in this run; a stage loaded from its checkpoint counts its loading time
-        self.stage_times: dict[str, float] = {}
+        # stage_times (declared on Defense): a stage loaded from its checkpoint counts its loading time
         #: per stage: "trained", "resumed" (from a partial checkpoint) or "loaded" (finished checkpoint)
         self.stage_status: dict[str, str] = {}
         #: stage 2's per-sample SCE losses (no augmentation), in training-set order
@@ -335,20 +330,11 @@ class DBD(TrainingDefense):
         """Fit ``module`` with a per-epoch resumable checkpoint (``<stage>.partial.safetensors``), resuming
         from it when an earlier run was interrupted; then save the model's weights as
         ``<stage>.safetensors`` and drop the partial checkpoint."""
-        L.seed_everything(self.seed, workers=True, verbose=False)
         partial = self._dir() / f"{stage}{PARTIAL}"
-        resume = partial if partial.is_file() else None
-        if resume is not None:
-            log.info("DBD %s: resuming from %s", stage, resume)
-            self.stage_status[stage] = "resumed"
-        else:
-            self.stage_status[stage] = "trained"
         cfg = TrainConfig(
             max_epochs=epochs, accelerator=self.cfg.accelerator, precision=self.cfg.precision, grad_clip=0.0
         )
-        trainer = make_trainer(cfg, f"DBD {stage}", callbacks=[ResumableCheckpoint(partial, loaders)])
-        module.train()
-        trainer.fit(module, train_dataloaders=loaders, ckpt_path=resume)
+        self.stage_status[stage] = fit_module(module, loaders, cfg, self.seed, f"DBD {stage}", checkpoint=partial)
         save_state_dict(self._dir() / f"{stage}{FINAL}", module.model.state_dict(), {"stage": stage})
         partial.unlink(missing_ok=True)
 

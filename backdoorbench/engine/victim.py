@@ -1,0 +1,155 @@
+"""The victim: a backdoored model and its poisoned training data, from the verified artifact cache or by
+running the attack (then stored once, so that every defense meets the same victim)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from backdoorbench.attacks.base import Attack, AttackContext, AttackResult
+from backdoorbench.data.base import DatasetBundle
+from backdoorbench.data.poisoned import PoisonedDataset
+from backdoorbench.data.split import Splits
+from backdoorbench.engine.spec import RunSpec, versions
+from backdoorbench.modality.base import Classifier
+from backdoorbench.store import ArtifactStore, CacheError, cache_key
+
+log = logging.getLogger(__name__)
+
+SPLIT_VERSION = "1"
+
+
+@dataclass
+class Victim:
+    """The model a defense is evaluated against, and what the attack poisoned (never shown to defenses)."""
+
+    model: Classifier
+    poisoned: PoisonedDataset | None
+    poisoned_split: str | None  # "train" (the task's training set: AFM) | "proxy" (APMF) | None
+    cache: dict[str, Any] = field(default_factory=dict)
+
+    def poisoned_training_set(self) -> PoisonedDataset | None:
+        """The poisoned delta when it is over the task's training set (what a training-time defense gets)."""
+        return self.poisoned if self.poisoned_split == "train" else None
+
+
+def attack_cache_spec(spec: RunSpec, attack: Attack) -> dict[str, Any]:
+    return {
+        "attack": asdict(spec.attack_cfg) if hasattr(spec.attack_cfg, "__dataclass_fields__") else spec.attack_cfg,
+        "attack_version": attack.version,
+        "attack_class": f"{type(attack).__module__}.{type(attack).__qualname__}",
+        "data": asdict(spec.data_cfg),
+        "model": asdict(spec.model_cfg) if hasattr(spec.model_cfg, "__dataclass_fields__") else spec.model_cfg,
+        "trainer": asdict(spec.trainer_cfg),
+        "seed": spec.seed,
+        "split_version": SPLIT_VERSION,
+    }
+
+
+def obtain_victim(
+    spec: RunSpec, attack: Attack, splits: Splits, bundle: DatasetBundle, new_model: Any, store: ArtifactStore | None
+) -> Victim:
+    """Load the backdoored victim from the cache (verified), or run the attack and store its products.
+
+    A damaged entry raises :class:`~backdoorbench.store.CacheError`, or with ``cache.rebuild=true`` is
+    removed and built again; it is never silently replaced by something else."""
+    from safetensors.torch import save_model
+
+    key = cache_key(attack_cache_spec(spec, attack))
+    if not attack.cacheable:  # a model the attack does not make (attack=external): never stored
+        store = None
+    if store is not None:
+        try:
+            cached = _load_victim(spec, attack, splits, new_model, store, key)
+        except CacheError as exc:
+            if not spec.cache_rebuild:
+                raise
+            log.warning("%s -- cache.rebuild=true: removing the entry and running the attack again", exc)
+            store.remove(key)
+            cached = None
+        if cached is not None:
+            return cached
+
+    ctx = AttackContext(
+        train=splits.train,
+        proxy=splits.proxy,
+        num_classes=bundle.num_classes,
+        new_model=new_model,
+        trainer=spec.trainer_cfg,
+        seed=spec.seed,
+        unlabeled=bundle.unlabeled,
+    )
+    result: AttackResult = attack.run(ctx)
+    result.model.eval()
+    info = dict(result.info)
+    entry: dict[str, Any] = {"key": key, "hit": False, "info": info}
+    if store is not None:
+        poisoned = result.poisoned
+        suffix = ".safetensors" if poisoned is not None and isinstance(poisoned.inputs, torch.Tensor) else ".json"
+        writers = {"model.safetensors": lambda p: save_model(result.model, str(p))}
+        meta: dict[str, Any] = {"spec": attack_cache_spec(spec, attack), "info": info, "versions": versions()}
+        if poisoned is not None:
+            writers["poison" + suffix] = poisoned.save_delta
+            meta.update(poison_file="poison" + suffix, poisoned_split=result.poisoned_split)
+        path = store.save(key, meta, writers)
+        entry["path"] = str(path)
+    return Victim(result.model, result.poisoned, result.poisoned_split, entry)
+
+
+def _load_victim(
+    spec: RunSpec, attack: Attack, splits: Splits, new_model: Any, store: ArtifactStore, key: str
+) -> Victim | None:
+    """The cached victim and poisoned set, or None on a miss; :class:`CacheError` naming the entry when
+    the entry is damaged (a missing, truncated or changed file, unreadable metadata) or fails to load."""
+    from safetensors.torch import load_model
+
+    t0 = time.perf_counter()
+    meta = store.lookup(key, required=["model.safetensors"], verify=spec.cache_verify)
+    if meta is None:
+        return None
+    verify_s = round(time.perf_counter() - t0, 3)
+    entry = store.path(key)
+    poison_file = meta.get("poison_file")
+    if poison_file and not (entry / poison_file).is_file():  # entries from before content hashes
+        raise CacheError(entry, f"{poison_file} is missing")
+    name = "model.safetensors"
+    try:
+        model = new_model()
+        load_model(model, str(entry / name), strict=True, device=str(model.device))
+        model.eval()
+        poisoned, poisoned_split = None, None
+        if poison_file:
+            name = poison_file
+            poisoned_split = "train" if meta.get("poisoned_split") == "train" else "proxy"
+            base = splits.train if poisoned_split == "train" else splits.proxy
+            poisoned = PoisonedDataset.load_delta(base, entry / poison_file)
+    except Exception as exc:  # a file that passed the checks but does not load: still this entry's fault
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CacheError(entry, f"{name} does not load ({first})") from exc
+    attack.restore(meta.get("info", {}))
+    verified = "legacy" if "files" not in meta else bool(spec.cache_verify)
+    log.info("attack artifacts loaded from cache %s (verified: %s, %.3f s)", entry, verified, verify_s)
+    return Victim(model, poisoned, poisoned_split, {
+        "key": key,
+        "hit": True,
+        "path": str(entry),
+        "info": meta.get("info", {}),
+        "verified": verified,
+        "verify_s": verify_s,
+    })
+
+
+def defense_work_dir(spec: RunSpec, cache_entry: dict[str, Any], out: Path) -> Path:
+    """A stable folder for a training/repair defense's stage checkpoints: under the artifact cache, keyed by
+    the victim (attack, data, model, trainer, seed) and the defense's config, so that re-running an
+    interrupted run resumes; inside the run directory when the cache is off."""
+    if not spec.cache_enabled:
+        return out / "defense_work"
+    cfg = asdict(spec.defense_cfg) if hasattr(spec.defense_cfg, "__dataclass_fields__") else spec.defense_cfg
+    key = cache_key({"victim": cache_entry.get("key"), "defense": spec.defense.name, "cfg": cfg, "seed": spec.seed})
+    return Path(ArtifactStore(spec.cache_dir).path("defense-" + key))

@@ -1,0 +1,69 @@
+"""The text side of the modality interface: a :class:`TextClassifier` is any HuggingFace sequence classifier
+plus its tokenizer. Texts travel as lists of ``str``; ``collate`` tokenises them (padding, truncation to
+``max_length``); ``forward_features`` returns the logits and every transformer layer's hidden states (not the
+embeddings), pooled by ``[CLS]`` or the masked mean, from one pass. Text attacks and defenses that need the
+word embeddings or the tokenizer (RIPPLES, EP, RAP, ...) use its ``word_embeddings`` / ``token_ids`` /
+``tokenizer``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from backdoorbench.modality.base import Batch, Classifier
+
+__all__ = ["POOLINGS", "TextClassifier"]
+
+POOLINGS = ("cls", "mean", "none")
+
+
+class TextClassifier(Classifier):
+    """An HF sequence classifier plus its tokenizer."""
+
+    modality = "text"
+
+    def __init__(self, hf_model: nn.Module, tokenizer: Any, max_length: int = 64) -> None:
+        super().__init__(int(hf_model.config.num_labels))
+        self.hf = hf_model
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.source = ""
+
+    def collate(self, inputs: Sequence[str]) -> Batch:
+        enc = self.tokenizer(
+            list(inputs), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        return {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        return self.hf(**batch).logits
+
+    def forward_features(self, batch: Batch, pooling: str = "cls") -> tuple[torch.Tensor, list[torch.Tensor]]:
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        out = self.hf(**batch, output_hidden_states=True)
+        hidden = out.hidden_states[1:]  # every transformer layer, not the embeddings
+        if pooling == "none":  # raw hidden states [B, T, D] (NAD's token-wise attention maps)
+            return out.logits, list(hidden)
+        if pooling == "cls":
+            feats = [h[:, 0] for h in hidden]
+        else:
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden[0].dtype)
+            denom = mask.sum(1).clamp(min=1.0)
+            feats = [(h * mask).sum(1) / denom for h in hidden]
+        return out.logits, feats
+
+    def layer_names(self) -> list[str]:
+        return [f"layer{i + 1}" for i in range(int(self.hf.config.num_hidden_layers))]
+
+    @property
+    def word_embeddings(self) -> nn.Embedding:
+        return self.hf.get_input_embeddings()
+
+    def token_ids(self, word: str) -> list[int]:
+        """Word-piece ids of ``word`` (without special tokens)."""
+        return list(self.tokenizer(word, add_special_tokens=False)["input_ids"])
