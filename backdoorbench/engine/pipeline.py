@@ -91,6 +91,11 @@ def validate(cfg: DictConfig) -> RunSpec:
     threads = cfg.get("threads")
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise ConfigError(f"threads must be a positive integer or null, got {threads!r}")
+    if defense.category == "training" and not getattr(attack.obj, "trains", True):
+        raise ConfigError(
+            f"defense {defense.name!r} trains its own model from the training data, so it never sees the victim of "
+            f"attack={attack.name}; choose a detector or a repair defense"
+        )
     cache = cfg.get("cache") or {}
     for flag in ("enabled", "verify", "rebuild"):
         if not isinstance(cache.get(flag, True), bool):
@@ -193,6 +198,8 @@ def obtain_victim(
     from safetensors.torch import save_model
 
     key = cache_key(attack_cache_spec(spec, attack))
+    if not attack.cacheable:  # a user's own model (attack=external) is never copied into the artifact cache
+        store = None
     if store is not None:
         try:
             cached = _load_victim(spec, attack, splits, new_model, store, key)
@@ -213,6 +220,7 @@ def obtain_victim(
         trainer=spec.trainer_cfg,
         seed=spec.seed,
         unlabeled=bundle.unlabeled,
+        model_cfg=spec.model_cfg,
     )
     result: AttackResult = attack.run(ctx)
     result.model.eval()
@@ -220,6 +228,8 @@ def obtain_victim(
     if hasattr(attack, "surgery_words"):
         info["surgery_words"] = list(attack.surgery_words)
     entry: dict[str, Any] = {"key": key, "hit": False, "info": info}
+    if not attack.cacheable:  # no cache entry: nothing to key a defense's stage checkpoints on (defense_work_dir)
+        entry.update(key=None, stored=False)
     if store is not None:
         poisoned = result.poisoned
         poisoned_split = "train" if poisoned is not None and poisoned.clean is splits.train else "proxy"
@@ -347,7 +357,10 @@ def run_experiment(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         hits0 = getattr(defense, "cache_hits", None)  # detectors that reuse scores of inputs seen before
         with timer("scoring"):
             c_scores, c_preds = defense.score_and_predict(splits.test.inputs)
-            p_scores, p_preds = defense.score_and_predict(triggered.inputs)
+            if len(triggered):
+                p_scores, p_preds = defense.score_and_predict(triggered.inputs)
+            else:  # no known trigger (attack=external): only the user's clean inputs are scored
+                p_scores, p_preds = np.zeros(0), np.zeros(0, dtype=np.int64)
         n_scored = len(splits.test) + len(triggered)
         cost = {
             "forward_passes_per_input": model.forward_count / max(n_scored, 1),
@@ -368,6 +381,8 @@ def run_experiment(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         metrics["ba_after_rejection"] = float(((c_preds == splits.test.labels) & ~c_rej).mean())
         metrics["asr_after_rejection"] = float(((p_preds == tgt) & ~p_rej).mean()) if len(p_preds) else float("nan")
         metrics["clean_size"] = len(clean_def)
+        if not attack.has_trigger:  # what a user without a trigger learns: how many of their inputs are rejected
+            metrics["rejection_rate"] = float(c_rej.mean()) if len(c_rej) else float("nan")
         if defense.corrects_inputs:
             with timer("correction"):
                 c_fixed = model.predict(defense.correct(splits.test.inputs), batch, "eval: corrected clean")
@@ -403,6 +418,8 @@ def run_experiment(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
             r_acc_after=robust_accuracy(scored[1].preds, scored[1].labels),
             der=der(ba_b, asr_b, ba_a, asr_a),
         )
+        if not attack.has_trigger:  # no known trigger (attack=external): BA before/after only
+            metrics.update(asr=None, asr_after=None, r_acc_after=None, der=None)
         if isinstance(defense, TrainingDefense) and defense.labelled_indices is not None:
             kept = np.asarray(defense.labelled_indices, dtype=np.int64)
             metrics["labelled_fraction"] = len(kept) / max(len(splits.train), 1)
@@ -425,7 +442,7 @@ def run_experiment(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     if "ba" not in metrics:
         metrics = {
             "ba": accuracy(scored[0].preds, scored[0].labels),
-            "asr": attack_success_rate(scored[1].preds, tgt),
+            "asr": attack_success_rate(scored[1].preds, tgt) if attack.has_trigger else None,  # None: no known trigger
             **metrics,
         }
     timer.times["total"] = round(time.perf_counter() - t_start, 3)
@@ -488,7 +505,7 @@ def defense_work_dir(spec: RunSpec, cache_entry: dict[str, Any], out: Path) -> P
     """A stable folder for a training/repair defense's stage checkpoints: under the artifact cache, keyed by
     the victim (attack, data, model, trainer, seed) and the defense's config, so that re-running an
     interrupted run resumes; inside the run directory when the cache is off."""
-    if not spec.cache_enabled:
+    if not spec.cache_enabled or cache_entry.get("key") is None:  # no cache, or a victim outside it
         return out / "defense_work"
     cfg = asdict(spec.defense_cfg) if hasattr(spec.defense_cfg, "__dataclass_fields__") else spec.defense_cfg
     key = cache_key({"victim": cache_entry.get("key"), "defense": spec.defense.name, "cfg": cfg, "seed": spec.seed})
