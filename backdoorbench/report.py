@@ -46,6 +46,8 @@ def print_run_summary(results: dict[str, Any]) -> None:
         for k, v in m["far_at_frr"].items():
             t.add_row(f"FAR @ FRR {_pct(float(k))}%", _pct(v))
         t.add_row("FRR reached on clean test", _pct(m.get("frr")))
+        if "rejection_rate" in m:  # an external victim without a known trigger
+            t.add_row("rejected of your inputs (clean test)", _pct(m.get("rejection_rate")))
         t.add_row("AUROC", _pct(m.get("auroc")))
         t.add_row("BA after rejection", _pct(m.get("ba_after_rejection")))
         t.add_row("ASR after rejection", _pct(m.get("asr_after_rejection")))
@@ -63,9 +65,11 @@ def print_run_summary(results: dict[str, Any]) -> None:
     console.print(t)
     timing = ", ".join(f"{k} {v:.1f}s" for k, v in results.get("timing", {}).items())
     cache = results.get("cache", {})
-    console.print(
-        f"timing: {timing}; victim {'from cache' if cache.get('hit') else 'trained'} ({cache.get('key', '')})"
-    )
+    if cache.get("stored") is False:  # an external victim: loaded from the user's file, never cached
+        victim = f"loaded from {cache.get('info', {}).get('path', '?')}"
+    else:
+        victim = f"{'from cache' if cache.get('hit') else 'trained'} ({cache.get('key', '')})"
+    console.print(f"timing: {timing}; victim {victim}")
     console.print(f"run directory: {results['out_dir']}")
 
 

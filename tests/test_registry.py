@@ -147,7 +147,9 @@ def test_modality_support() -> None:
     assert reg.get("defense", "vis").supports("vision")
     assert reg.get("defense", "both").supports("text") and reg.get("defense", "both").supports("vision")
     attacks = REGISTRY.entries("attack")
-    assert all(len(e.modality) == 1 for e in attacks)  # an attack's trigger belongs to one modality
+    # an attack's trigger belongs to one modality; an external victim is of the modality its data= says
+    assert all(len(e.modality) == 1 for e in attacks if e.name != "external")
+    assert REGISTRY.get("attack", "external").modality == ("text", "vision")
     assert {"badnet_rw", "ripples"} <= {e.name for e in attacks if e.supports("text")}
     assert not any(e.supports("vision") for e in attacks if e.name in ("badnet_rw", "ripples"))
 

@@ -40,6 +40,7 @@ class AttackContext:
     trainer: TrainConfig  # the user's fine-tuning schedule
     seed: int = 0
     unlabeled: list[str] | None = None
+    model_cfg: Any = None  # the model= group's config (name, max_length, ...)
 
 
 POISONED_SPLITS = ("train", "proxy")
@@ -67,8 +68,11 @@ class Attack(ABC):
 
     modality: ClassVar[str] = ""
     version: ClassVar[str] = "1"  # bump when the algorithm changes: part of the cache key
-    #: whether the victim may be stored in the artifact cache (False for a model the attack only loads)
+    #: the victim may be stored in the artifact cache (False for a user's own model: attack=external)
     cacheable: ClassVar[bool] = True
+    #: the victim is trained on the run's training data (False for attack=external: a training-time defense,
+    #: which trains its own model on that data, would never see the victim)
+    trains: ClassVar[bool] = True
 
     def __init__(self, cfg: Any, seed: int = 0) -> None:
         self.cfg = cfg
@@ -77,6 +81,11 @@ class Attack(ABC):
     @property
     def target(self) -> int:
         return int(self.cfg.target)
+
+    @property
+    def has_trigger(self) -> bool:
+        """The test-time trigger is known, so ASR can be measured (False: ``triggered_test`` is empty)."""
+        return True
 
     def target_labels(self, true_labels: np.ndarray) -> np.ndarray:
         """The label the backdoor should produce for triggered inputs of these true labels (all-to-one: the

@@ -103,8 +103,10 @@ class Outcome:
     extra: dict[str, Any] = field(default_factory=dict)  # further results.json sections (a repair curve)
 
 
-def plain_metrics(scored: list[Scored], target: np.ndarray) -> dict[str, float]:
-    return {"ba": accuracy(scored[0].preds, scored[0].labels), "asr": attack_success_rate(scored[1].preds, target)}
+def plain_metrics(scored: list[Scored], target: np.ndarray) -> dict[str, float | None]:
+    """BA, and ASR when there are triggered inputs (None without a known trigger: attack=external)."""
+    asr = attack_success_rate(scored[1].preds, target) if len(scored[1].labels) else None
+    return {"ba": accuracy(scored[0].preds, scored[0].labels), "asr": asr}
 
 
 # -- the protocols ----------------------------------------------------------------------------------------
@@ -117,7 +119,10 @@ def detect(defense: Detector, ctx: RunContext) -> Outcome:
     counters0 = defense.cost_counters()
     with timer("scoring"):
         c_scores, c_preds = defense.score_and_classify(test.inputs)
-        p_scores, p_preds = defense.score_and_classify(trig.inputs)
+        if len(trig):
+            p_scores, p_preds = defense.score_and_classify(trig.inputs)
+        else:  # no known trigger (attack=external): only the user's clean inputs are scored
+            p_scores, p_preds = np.zeros(0), np.zeros(0, dtype=np.int64)
     n_scored = max(len(test) + len(trig), 1)
     cost: dict[str, Any] = {
         "forward_passes_per_input": model.forward_count / n_scored,
@@ -141,10 +146,14 @@ def detect(defense: Detector, ctx: RunContext) -> Outcome:
     metrics["ba_after_rejection"] = float(((c_preds == test.labels) & ~c_rej).mean())
     metrics["asr_after_rejection"] = float(((p_preds == tgt) & ~p_rej).mean()) if len(p_preds) else float("nan")
     metrics["clean_size"] = len(clean)
+    if not ctx.attack.has_trigger:  # what a user without a trigger learns: how many of their inputs are rejected
+        metrics["rejection_rate"] = float(c_rej.mean()) if len(c_rej) else float("nan")
     if defense.corrects_inputs:
         with timer("correction"):
             c_fixed = model.predict(defense.correct(test.inputs), ctx.batch, "eval: corrected clean")
-            p_fixed = model.predict(defense.correct(trig.inputs), ctx.batch, "eval: corrected triggered")
+            p_fixed = model.predict(defense.correct(trig.inputs), ctx.batch, "eval: corrected triggered") if len(
+                trig
+            ) else np.zeros(0, dtype=np.int64)
         metrics["ba_after_correction"] = accuracy(c_fixed, test.labels)
         metrics["asr_after_correction"] = attack_success_rate(p_fixed, tgt)
     return Outcome(scored, {**plain_metrics(scored, tgt), **metrics}, cost)
@@ -168,8 +177,10 @@ def _before_after(defense: Defense, ctx: RunContext, run: Callable[[], Classifie
         "ba_after": a["ba"],
         "asr_after": a["asr"],
         "r_acc_after": robust_accuracy(scored[1].preds, scored[1].labels),
-        "der": der(b["ba"], b["asr"], a["ba"], a["asr"]),
+        "der": der(b["ba"], b["asr"], a["ba"], a["asr"]) if b["asr"] is not None else None,
     }
+    if not ctx.attack.has_trigger:  # no known trigger (attack=external): BA before/after only
+        metrics.update(asr=None, asr_after=None, r_acc_after=None)
     return defended, Outcome(scored, metrics)
 
 

@@ -74,6 +74,11 @@ def validate(cfg: DictConfig) -> RunSpec:
         raise ConfigError(f"threads must be a positive integer or null, got {threads!r}")
     from backdoorbench.config import forced_keys
 
+    if defense.category == "training" and not getattr(attack.obj, "trains", True):
+        raise ConfigError(
+            f"defense {defense.name!r} trains its own model from the training data, so it never sees the victim of "
+            f"attack={attack.name}; choose a detector or a repair defense"
+        )
     cache = cfg.get("cache") or {}
     for flag in ("enabled", "verify", "rebuild"):
         if not isinstance(cache.get(flag, True), bool):

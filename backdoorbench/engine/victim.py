@@ -61,7 +61,7 @@ def obtain_victim(
     from safetensors.torch import save_model
 
     key = cache_key(attack_cache_spec(spec, attack))
-    if not attack.cacheable:  # a model the attack does not make (attack=external): never stored
+    if not attack.cacheable:  # a user's own model (attack=external) is never copied into the artifact cache
         store = None
     if store is not None:
         try:
@@ -83,11 +83,14 @@ def obtain_victim(
         trainer=spec.trainer_cfg,
         seed=spec.seed,
         unlabeled=bundle.unlabeled,
+        model_cfg=spec.model_cfg,
     )
     result: AttackResult = attack.run(ctx)
     result.model.eval()
     info = dict(result.info)
     entry: dict[str, Any] = {"key": key, "hit": False, "info": info}
+    if not attack.cacheable:  # no cache entry: nothing to key a defense's stage checkpoints on (defense_work_dir)
+        entry.update(key=None, stored=False)
     if store is not None:
         poisoned = result.poisoned
         suffix = ".safetensors" if poisoned is not None and isinstance(poisoned.inputs, torch.Tensor) else ".json"
@@ -148,7 +151,7 @@ def defense_work_dir(spec: RunSpec, cache_entry: dict[str, Any], out: Path) -> P
     """A stable folder for a training/repair defense's stage checkpoints: under the artifact cache, keyed by
     the victim (attack, data, model, trainer, seed) and the defense's config, so that re-running an
     interrupted run resumes; inside the run directory when the cache is off."""
-    if not spec.cache_enabled:
+    if not spec.cache_enabled or cache_entry.get("key") is None:  # no cache, or a victim outside it
         return out / "defense_work"
     cfg = asdict(spec.defense_cfg) if hasattr(spec.defense_cfg, "__dataclass_fields__") else spec.defense_cfg
     key = cache_key({"victim": cache_entry.get("key"), "defense": spec.defense.name, "cfg": cfg, "seed": spec.seed})
