@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import REPO_ROOT
 
-PAGES = ["docs/api.md", "docs/deploy.md"]
+PAGES = ["docs/api.md", "docs/deploy.md", "docs/defend-your-model.md"]
 _BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 
 

