@@ -14,10 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from omegaconf import OmegaConf
 
+from backdoorbench.config import DataConfig, to_dataclass
 from backdoorbench.data import text_bench as TB
 from backdoorbench.errors import DataError
 from backdoorbench.registry import REGISTRY
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "data"
 
 
 def _csv(rows: list[list[str]], quoting: int = csv.QUOTE_ALL) -> str:
@@ -175,3 +179,12 @@ def test_hsol_missing_and_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, n
     assert _pairs(b.train) == [("hate", 1), ("rude", 1), ("nice", 0)]
     assert b.info["source"] == f"huggingface:{TB.HSOL_HUB}"
     assert TB.load_hsol(label_scheme="original").train.labels.tolist() == [0, 1, 2]
+
+
+def test_configs_match_the_loaders(tmp_path: Path) -> None:
+    """configs/data/<name>.yaml's options are the loaders' keyword arguments (what a run passes them)."""
+    for name, root, n in (("ag_news", _ag_news(tmp_path), 5), ("hsol", _hsol(tmp_path / TB.HSOL_FILE), 4)):
+        cfg = to_dataclass(DataConfig, OmegaConf.load(CONFIGS / f"{name}.yaml"), "data")
+        assert cfg.name == name
+        b = REGISTRY._tables["dataset"][name].obj(root=str(root), hub=False, **cfg.options)
+        assert len(b.train) == n

@@ -18,14 +18,18 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 
+from backdoorbench.config import DataConfig, to_dataclass
 from backdoorbench.data import gtsrb as G
 from backdoorbench.data import vision_bench as VB
 from backdoorbench.data.base import DatasetBundle
 from backdoorbench.errors import DataError
 from backdoorbench.modality.vision import image_spec
 from backdoorbench.registry import REGISTRY
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "data"
 
 
 def _check(b: DatasetBundle, shape: tuple[int, ...], flip: bool) -> None:
@@ -142,8 +146,12 @@ def test_gtsrb_torchvision_layout(tmp_path: Path) -> None:
 
 def test_gtsrb_without_test_labels(tmp_path: Path) -> None:
     root = _gtsrb_official(tmp_path)
-    (root / "Final_Test" / "Images" / G.GTSRB_TEST_GT).unlink()  # only the unlabelled .test.csv is left
-    assert G.load_gtsrb(str(root)).test is None
+    gt = root / "Final_Test" / "Images" / G.GTSRB_TEST_GT
+    gt.rename(tmp_path / G.GTSRB_TEST_GT)  # only the unlabelled .test.csv is left below root
+    assert G.load_gtsrb(str(root)).test is None  # a GT file above data.root is not used
+    (tmp_path / G.GTSRB_TEST_GT).rename(root / "Final_Test" / G.GTSRB_TEST_GT)  # one folder above the images: found
+    b = G.load_gtsrb(str(root))
+    assert b.test is not None and b.test.labels.tolist() == [14, 0]
 
 
 def test_gtsrb_bad_files(tmp_path: Path) -> None:
@@ -338,3 +346,14 @@ def test_tiny_imagenet_missing_and_download(tmp_path: Path, monkeypatch: pytest.
     _fake_module(monkeypatch, "torchvision.datasets.utils", download_and_extract_archive=download_and_extract_archive)
     b = VB.load_tiny_imagenet(str(tmp_path / "dl"), download=True)
     assert calls == [(VB.TINY_URL, str(tmp_path / "dl"), VB.TINY_MD5)] and len(b.train) == 6
+
+
+def test_configs_match_the_loaders(tmp_path: Path) -> None:
+    """configs/data/<name>.yaml's options are the loaders' keyword arguments (what a run passes them)."""
+    _gtsrb_official(tmp_path / "g")
+    _cifar100(tmp_path / "c")
+    _tiny(tmp_path / "t")
+    for name, root, n in (("gtsrb", "g", 3), ("cifar100", "c", 3), ("tiny_imagenet", "t", 6)):
+        cfg = to_dataclass(DataConfig, OmegaConf.load(CONFIGS / f"{name}.yaml"), "data")
+        assert cfg.name == name
+        assert len(REGISTRY._tables["dataset"][name].obj(root=str(tmp_path / root), **cfg.options).train) == n

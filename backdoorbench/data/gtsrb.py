@@ -91,7 +91,8 @@ def _gtsrb_test(base: Path) -> tuple[Path, Path] | None:
     """(test image folder, GT-final_test.csv with ClassId), or None when either is missing."""
     for folder in (base / d for d in _GTSRB_TEST):
         if folder.is_dir():
-            for where in (folder, *list(folder.parents)[:3], base, base / "gtsrb"):
+            above = [p for p in list(folder.parents)[:3] if p == base or base in p.parents]  # never above root
+            for where in (folder, *above, base / "gtsrb"):
                 if (where / GTSRB_TEST_GT).is_file():
                     return folder, where / GTSRB_TEST_GT
     return None
