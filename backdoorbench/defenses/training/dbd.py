@@ -334,7 +334,8 @@ class DBD(TrainingDefense):
         cfg = TrainConfig(
             max_epochs=epochs, accelerator=self.cfg.accelerator, precision=self.cfg.precision, grad_clip=0.0
         )
-        self.stage_status[stage] = fit_module(module, loaders, cfg, self.seed, f"DBD {stage}", checkpoint=partial)
+        self.stage_status[stage] = "resumed" if partial.is_file() else "trained"  # known before a crash, too
+        fit_module(module, loaders, cfg, self.seed, f"DBD {stage}", checkpoint=partial)
         save_state_dict(self._dir() / f"{stage}{FINAL}", module.model.state_dict(), {"stage": stage})
         partial.unlink(missing_ok=True)
 
