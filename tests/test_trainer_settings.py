@@ -96,6 +96,15 @@ def test_every_stage_writes_one_row_per_epoch_into_the_run_directory(tmp_path: P
     assert len(read_rows(tmp_path / "logs" / "victim_training-2" / "metrics.csv")) == 1  # a repeated stage
 
 
+def test_repair_fine_tuning_logs_its_training_accuracy(tmp_path: Path) -> None:
+    from backdoorbench.defenses.repair.common import FinetuneSchedule, finetune
+
+    with run_scope(Runtime(run_dir=tmp_path)):
+        finetune(tiny_classifier(), tiny_images(12), FinetuneSchedule(epochs=2, batch_size=6), seed=0, desc="FT")
+    rows = read_rows(tmp_path / "logs" / "FT" / "metrics.csv")
+    assert len(rows) == 2 and all(0.0 <= float(r["train_acc"]) <= 1.0 for r in rows)
+
+
 def test_no_logs_outside_a_run_or_with_logger_none(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     fit(tiny_classifier(), tiny_images(12), TrainConfig(max_epochs=1, batch_size=6), seed=0)
