@@ -125,11 +125,11 @@ class TrainConfig:
         return out
 
 
-def runtime_for(cfg: TrainConfig, run_dir: Path | None = None) -> Runtime:
+def runtime_for(cfg: TrainConfig, run_dir: Path | None = None, device: torch.device | None = None) -> Runtime:
     """The execution settings of a run whose victim trains with ``cfg`` (set by the pipeline with
-    :func:`backdoorbench.runtime.run_scope`)."""
+    :func:`backdoorbench.runtime.run_scope`); ``device``: the run's device when already resolved."""
     return Runtime(
-        device=resolve_device(cfg),
+        device=device if device is not None else resolve_device(cfg),
         run_dir=Path(run_dir) if run_dir is not None else None,
         logger=cfg.logger,
         num_workers=cfg.num_workers,
