@@ -197,13 +197,19 @@ def loop_crop_flip(x: torch.Tensor, pad: int, flip: bool, generator: torch.Gener
     return x
 
 
-@pytest.mark.parametrize(("pad", "flip"), [(2, True), (3, False), (0, True), (1, True)])
-def test_vectorised_crop_flip_equals_the_loop(pad: int, flip: bool) -> None:
-    x = torch.rand(9, 3, 7, 10)  # not square: rows and columns cannot be swapped unnoticed
+@pytest.mark.parametrize(("pad", "flip", "channels"), [(2, True, 3), (3, False, 3), (0, True, 3), (1, True, 3),
+                                                      (4, False, 1)])
+def test_vectorised_crop_flip_equals_the_loop(pad: int, flip: bool, channels: int) -> None:
+    x = torch.rand(9, channels, 7, 10)  # not square: rows and columns cannot be swapped unnoticed
     for seed in range(3):
         got = random_crop_flip(x, pad, flip, torch.Generator().manual_seed(seed))
         want = loop_crop_flip(x, pad, flip, torch.Generator().manual_seed(seed))
-        assert torch.equal(got, want) and got.is_contiguous()
+        assert torch.equal(got, want)
+        # the same strides too: a convolution picks its kernel by them (a grey image with permuted strides
+        # trained to other weights)
+        assert got.stride() == want.stride()
+        conv = torch.nn.Conv2d(channels, 4, 3)
+        assert torch.equal(conv(got), conv(want))
     torch.manual_seed(11)
     got = random_crop_flip(x, pad, flip)  # the global generator
     torch.manual_seed(11)

@@ -67,10 +67,14 @@ def random_crop_flip(x: torch.Tensor, pad: int, flip: bool, generator: torch.Gen
         padded = F.pad(x, (pad, pad, pad, pad))
         dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(x.device)
         dx = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(x.device)
-        rows = (dy[:, None] + torch.arange(h, device=x.device))[:, :, None]  # [B, h, 1]
-        cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, :]  # [B, 1, w]
-        batch = torch.arange(b, device=x.device)[:, None, None]
-        x = padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2).contiguous()  # [B, C, h, w]
+        c = x.shape[1]
+        rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]  # [B, 1, h, 1]
+        cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]  # [B, 1, 1, w]
+        batch = torch.arange(b, device=x.device)[:, None, None, None]
+        chans = torch.arange(c, device=x.device)[None, :, None, None]
+        # one gather; the result has the loop's plain strides (a permuted view would have other strides, and
+        # a convolution may then take another kernel, with other rounding)
+        x = padded[batch, chans, rows, cols]  # [B, C, h, w]
     if flip:
         mask = (torch.rand(b, generator=generator) < 0.5).to(x.device)
         x = torch.where(mask[:, None, None, None], x.flip(-1), x)
