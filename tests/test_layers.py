@@ -14,6 +14,7 @@ RANK = {
     "_compat": 0,
     "errors": 0,
     "progress": 0,
+    "runtime": 0,  # the run in progress: device, run directory, loader/logger/inference settings
     "assets": 0,
     "metrics": 0,
     "registry": 1,

@@ -27,7 +27,9 @@ from backdoorbench.engine.rundir import check_locations, draw, write_results, wr
 from backdoorbench.engine.spec import RunSpec, validate, versions
 from backdoorbench.engine.victim import obtain_victim
 from backdoorbench.modality.base import Classifier
+from backdoorbench.runtime import run_scope
 from backdoorbench.store import ArtifactStore, atomic_write_text
+from backdoorbench.trainer.lit import runtime_for
 
 __all__ = ["run_experiment", "set_determinism", "validate"]
 
@@ -54,7 +56,13 @@ def run_experiment(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     timer = Timer()
     atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     atomic_write_text(out / "versions.json", json.dumps(versions(), indent=2))
+    log.info("device: %s", spec.device)
+    # every stage below: the run's device, training logs, loader workers, inference precision
+    with run_scope(runtime_for(spec.trainer_cfg, out, spec.device)):
+        return _run(spec, out, timer, t_start)
 
+
+def _run(spec: RunSpec, out: Path, timer: Timer, t_start: float) -> dict[str, Any]:
     with timer("data"):
         bundle: DatasetBundle = spec.dataset.obj(root=spec.data_cfg.root, **spec.data_cfg.options)
         splits = threat_model_split(bundle, spec.data_cfg, spec.seed)
@@ -103,7 +111,7 @@ def run_experiment(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
 
 
 def model_factory(spec: RunSpec, bundle: DatasetBundle) -> Any:
-    """A function returning a fresh (pre-trained) victim for this run's data, seeded."""
+    """A function returning a fresh (pre-trained) victim for this run's data, seeded, on the run's device."""
     kwargs: dict[str, Any] = {}
     if spec.modality == "vision":  # channels, size and normalisation come from the data
         from backdoorbench.modality.vision import image_spec
@@ -112,7 +120,7 @@ def model_factory(spec: RunSpec, bundle: DatasetBundle) -> Any:
 
     def new_model() -> Classifier:
         torch.manual_seed(spec.seed)
-        return spec.model.obj(spec.model_cfg, bundle.num_classes, **kwargs)
+        return spec.model.obj(spec.model_cfg, bundle.num_classes, **kwargs).to(spec.device)
 
     return new_model
 

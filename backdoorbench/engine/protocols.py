@@ -72,6 +72,11 @@ class RunContext:
     out: Path
 
     @property
+    def device(self) -> Any:
+        """The run's one device (``spec.device``): the victim, every defense stage and the evaluation run there."""
+        return self.spec.device
+
+    @property
     def batch(self) -> int:
         return int(getattr(self.spec.defense_cfg, "batch_size", 64))
 

@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 from backdoorbench import __version__
 from backdoorbench.config import ConfigError, DataConfig, component_config, to_dataclass
 from backdoorbench.registry import REGISTRY, Entry
-from backdoorbench.trainer.lit import TrainConfig
+from backdoorbench.trainer.lit import TrainConfig, resolve_device
 
 
 @dataclass
@@ -36,6 +36,8 @@ class RunSpec:
     extra: dict[str, Any] = field(default_factory=dict)
     cache_verify: bool = True  # check the content hashes of a cache entry before using it
     cache_rebuild: bool = False  # remove a damaged cache entry and train the victim again
+    #: the run's one device (trainer.accelerator / trainer.devices, resolved once): the victim lives there
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
 
 def validate(cfg: DictConfig) -> RunSpec:
@@ -84,6 +86,7 @@ def validate(cfg: DictConfig) -> RunSpec:
         if not isinstance(cache.get(flag, True), bool):
             raise ConfigError(f"cache.{flag} must be true or false, got {cache.get(flag)!r}")
     forced = forced_keys()  # ++group.key overrides: dropped, with a warning, by components without that key
+    trainer_cfg = to_dataclass(TrainConfig, cfg.trainer, "trainer")
     return RunSpec(
         attack=attack,
         defense=defense,
@@ -93,7 +96,7 @@ def validate(cfg: DictConfig) -> RunSpec:
         defense_cfg=component_config(defense, cfg.defense, "defense", forced.get("defense", ())),
         data_cfg=to_dataclass(DataConfig, cfg.data, "data"),
         model_cfg=component_config(model, cfg.model, "model", forced.get("model", ())),
-        trainer_cfg=to_dataclass(TrainConfig, cfg.trainer, "trainer"),
+        trainer_cfg=trainer_cfg,
         seed=seed,
         modality=modality,
         cache_dir=cache.get("dir"),
@@ -101,6 +104,7 @@ def validate(cfg: DictConfig) -> RunSpec:
         threads=threads,
         cache_verify=bool(cache.get("verify", True)),
         cache_rebuild=bool(cache.get("rebuild", False)),
+        device=resolve_device(trainer_cfg),
     )
 
 

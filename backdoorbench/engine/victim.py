@@ -39,13 +39,16 @@ class Victim:
 
 
 def attack_cache_spec(spec: RunSpec, attack: Attack) -> dict[str, Any]:
+    """What the attack cache key hashes. The trainer part is ``TrainConfig.cache_fields()``: execution-only
+    settings (workers, logger) never, settings added later (devices, strategy, scheduler, ...) only when
+    they are not their defaults, so that the keys of existing configs are what they were."""
     return {
         "attack": asdict(spec.attack_cfg) if hasattr(spec.attack_cfg, "__dataclass_fields__") else spec.attack_cfg,
         "attack_version": attack.version,
         "attack_class": f"{type(attack).__module__}.{type(attack).__qualname__}",
         "data": asdict(spec.data_cfg),
         "model": asdict(spec.model_cfg) if hasattr(spec.model_cfg, "__dataclass_fields__") else spec.model_cfg,
-        "trainer": asdict(spec.trainer_cfg),
+        "trainer": spec.trainer_cfg.cache_fields(),
         "seed": spec.seed,
         "split_version": SPLIT_VERSION,
     }
@@ -54,7 +57,8 @@ def attack_cache_spec(spec: RunSpec, attack: Attack) -> dict[str, Any]:
 def obtain_victim(
     spec: RunSpec, attack: Attack, splits: Splits, bundle: DatasetBundle, new_model: Any, store: ArtifactStore | None
 ) -> Victim:
-    """Load the backdoored victim from the cache (verified), or run the attack and store its products.
+    """Load the backdoored victim from the cache (verified), or run the attack and store its products. Either
+    way the victim is returned on the run's device (``spec.device``).
 
     A damaged entry raises :class:`~backdoorbench.store.CacheError`, or with ``cache.rebuild=true`` is
     removed and built again; it is never silently replaced by something else."""
@@ -101,6 +105,7 @@ def obtain_victim(
             meta.update(poison_file="poison" + suffix, poisoned_split=result.poisoned_split)
         path = store.save(key, meta, writers)
         entry["path"] = str(path)
+    result.model.to(spec.device)  # the run's device, whatever the attack's last step left it on
     return Victim(result.model, result.poisoned, result.poisoned_split, entry)
 
 
@@ -124,6 +129,7 @@ def _load_victim(
     try:
         model = new_model()
         load_model(model, str(entry / name), strict=True, device=str(model.device))
+        model.to(spec.device)  # the run's device (a factory may build the model elsewhere)
         model.eval()
         poisoned, poisoned_split = None, None
         if poison_file:

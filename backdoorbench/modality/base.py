@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from backdoorbench import runtime
 from backdoorbench.data.base import Samples
 from backdoorbench.progress import progress
 
@@ -81,6 +82,16 @@ class Classifier(nn.Module, ABC):
     def forward_features(self, batch: Batch, pooling: str = "cls") -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Logits and a list of per-layer pooled features ``[B, D_l]`` from one forward pass."""
 
+    def encode(self, inputs: Sequence[Any] | torch.Tensor) -> list[Any] | None:
+        """The per-sample part of :meth:`collate`, done once for a whole dataset (a training loader encodes its
+        samples once, then :meth:`collate_encoded` builds each batch); ``None`` (default) when there is nothing
+        to do once (images: ``collate`` is a cheap conversion)."""
+        return None
+
+    def collate_encoded(self, encoded: Sequence[Any]) -> Batch:
+        """A batch from items of :meth:`encode`: the same tensors ``collate`` gives for their raw inputs."""
+        raise NotImplementedError(f"{type(self).__name__} does not encode inputs ahead of collate")
+
     def augment(self, batch: Batch) -> Batch:
         """Training-time augmentation of a collated batch (the Lightning module calls it in training steps
         only). Default: none (text)."""
@@ -102,12 +113,22 @@ class Classifier(nn.Module, ABC):
     def iter_batches(
         self, inputs: Sequence[Any] | torch.Tensor, batch_size: int, desc: str | None = None
     ) -> Iterator[Batch]:
+        """Collated batches of ``inputs``, on the model's device (the run's device once the pipeline placed the
+        victim). With ``trainer.inference_precision`` bf16 / 16 (opt-in), the caller's work on each batch runs
+        under ``torch.autocast`` on that device type (the block is entered around each ``yield``)."""
         n = len(inputs)
         starts = range(0, n, batch_size)
+        dtype = runtime.inference_dtype()
         for start in progress(starts, desc=desc, total=len(starts)):
             chunk = inputs[start : start + batch_size]
             self.forward_count += len(chunk)
-            yield to_device(self.collate(chunk), self.device)
+            device = self.device
+            batch = to_device(self.collate(chunk), device)
+            if dtype is None:
+                yield batch
+            else:
+                with torch.autocast(device_type=device.type, dtype=dtype):
+                    yield batch
 
     @torch.no_grad()
     def predict_logits(

@@ -39,6 +39,31 @@ class TextClassifier(Classifier):
         )
         return {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
 
+    def encode(self, inputs: Sequence[str]) -> list[dict[str, list[int]]]:
+        """Every text tokenised once (truncated to ``max_length``, not padded): ``collate_encoded`` pads a batch."""
+        enc = self.tokenizer(list(inputs), padding=False, truncation=True, max_length=self.max_length)
+        keys = [k for k in enc if k in ("input_ids", "attention_mask", "token_type_ids")]  # collate's order
+        return [{k: enc[k][i] for k in keys} for i in range(len(inputs))]
+
+    def collate_encoded(self, encoded: Sequence[dict[str, list[int]]]) -> Batch:
+        """Pad a batch of :meth:`encode` items to its longest sequence, as the tokenizer pads in :meth:`collate`
+        (``pad_token_id`` for the ids, 0 for the mask and the token types, on the tokenizer's padding side)."""
+        width = max(len(e["input_ids"]) for e in encoded)
+        left = getattr(self.tokenizer, "padding_side", "right") == "left"
+        pads = {"input_ids": self.tokenizer.pad_token_id, "attention_mask": 0,
+                "token_type_ids": self.tokenizer.pad_token_type_id}
+        out: Batch = {}
+        for key in encoded[0]:
+            t = torch.full((len(encoded), width), int(pads[key]), dtype=torch.long)
+            for row, e in enumerate(encoded):
+                seq = torch.tensor(e[key], dtype=torch.long)
+                if left:
+                    t[row, width - len(seq) :] = seq
+                else:
+                    t[row, : len(seq)] = seq
+            out[key] = t
+        return out
+
     def forward(self, batch: Batch) -> torch.Tensor:
         return self.hf(**batch).logits
 

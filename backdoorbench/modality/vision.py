@@ -57,13 +57,24 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 
 def random_crop_flip(x: torch.Tensor, pad: int, flip: bool, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Per-image random crop after zero padding by ``pad`` pixels, and a random horizontal flip."""
+    """Per-image random crop after zero padding by ``pad`` pixels, and a random horizontal flip.
+
+    Vectorised (one gather for the whole batch, on the batch's device); the random draws — the row offsets,
+    the column offsets, then the flips, on the CPU generator — are the ones the per-image loop made, so the
+    result is the same, bit for bit (``tests/test_trainer_settings.py``)."""
     b, _, h, w = x.shape
     if pad > 0:
         padded = F.pad(x, (pad, pad, pad, pad))
-        dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator).tolist()
-        dx = torch.randint(0, 2 * pad + 1, (b,), generator=generator).tolist()
-        x = torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(b)])
+        dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(x.device)
+        dx = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(x.device)
+        c = x.shape[1]
+        rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]  # [B, 1, h, 1]
+        cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]  # [B, 1, 1, w]
+        batch = torch.arange(b, device=x.device)[:, None, None, None]
+        chans = torch.arange(c, device=x.device)[None, :, None, None]
+        # one gather; the result has the loop's plain strides (a permuted view would have other strides, and
+        # a convolution may then take another kernel, with other rounding)
+        x = padded[batch, chans, rows, cols]  # [B, C, h, w]
     if flip:
         mask = (torch.rand(b, generator=generator) < 0.5).to(x.device)
         x = torch.where(mask[:, None, None, None], x.flip(-1), x)

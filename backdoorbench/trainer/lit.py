@@ -6,10 +6,8 @@ checkpoint when given one); :func:`fit` trains a :class:`Classifier` with cross-
 from __future__ import annotations
 
 import logging
-import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,62 +17,30 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from backdoorbench import runtime
 from backdoorbench.data.base import Samples
 from backdoorbench.modality.base import Classifier
 from backdoorbench.progress import progress_enabled
+from backdoorbench.trainer.config import (
+    ACCELERATORS,
+    HASHED_WHEN_SET,
+    NEVER_HASHED,
+    PRECISIONS,
+    TrainConfig,
+    accelerator_problem,
+    resolve_device,
+    runtime_for,
+)
+from backdoorbench.trainer.logs import AccuracyTracker, EpochLog, EpochMetrics, make_logger, stage_dir
+from backdoorbench.trainer.schedule import make_scheduler
+
+__all__ = [
+    "ACCELERATORS", "HASHED_WHEN_SET", "NEVER_HASHED", "PRECISIONS", "ClassifierModule", "EpochLog", "TrainConfig",
+    "accelerator_problem", "fit", "fit_module", "make_loader", "make_optimizer", "make_trainer", "resolve_device",
+    "runtime_for", "seeded_loader",
+]
 
 log = logging.getLogger(__name__)
-
-
-PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true", "32", "16", "bf16", "64")
-ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
-
-
-def accelerator_problem(accelerator: str) -> str | None:
-    """Why ``accelerator`` cannot run on this machine, or ``None`` when it can."""
-    if accelerator not in ACCELERATORS:
-        return f"accelerator must be one of {', '.join(ACCELERATORS)}, got {accelerator!r}"
-    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
-        return f"accelerator={accelerator}: no GPU visible (torch.cuda.is_available() is False); use cpu or auto"
-    if accelerator == "mps" and not torch.backends.mps.is_available():
-        return "accelerator=mps: no Apple MPS device visible; use accelerator=cpu or auto"
-    return None
-
-
-@dataclass
-class TrainConfig:
-    """Optimisation settings of one training stage (``trainer.*`` for the victim's fine-tuning)."""
-
-    max_epochs: int = 3
-    max_steps: int = -1
-    batch_size: int = 32
-    lr: float = 5e-5
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.06
-    optimizer: str = "adamw"  # adamw | sgd
-    momentum: float = 0.9  # sgd only
-    accelerator: str = "auto"
-    precision: str = "32-true"
-    grad_clip: float = 1.0
-    deterministic: bool = True
-
-    def __post_init__(self) -> None:
-        checks = [
-            (self.max_epochs >= 1, "max_epochs must be >= 1"),
-            (self.batch_size >= 1, "batch_size must be >= 1"),
-            (self.lr > 0, "lr must be > 0"),
-            (self.weight_decay >= 0, "weight_decay must be >= 0"),
-            (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
-            (self.optimizer in ("adamw", "sgd"), "optimizer must be adamw or sgd"),
-            (self.grad_clip >= 0, "grad_clip must be >= 0 (0 disables clipping)"),
-            (self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise ValueError(f"trainer: {msg}")
-        problem = accelerator_problem(self.accelerator)
-        if problem:
-            raise ValueError(f"trainer: {problem}")
 
 
 class SamplesDataset(Dataset):
@@ -98,27 +64,39 @@ def seeded_loader(
     shuffle: bool = True,
     drop_last: bool = False,
     num_samples: int | None = None,
+    workers: bool = False,
 ) -> DataLoader:
-    """The one loader builder: batches of ``dataset`` in an order drawn from ``seed`` alone (single process).
+    """The one loader builder: batches of ``dataset`` in an order drawn from ``seed`` alone.
 
     ``num_samples``: that many draws without replacement (passes over the data concatenated), for epochs of a
     fixed length; then the sampler owns the generator. The generators live on the loader (``generator`` or
     ``sampler.generator``), where :class:`~backdoorbench.trainer.checkpoint.ResumableCheckpoint` saves and
-    restores them."""
+    restores them.
+
+    ``workers=True`` lets the run's ``trainer.num_workers`` / ``trainer.pin_memory`` apply. Only a loader
+    whose ``collate_fn`` is a pure function of its items may ask for it: the order is drawn in the main
+    process either way, but a collate that draws random numbers would draw them in the workers' copies of
+    its generator. Workers are forked (where the platform can), so closures need not be picklable."""
     from torch.utils.data import RandomSampler
 
+    rt = runtime.current()
+    extra: dict[str, Any] = {}
+    if workers and rt.num_workers > 0:
+        import multiprocessing as mp
+
+        extra = {"num_workers": rt.num_workers, "persistent_workers": False}
+        if "fork" in mp.get_all_start_methods():
+            extra["multiprocessing_context"] = "fork"
+    if workers and rt.pin_memory:
+        extra["pin_memory"] = True
     gen = torch.Generator().manual_seed(seed)
     if num_samples is not None:
         sampler = RandomSampler(dataset, num_samples=num_samples, generator=gen)
-        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn, drop_last=drop_last)
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn, drop_last=drop_last,
+                          **extra)
     return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        collate_fn=collate_fn,
-        generator=gen,
-        drop_last=drop_last,
-        num_workers=0,
+        dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=collate_fn, generator=gen, drop_last=drop_last,
+        **extra,
     )
 
 
@@ -136,23 +114,41 @@ def make_optimizer(
 
 
 def make_loader(model: Classifier, samples: Samples, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
-    """Batches ``{"inputs": model.collate(...), "labels", "index"}`` of ``samples``."""
+    """Batches ``{"inputs": model.collate(...), "labels", "index"}`` of ``samples``.
 
-    def collate(items: list[tuple[Any, int, int]]) -> dict[str, Any]:
-        inputs = [it[0] for it in items]
-        if isinstance(samples.inputs, torch.Tensor):
-            inputs = torch.stack(inputs)  # type: ignore[assignment]
+    The inputs are encoded once (:meth:`Classifier.encode`: texts are tokenised here, without padding) and each
+    batch is padded by :meth:`Classifier.collate_encoded`, which gives the very tensors ``model.collate`` would
+    give for the batch's raw inputs (dynamic, per-batch padding), without tokenising every batch of every
+    epoch again."""
+    encoded = model.encode(samples.inputs)
+    stack = isinstance(samples.inputs, torch.Tensor)
+    dataset = SamplesDataset(samples if encoded is None else Samples(encoded, samples.labels))
+    return seeded_loader(dataset, batch_size, _Collate(model, stack, encoded is not None), seed, shuffle=shuffle,
+                         workers=True)
+
+
+class _Collate:
+    """``make_loader``'s collate function (a plain object: picklable where workers are spawned)."""
+
+    def __init__(self, model: Classifier, stack: bool, encoded: bool) -> None:
+        self.model, self.stack, self.encoded = model, stack, encoded
+
+    def __call__(self, items: list[tuple[Any, int, int]]) -> dict[str, Any]:
+        inputs: Any = [it[0] for it in items]
+        if self.encoded:
+            batch = self.model.collate_encoded(inputs)
+        else:
+            batch = self.model.collate(torch.stack(inputs) if self.stack else inputs)
         return {
-            "inputs": model.collate(inputs),
+            "inputs": batch,
             "labels": torch.tensor([it[1] for it in items], dtype=torch.long),
             "index": torch.tensor([it[2] for it in items], dtype=torch.long),
         }
 
-    return seeded_loader(SamplesDataset(samples), batch_size, collate, seed, shuffle=shuffle)
 
-
-class ClassifierModule(L.LightningModule):
-    """Cross-entropy training of a :class:`Classifier` with AdamW (or SGD) and linear warm-up/decay."""
+class ClassifierModule(AccuracyTracker, L.LightningModule):
+    """Cross-entropy training of a :class:`Classifier` with AdamW (or SGD) and the schedule of
+    ``cfg.scheduler`` (linear warm-up/decay by default), stepped every batch."""
 
     def __init__(self, model: Classifier, cfg: TrainConfig, params: list[torch.nn.Parameter] | None = None) -> None:
         super().__init__()
@@ -162,7 +158,10 @@ class ClassifierModule(L.LightningModule):
 
     def loss(self, batch: dict[str, Any]) -> torch.Tensor:
         inputs = self.model.augment(batch["inputs"]) if self.training else batch["inputs"]
-        return F.cross_entropy(self.model(inputs), batch["labels"])
+        logits = self.model(inputs)
+        if self.training:
+            self.track_accuracy(logits, batch["labels"])
+        return F.cross_entropy(logits, batch["labels"])
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self.loss(batch)
@@ -170,76 +169,51 @@ class ClassifierModule(L.LightningModule):
         return loss
 
     def configure_optimizers(self) -> Any:
-        from transformers import get_linear_schedule_with_warmup
-
         params = self._params if self._params is not None else [p for p in self.model.parameters() if p.requires_grad]
         opt = make_optimizer(params, self.cfg.optimizer, self.cfg.lr, self.cfg.weight_decay, self.cfg.momentum)
         total = int(self.trainer.estimated_stepping_batches)
-        sched = get_linear_schedule_with_warmup(opt, int(self.cfg.warmup_ratio * total), max(total, 1))
+        per_epoch = self.trainer.num_training_batches
+        per_epoch = int(per_epoch) if per_epoch not in (None, float("inf")) else max(total // self.cfg.max_epochs, 1)
+        c = self.cfg
+        sched = make_scheduler(opt, c.scheduler, total, int(c.warmup_ratio * total), per_epoch, c.milestones, c.gamma)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    h, rest = divmod(seconds, 3600)
-    return f"{h}h{rest // 60:02d}m" if h else f"{rest // 60}m{rest % 60:02d}s"
-
-
-class EpochLog(L.Callback):
-    """One INFO line per finished epoch: stage, epoch i/n, mean training loss, elapsed time and ETA.
-
-    ``make_trainer`` adds it when progress bars are off (output redirected, ``BACKDOORBENCH_PROGRESS=0``), so
-    that a long stage in a cluster job's log still shows it is alive and how long it will take.
-    """
-
-    def __init__(self, desc: str = "train") -> None:
-        self.desc = desc or "train"
-        self.t0 = 0.0
-        self.loss_sum = 0.0
-        self.loss_n = 0
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.t0 = time.perf_counter()
-        self.start_epoch = trainer.current_epoch  # a resumed stage counts its ETA from where it resumed
-
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.loss_sum, self.loss_n = 0.0, 0
-
-    def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        if isinstance(loss, torch.Tensor) and loss.numel() == 1:
-            self.loss_sum += float(loss.detach())
-            self.loss_n += 1
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        done, total = trainer.current_epoch + 1, trainer.max_epochs or 0
-        if trainer.max_steps and trainer.max_steps > 0:  # max_steps may end training before max_epochs
-            per_epoch = max(trainer.global_step // max(done, 1), 1)
-            total = min(total or done, -(-trainer.max_steps // per_epoch))
-        elapsed = time.perf_counter() - self.t0
-        ran = done - self.start_epoch
-        eta = elapsed / max(ran, 1) * max(total - done, 0)
-        loss = f"train loss {self.loss_sum / self.loss_n:.4f}" if self.loss_n else "train loss n/a"
-        log.info("%s: epoch %d/%d, %s, %s elapsed, ETA %s", self.desc, done, total, loss, _duration(elapsed),
-                 _duration(eta))
+def lightning_device(device: torch.device, devices: Any = 1) -> tuple[str, Any]:
+    """Lightning's ``(accelerator, devices)`` for training on ``device``: ``("gpu", [i])`` for ``cuda:i`` (or
+    ``devices`` itself when it asks for several GPUs: a ddp run), ``("mps", 1)``, ``("cpu", 1)``."""
+    if device.type == "cuda":
+        several = devices == "auto" or (isinstance(devices, int) and devices > 1) or (
+            isinstance(devices, (list, tuple)) and len(devices) > 1)
+        return "gpu", devices if several else [device.index or 0]
+    return device.type, 1
 
 
 def make_trainer(cfg: TrainConfig, desc: str = "", callbacks: list[Any] | None = None) -> L.Trainer:
-    """The one Trainer recipe (no logger, quiet, deterministic by config); ``callbacks`` (e.g. a
+    """The one Trainer recipe (quiet, deterministic by config); ``callbacks`` (e.g. a
     :class:`~backdoorbench.trainer.checkpoint.ResumableCheckpoint` for stages that resume) switch Lightning's
     checkpointing on. Checkpoints are written and read as safetensors + JSON
     (:class:`~backdoorbench.trainer.checkpoint.SafetensorsCheckpointIO`), never pickled, so
     ``fit(ckpt_path=...)`` cannot run code from a checkpoint file. Without progress bars an :class:`EpochLog`
-    logs one line per epoch."""
+    logs one line per epoch.
+
+    The device: inside a run, the run's one device (:func:`backdoorbench.runtime.current`), whatever the stage's
+    own ``accelerator`` says; outside a run, :func:`resolve_device` of ``cfg``. ``cfg.devices`` /
+    ``cfg.strategy`` are the stage's own (the victim's training gets ``trainer.*``; the stages of attacks and
+    defenses build configs with one device). Inside a run with a run directory and ``trainer.logger`` other
+    than ``none``, an :class:`~backdoorbench.trainer.logs.EpochMetrics` writes one row per epoch into
+    ``<run dir>/logs/<stage>/``."""
     from lightning.pytorch.callbacks import Checkpoint
 
     from backdoorbench.trainer.checkpoint import SafetensorsCheckpointIO
 
+    rt = runtime.current()
     callbacks = list(callbacks or [])
     if not progress_enabled():
         callbacks.append(EpochLog(desc))
+    if rt.run_dir is not None and rt.logger != "none":
+        callbacks.append(EpochMetrics(make_logger(rt.logger, stage_dir(rt.run_dir, desc or "train"))))
+    accelerator, devices = lightning_device(rt.device or resolve_device(cfg), cfg.devices)
 
     for pattern in (
         ".*does not have many workers.*",
@@ -254,12 +228,13 @@ def make_trainer(cfg: TrainConfig, desc: str = "", callbacks: list[Any] | None =
     return L.Trainer(
         max_epochs=cfg.max_epochs,
         max_steps=cfg.max_steps,
-        accelerator=cfg.accelerator,
-        devices=1,
+        accelerator=accelerator,
+        devices=devices,
+        strategy=cfg.strategy,
         precision=cfg.precision,  # type: ignore[arg-type]
         gradient_clip_val=cfg.grad_clip or None,
         deterministic="warn" if cfg.deterministic else False,
-        logger=False,
+        logger=False,  # the modules' self.log values feed the progress bar; EpochMetrics owns the files
         callbacks=callbacks,
         enable_checkpointing=any(isinstance(c, Checkpoint) for c in callbacks),
         plugins=[SafetensorsCheckpointIO()],
@@ -310,7 +285,8 @@ def fit_module(
     With ``checkpoint`` (a path), the full training state — weights, optimiser, schedule, every RNG and the
     loaders' generators — is written there after each epoch (safetensors + JSON, atomic) and, when the file
     exists from an interrupted run, training resumes from it and continues exactly as the uninterrupted run
-    would have. Returns ``"resumed"`` or ``"trained"``."""
+    would have. The module ends on the device it trained on (the run's device), not on the CPU where
+    Lightning leaves it. Returns ``"resumed"`` or ``"trained"``."""
     from backdoorbench.trainer.checkpoint import ResumableCheckpoint
 
     if seed is not None:
@@ -323,7 +299,11 @@ def fit_module(
         if resume is not None:
             log.info("%s: resuming from %s", desc, resume)
     module.train()
-    make_trainer(cfg, desc, callbacks=callbacks).fit(module, train_dataloaders=loaders, ckpt_path=resume)
+    trainer = make_trainer(cfg, desc, callbacks=callbacks)
+    trainer.fit(module, train_dataloaders=loaders, ckpt_path=resume)
+    # Lightning's teardown moves the module to the CPU: bring it back to the device it trained on, where the
+    # stage's caller (evaluation, the next stage, the detectors) uses it
+    module.to(trainer.strategy.root_device)
     module.eval()
     return "resumed" if resume is not None else "trained"
 

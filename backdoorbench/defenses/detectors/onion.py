@@ -50,6 +50,7 @@ from backdoorbench.modality.base import Classifier
 from backdoorbench.models.lm import DTYPES, CausalLM, load_causal_lm
 from backdoorbench.progress import progress
 from backdoorbench.registry import register_defense
+from backdoorbench.runtime import current
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +158,8 @@ class ONION(Detector):
     def _load_lm(self, model: Classifier) -> None:
         cfg = self.cfg
         if self.lm is None:
-            self.lm = load_causal_lm(cfg.lm, device=model.device, dtype=cfg.lm_dtype, max_length=cfg.lm_max_length)
+            device = current().device or model.device  # the run's device (outside a run: the victim's)
+            self.lm = load_causal_lm(cfg.lm, device=device, dtype=cfg.lm_dtype, max_length=cfg.lm_max_length)
             self._cache = _SHARED_CACHES.setdefault((cfg.lm, cfg.lm_dtype, cfg.lm_max_length), {})
 
     def _fit(self, model: Classifier, clean: Samples) -> None:

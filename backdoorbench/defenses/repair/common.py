@@ -24,6 +24,7 @@ from backdoorbench.data.base import Samples
 from backdoorbench.defenses.base import DefenseConfig
 from backdoorbench.modality.base import Classifier
 from backdoorbench.trainer.lit import TrainConfig, fit, make_optimizer
+from backdoorbench.trainer.logs import AccuracyTracker
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ def attention_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor
     return F.mse_loss(student, teacher)
 
 
-class RepairModule(L.LightningModule):
+class RepairModule(AccuracyTracker, L.LightningModule):
     """Cross-entropy fine-tuning on clean data, plus ``Σ_k β_k · AT(student_k, teacher_k)`` over the
     chosen layers when a (frozen) teacher is given (NAD)."""
 
@@ -132,10 +133,13 @@ class RepairModule(L.LightningModule):
         inputs = self.model.augment(batch["inputs"]) if self.cfg.augment else batch["inputs"]
         labels = batch["labels"]
         if not self.teacher:
-            loss = F.cross_entropy(self.model(inputs), labels)
+            logits = self.model(inputs)
+            self.track_accuracy(logits, labels)  # the train_acc column of the stage's log
+            loss = F.cross_entropy(logits, labels)
             self.log("train_loss", loss, prog_bar=True, batch_size=len(labels))
             return loss
         logits, maps = self.model.attention_maps(inputs, self.p)
+        self.track_accuracy(logits, labels)
         teacher = self.teacher[0]
         teacher.eval()
         with torch.no_grad():
