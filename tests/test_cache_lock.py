@@ -142,7 +142,7 @@ def test_interrupted_victim_training_resumes_bit_identically(
     assert f"resuming from {ckpt} (epoch 2 done" in caplog.text
     epochs_run = [r.getMessage() for r in caplog.records if ": epoch " in r.getMessage()]
     assert len(epochs_run) == 1 and "epoch 3/3" in epochs_run[0]  # only the missing epoch ran
-    assert victim.cache["hit"] is False and not work.exists()
+    assert victim.cache["hit"] is False and victim.cache["resumed"] is True and not work.exists()
     resumed = victim.model.state_dict()
     assert resumed.keys() == reference.keys()
     assert all(torch.equal(resumed[k], reference[k]) for k in reference)
@@ -213,3 +213,30 @@ def test_a_repair_defense_runs_holding_its_stage_folder_lock(tiny_bert_dir: Path
     ((lock, held),) = seen
     assert lock.parent == cache and lock.name.startswith("defense-") and held  # held during the defense
     assert not _held_by_someone(lock)  # and released after it
+
+
+def test_text_fine_tuning_resumes_bit_identically(tiny_text_model, monkeypatch: pytest.MonkeyPatch,
+                                                  tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The same through a HF text classifier (tokenizer collation, AdamW, linear warm-up schedule)."""
+    import copy
+
+    from conftest import tiny_text_samples
+
+    cfg = lit.TrainConfig(max_epochs=2, batch_size=16, lr=1e-3, accelerator="cpu")
+    data, start = tiny_text_samples(32), copy.deepcopy(tiny_text_model.state_dict())
+    reference = {k: v.clone() for k, v in lit.fit(tiny_text_model, data, cfg, 3).state_dict().items()}
+    tiny_text_model.load_state_dict(start)
+    ckpt = tmp_path / "user_finetune.partial.safetensors"
+    real = lit.make_trainer
+    monkeypatch.setattr(lit, "make_trainer", lambda cfg, desc="", callbacks=None: real(
+        cfg, desc, [*(callbacks or []), StopAtEpoch(1)]))
+    with pytest.raises(Killed):
+        lit.fit(tiny_text_model, data, cfg, 3, checkpoint=ckpt)
+    monkeypatch.setattr(lit, "make_trainer", real)
+    tiny_text_model.load_state_dict(start)  # a fresh process starts from the pre-trained weights again
+    with caplog.at_level(logging.INFO):
+        resumed = lit.fit(tiny_text_model, data, cfg, 3, checkpoint=ckpt).state_dict()
+    epochs_run = [r.getMessage() for r in caplog.records if "train: epoch " in r.getMessage()]
+    assert len(epochs_run) == 1 and "epoch 2/2" in epochs_run[0]  # resumed, not restarted
+    assert any(not torch.equal(start[k], reference[k]) for k in reference)
+    assert all(torch.equal(resumed[k], reference[k]) for k in reference)

@@ -110,7 +110,8 @@ def _run_attack(
     from safetensors.torch import save_model
 
     work_dir = partial_dir(store, key) if store is not None else None
-    if work_dir is not None and work_dir.is_dir():
+    resumed = work_dir is not None and any(work_dir.glob("*.partial.safetensors"))
+    if resumed:
         log.info("victim %s: resuming the interrupted attack's training stages from %s", key, work_dir)
     ctx = AttackContext(
         train=splits.train,
@@ -125,7 +126,7 @@ def _run_attack(
     result: AttackResult = attack.run(ctx)
     result.model.eval()
     info = dict(result.info)
-    entry: dict[str, Any] = {"key": key, "hit": False, "info": info}
+    entry: dict[str, Any] = {"key": key, "hit": False, "info": info, "resumed": resumed}
     if store is not None:
         poisoned = result.poisoned
         suffix = ".safetensors" if poisoned is not None and isinstance(poisoned.inputs, torch.Tensor) else ".json"
