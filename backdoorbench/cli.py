@@ -236,15 +236,22 @@ def cmd_report(argv: list[str]) -> int:
     from backdoorbench.report import write_report
 
     p = argparse.ArgumentParser(prog="python -m backdoorbench report")
-    p.add_argument("dir", help="a run or multirun directory")
-    p.add_argument("--out", default=None, help="where to write report.md / report.csv (default: DIR)")
+    p.add_argument("dirs", nargs="+", metavar="DIR", help="run or multirun directories (several are merged)")
+    p.add_argument("--out", default=None,
+                   help="where to write summary.md, report.md, ... (default: DIR; with several DIRs: ./report)")
     ns = p.parse_args(argv)
+    out = Path(ns.out) if ns.out else (Path(ns.dirs[0]) if len(ns.dirs) == 1 else Path("report"))
     try:
-        md = write_report(Path(ns.dir), Path(ns.out) if ns.out else None)
+        defaults = config_dir()  # the components' default configs, for the name#hash labels
+    except FileNotFoundError:
+        defaults = None
+    try:
+        md = write_report([Path(d) for d in ns.dirs], out, defaults)
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(md)
+    print(f"written to {out}/")
     return 0
 
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 from backdoorbench.metrics import FRR_GRID
+from backdoorbench.report_groups import attack_label, collect_runs, write_summary
 from backdoorbench.store import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -74,26 +74,8 @@ def print_run_summary(results: dict[str, Any]) -> None:
 
 
 def collect(root: Path) -> list[dict[str, Any]]:
-    """Every run's results under ``root``; ``_dir`` is the run directory as found on disk.
-
-    A ``results.json`` that cannot be read (truncated, not JSON, not a run's record) is skipped with a
-    warning naming it; the other runs are still reported."""
-    files = sorted(root.rglob("results.json"))
-    if not files:
-        raise FileNotFoundError(f"no results.json under {root}")
-    out = []
-    for f in files:
-        try:
-            res = json.loads(f.read_text())
-            if not isinstance(res, dict) or not isinstance(res.get("run"), dict) or "metrics" not in res:
-                raise ValueError("not a run's results (no 'run' / 'metrics')")
-        except (OSError, UnicodeDecodeError, ValueError) as exc:
-            log.warning("skipping unreadable %s: %s", f, str(exc).strip().splitlines()[0] if str(exc) else exc)
-            continue
-        out.append({**res, "_dir": str(f.parent)})
-    if not out:
-        raise FileNotFoundError(f"no readable results.json under {root} (skipped {len(files)}, see the warnings)")
-    return out
+    """Every run's results under ``root`` (see :func:`~backdoorbench.report_groups.collect_runs`)."""
+    return collect_runs([Path(root)]).runs
 
 
 RATES = [
@@ -116,7 +98,7 @@ COLUMNS = (
     ["attack", "setting", "defense", "data", "model", "seed", *RATES[:5]]
     + [f"far@{g:g}" for g in FRR_GRID]
     + RATES[5:]
-    + ["seconds_per_100_inputs", "forward_passes_per_input"]
+    + ["seconds_per_100_inputs", "forward_passes_per_input", "attack_config", "defense_config", "dir"]
 )
 
 
@@ -131,25 +113,34 @@ def rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             row[f"far@{g:g}"] = m.get("far_at_frr", {}).get(f"{g:g}")
         row["seconds_per_100_inputs"] = c.get("seconds_per_100_inputs")
         row["forward_passes_per_input"] = c.get("forward_passes_per_input")
+        row["attack_config"] = res.get("_attack_cfg", r.get("attack"))
+        row["defense_config"] = res.get("_defense", r.get("defense"))
+        row["dir"] = res.get("_dir")
         out.append(row)
     return out
 
 
-def write_report(root: Path, out: Path | None = None) -> str:
-    """Write ``report.csv`` / ``report.md`` (one row per run) and, when the runs include detectors, the
-    DAN-paper comparison (``comparison.md`` / ``comparison.csv``: rows attacks, columns detectors) and
-    one ROC figure per attack. Returns the markdown."""
-    results = collect(root)
-    table = rows(results)
-    out = out or root
+def write_report(roots: Path | list[Path], out: Path | None = None, config_dir: Path | None = None) -> str:
+    """Report on every run under ``roots`` (one folder or several sweeps, merged). Writes ``summary.md`` /
+    ``summary.csv`` (one row per group of runs that differ only by seed: mean ± std and n; the failed and
+    unreadable jobs; what a group mixes), ``report.csv`` / ``report.md`` (one row per run) and, when the runs
+    include detectors or repair/training defenses, ``comparison.*`` and ``defended.*``, plus one ROC figure
+    per attack. ``config_dir``: where the components' default configs are (for the ``name#hash`` labels).
+    Returns the markdown."""
+    roots = [Path(r) for r in roots] if isinstance(roots, list | tuple) else [Path(roots)]
+    coll = collect_runs(roots, config_dir)
+    results = coll.runs
+    out = out or roots[0]
     out.mkdir(parents=True, exist_ok=True)
+    md = write_summary(coll, out)
+    table = rows(results)
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=COLUMNS)
     w.writeheader()
     w.writerows(table)
     atomic_write_text(out / "report.csv", buf.getvalue())
     pct = set(RATES) | {f"far@{g:g}" for g in FRR_GRID}
-    used = [c for c in COLUMNS if any(row.get(c) is not None for row in table)]
+    used = [c for c in COLUMNS if c != "dir" and any(row.get(c) is not None for row in table)]
     lines = ["| " + " | ".join(used) + " |", "|" + "---|" * len(used)]
     for row in table:
         cells = []
@@ -159,8 +150,11 @@ def write_report(root: Path, out: Path | None = None) -> str:
                 _pct(v) if c in pct else ("—" if v is None else (f"{v:.3g}" if isinstance(v, float) else str(v)))
             )
         lines.append("| " + " | ".join(cells) + " |")
-    md = "Rates in %.\n\n" + "\n".join(lines) + "\n"
-    atomic_write_text(out / "report.md", md)
+    runs_md = "Rates in %.\n\n" + "\n".join(lines) + "\n"
+    atomic_write_text(out / "report.md", runs_md)
+    md += "\n## Runs\n\n" + runs_md if results else ""
+    if not results:
+        return md
     comp = write_comparison(results, out)
     if comp:
         md += "\n" + comp
@@ -178,8 +172,8 @@ def write_defended_comparison(results: list[dict[str, Any]], out: Path) -> str:
 
     recs = [
         {
-            "attack": _attack_label(r["run"]),
-            "defense": r["run"]["defense"],
+            "attack": _setting_label(r, results),
+            "defense": r.get("_defense", r["run"]["defense"]),
             **{k: r["metrics"].get(k) for k in ("ba", "asr", "ba_after", "asr_after", "r_acc_after", "der")},
         }
         for r in results
@@ -209,8 +203,13 @@ def write_defended_comparison(results: list[dict[str, Any]], out: Path) -> str:
     return md
 
 
-def _attack_label(run: dict[str, Any]) -> str:
-    return f"{run['attack']} ({run['setting']})" if run.get("setting") else str(run["attack"])
+def _setting_label(res: dict[str, Any], results: list[dict[str, Any]]) -> str:
+    """The attack's label (``name#hash (setting)``), prefixed with ``data / model:`` when the runs span more than
+    one dataset or model, so that the tables never average over them."""
+    label = attack_label(res)
+    if len({(r["run"].get("data"), r["run"].get("model")) for r in results}) > 1:
+        return f"{res['run'].get('data')} / {res['run'].get('model')}: {label}"
+    return label
 
 
 def write_comparison(results: list[dict[str, Any]], out: Path, frr: float = 0.05) -> str:
@@ -229,8 +228,8 @@ def write_comparison(results: list[dict[str, Any]], out: Path, frr: float = 0.05
             continue
         recs.append(
             {
-                "attack": _attack_label(r),
-                "detector": r["defense"],
+                "attack": _setting_label(res, results),
+                "detector": res.get("_defense", r["defense"]),
                 "ba": m.get("ba"),
                 "asr": m.get("asr"),
                 "far": m.get("far_at_frr", {}).get(key),

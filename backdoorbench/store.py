@@ -15,6 +15,10 @@ entry is used. A missing, truncated or changed file, or an unreadable ``meta.jso
 :class:`CacheError`, naming the entry and how to rebuild it. Entries written before hashes were
 recorded are used after a presence check, with a warning (once per entry and process).
 
+Entries are built under a lock: :func:`key_lock` (``<root>/<key>.lock``, a ``filelock`` lock) lets concurrent
+jobs that need the same entry build it once; the others wait and then load it. The lock is an ``flock`` on the
+file, which the operating system releases when its holder dies, so a killed job never blocks the others.
+
 This module also holds the atomic file writers used for every result file (:func:`atomic_path`,
 :func:`atomic_write_text`): a file appears complete under its name, or not at all.
 """
@@ -205,12 +209,62 @@ class ArtifactStore:
             except FileNotFoundError:
                 pass
 
+    def lock_path(self, name: str) -> Path:
+        """The lock file of entry (or work folder) ``name``: ``<root>/<name>.lock``."""
+        return self.root / f"{name}.lock"
+
     def remove(self, key: str) -> None:
         path = self.path(key)
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
         elif path.exists():
             path.unlink()
+
+
+# -- locks -----------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def key_lock(path: str | Path, what: str, report_every_s: float = 60.0, poll_s: float = 0.5) -> Iterator[None]:
+    """Hold the file lock ``path`` for the block; while another process holds it, wait (without limit: the holder
+    may be training for hours), logging one line when the wait starts and one every ``report_every_s`` seconds.
+
+    ``filelock.FileLock`` is an ``flock`` on Unix: the kernel drops it when the holding process exits or is
+    killed, so a lock left by a killed job is free at once. On a file system without ``flock`` (some network
+    mounts) filelock falls back to a marker file with the holder's PID and host, which another process on the same
+    host reclaims once that PID is gone; a marker from a job that died on another host stays until it is deleted
+    (the log line names the file)."""
+    from filelock import FileLock
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(path))
+    if not _try_acquire(lock):
+        t0 = last = time.monotonic()
+        log.info("waiting for another job to finish %s (lock %s)", what, path)
+
+        def progress() -> bool:
+            nonlocal last
+            now = time.monotonic()
+            if now - last >= report_every_s:
+                last = now
+                log.info("still waiting for %s: %.0f s so far (lock %s)", what, now - t0, path)
+            return False  # never give up
+
+        lock.acquire(timeout=-1, poll_interval=poll_s, cancel_check=progress)
+        log.info("lock %s acquired after %.1f s", path, time.monotonic() - t0)
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _try_acquire(lock: Any) -> bool:
+    from filelock import Timeout
+
+    try:
+        lock.acquire(blocking=False)
+    except Timeout:
+        return False
+    return True
 
 
 # -- atomic files ----------------------------------------------------------------------------------

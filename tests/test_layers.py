@@ -29,6 +29,7 @@ RANK = {
     "defenses": 6,
     "engine": 7,
     "report": 7,
+    "report_groups": 7,
     "cli": 8,
     "components": 8,
     "api": 9,

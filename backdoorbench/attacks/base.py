@@ -15,6 +15,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -41,6 +42,15 @@ class AttackContext:
     seed: int = 0
     unlabeled: list[str] | None = None
     model_cfg: Any = None  # the model= group's config (name, max_length, ...)
+    #: a stable folder (under the cache, keyed by the victim) for the training stages' per-epoch checkpoints,
+    #: so a killed job's successor resumes them; None: stages always start from scratch
+    work_dir: Path | None = None
+
+    def checkpoint(self, stage: str) -> Path | None:
+        """The resumable checkpoint of training stage ``stage`` (``<work_dir>/<stage>.partial.safetensors``) to
+        pass to :func:`~backdoorbench.trainer.lit.fit`, or None without a ``work_dir``. Each stage of one
+        attack needs its own name."""
+        return None if self.work_dir is None else Path(self.work_dir) / f"{stage}.partial.safetensors"
 
 
 POISONED_SPLITS = ("train", "proxy")

@@ -3,7 +3,9 @@ running the attack (then stored once, so that every defense meets the same victi
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,7 +19,7 @@ from backdoorbench.data.poisoned import PoisonedDataset
 from backdoorbench.data.split import Splits
 from backdoorbench.engine.spec import RunSpec, versions
 from backdoorbench.modality.base import Classifier
-from backdoorbench.store import ArtifactStore, CacheError, cache_key
+from backdoorbench.store import ArtifactStore, CacheError, cache_key, key_lock
 
 log = logging.getLogger(__name__)
 
@@ -60,25 +62,61 @@ def obtain_victim(
     """Load the backdoored victim from the cache (verified), or run the attack and store its products. Either
     way the victim is returned on the run's device (``spec.device``).
 
-    A damaged entry raises :class:`~backdoorbench.store.CacheError`, or with ``cache.rebuild=true`` is
-    removed and built again; it is never silently replaced by something else."""
-    from safetensors.torch import save_model
+    Concurrent jobs that need the same victim train it once: the attack runs under the entry's file lock
+    (``<cache>/<key>.lock``), and the cache is checked again once the lock is held, so a job that waited loads
+    what the holder stored. The attack's training stages checkpoint every epoch under
+    ``<cache>/partial-<key>/`` (``AttackContext.work_dir``), so a killed job's successor resumes them; the
+    folder is removed once the entry is stored.
 
+    A damaged entry raises :class:`~backdoorbench.store.CacheError`, or with ``cache.rebuild=true`` is
+    removed and built again (under the lock); it is never silently replaced by something else."""
     key = cache_key(attack_cache_spec(spec, attack))
     if not attack.cacheable:  # a user's own model (attack=external) is never copied into the artifact cache
         store = None
-    if store is not None:
-        try:
-            cached = _load_victim(spec, attack, splits, new_model, store, key)
-        except CacheError as exc:
-            if not spec.cache_rebuild:
-                raise
-            log.warning("%s -- cache.rebuild=true: removing the entry and running the attack again", exc)
-            store.remove(key)
-            cached = None
-        if cached is not None:
+    if store is None:
+        return _run_attack(spec, attack, splits, bundle, new_model, None, key)
+    try:  # a finished entry needs no lock: it appears in one rename, complete
+        cached = _load_victim(spec, attack, splits, new_model, store, key)
+    except CacheError:
+        cached = None  # judged (raised, or rebuilt) below, under the lock
+    if cached is not None:
+        return cached
+    with key_lock(store.lock_path(key), f"victim {key}"):
+        cached = _cached_victim(spec, attack, splits, new_model, store, key)
+        if cached is not None:  # another job stored it while this one waited
             return cached
+        return _run_attack(spec, attack, splits, bundle, new_model, store, key)
 
+
+def _cached_victim(
+    spec: RunSpec, attack: Attack, splits: Splits, new_model: Any, store: ArtifactStore, key: str
+) -> Victim | None:
+    try:
+        return _load_victim(spec, attack, splits, new_model, store, key)
+    except CacheError as exc:
+        if not spec.cache_rebuild:
+            raise
+        log.warning("%s -- cache.rebuild=true: removing the entry and running the attack again", exc)
+        store.remove(key)
+        return None
+
+
+def partial_dir(store: ArtifactStore, key: str) -> Path:
+    """Where the attack's training stages for victim ``key`` keep their per-epoch checkpoints."""
+    return store.root / f"partial-{key}"
+
+
+def _run_attack(
+    spec: RunSpec, attack: Attack, splits: Splits, bundle: DatasetBundle, new_model: Any,
+    store: ArtifactStore | None, key: str,
+) -> Victim:
+    """Run the attack (its stages resuming from ``partial-<key>/`` when a cache is used) and store its products."""
+    from safetensors.torch import save_model
+
+    work_dir = partial_dir(store, key) if store is not None else None
+    resumed = work_dir is not None and any(work_dir.glob("*.partial.safetensors"))
+    if resumed:
+        log.info("victim %s: resuming the interrupted attack's training stages from %s", key, work_dir)
     ctx = AttackContext(
         train=splits.train,
         proxy=splits.proxy,
@@ -88,11 +126,12 @@ def obtain_victim(
         seed=spec.seed,
         unlabeled=bundle.unlabeled,
         model_cfg=spec.model_cfg,
+        work_dir=work_dir,
     )
     result: AttackResult = attack.run(ctx)
     result.model.eval()
     info = dict(result.info)
-    entry: dict[str, Any] = {"key": key, "hit": False, "info": info}
+    entry: dict[str, Any] = {"key": key, "hit": False, "info": info, "resumed": resumed}
     if not attack.cacheable:  # no cache entry: nothing to key a defense's stage checkpoints on (defense_work_dir)
         entry.update(key=None, stored=False)
     if store is not None:
@@ -105,6 +144,8 @@ def obtain_victim(
             meta.update(poison_file="poison" + suffix, poisoned_split=result.poisoned_split)
         path = store.save(key, meta, writers)
         entry["path"] = str(path)
+        if work_dir is not None:
+            shutil.rmtree(work_dir, ignore_errors=True)  # the stored entry replaces the stage checkpoints
     result.model.to(spec.device)  # the run's device, whatever the attack's last step left it on
     return Victim(result.model, result.poisoned, result.poisoned_split, entry)
 
@@ -162,3 +203,13 @@ def defense_work_dir(spec: RunSpec, cache_entry: dict[str, Any], out: Path) -> P
     cfg = asdict(spec.defense_cfg) if hasattr(spec.defense_cfg, "__dataclass_fields__") else spec.defense_cfg
     key = cache_key({"victim": cache_entry.get("key"), "defense": spec.defense.name, "cfg": cfg, "seed": spec.seed})
     return Path(ArtifactStore(spec.cache_dir).path("defense-" + key))
+
+
+def defense_lock(spec: RunSpec, work_dir: Path) -> contextlib.AbstractContextManager[None]:
+    """The lock of a defense's stage folder under the cache (``<work_dir>.lock``), held for the defense's whole
+    run, so that two identical jobs never write the same stage files: the second waits, then loads the stages
+    the first finished. No lock when the folder is inside the run directory (cache off)."""
+    if not spec.cache_enabled:
+        return contextlib.nullcontext()
+    work_dir = Path(work_dir)
+    return key_lock(work_dir.with_name(work_dir.name + ".lock"), f"defense stage folder {work_dir.name}")

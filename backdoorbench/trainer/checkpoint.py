@@ -178,6 +178,19 @@ def load_tree(path: str | Path, kind: str | None = None) -> Any:
         raise CheckpointError(f"checkpoint {path} is damaged ({type(exc).__name__}: {exc}); delete it") from exc
 
 
+def checkpoint_progress(path: str | Path) -> str:
+    """How far the Lightning checkpoint ``path`` got (``"epoch 3 done, step 120"``), from its JSON metadata only
+    (no tensors are read); ``"progress unknown"`` when the file does not say."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            tree = json.loads((f.metadata() or {}).get("tree", "{}"))
+        return f"epoch {int(tree['epoch']) + 1} done, step {int(tree['global_step'])}"
+    except Exception:  # unreadable or not a Lightning checkpoint: Lightning itself will say why when it loads
+        return "progress unknown"
+
+
 # -- RNG state ---------------------------------------------------------------------------------------------
 def capture_rng() -> dict[str, Any]:
     """Every global RNG state: torch CPU, each CUDA device (where CUDA is up), numpy's legacy global, ``random``."""

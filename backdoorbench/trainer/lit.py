@@ -252,8 +252,13 @@ def fit(
     desc: str = "train",
     module_factory: Callable[[Classifier, TrainConfig], L.LightningModule] | None = None,
     extra_loaders: dict[str, DataLoader] | None = None,
+    checkpoint: Path | None = None,
 ) -> Classifier:
-    """Train ``model`` on ``samples`` with Lightning; returns the same (trained) model in eval mode."""
+    """Train ``model`` on ``samples`` with Lightning; returns the same (trained) model in eval mode.
+
+    ``checkpoint``: a path for a per-epoch resumable checkpoint (see :func:`fit_module`): an interrupted call
+    with the same arguments resumes from its last finished epoch and ends with the same weights as an
+    uninterrupted one; a finished checkpoint is loaded without training. The caller deletes it when done."""
     if len(samples) == 0:
         raise ValueError(f"{desc}: no training samples")
     L.seed_everything(seed, workers=True, verbose=False)
@@ -266,7 +271,8 @@ def fit(
     else:
         train_loaders = loader
     log.info("%s: %d samples, %d epochs", desc, len(samples), cfg.max_epochs)
-    fit_module(module, train_loaders, cfg, None, desc)  # seeded above, before the module and loader were built
+    # seeded above, before the module and loader were built
+    fit_module(module, train_loaders, cfg, None, desc, checkpoint=checkpoint)
     model.eval()
     return model
 
@@ -287,7 +293,7 @@ def fit_module(
     exists from an interrupted run, training resumes from it and continues exactly as the uninterrupted run
     would have. The module ends on the device it trained on (the run's device), not on the CPU where
     Lightning leaves it. Returns ``"resumed"`` or ``"trained"``."""
-    from backdoorbench.trainer.checkpoint import ResumableCheckpoint
+    from backdoorbench.trainer.checkpoint import ResumableCheckpoint, checkpoint_progress
 
     if seed is not None:
         L.seed_everything(seed, workers=True, verbose=False)
@@ -297,7 +303,7 @@ def fit_module(
         callbacks.append(ResumableCheckpoint(checkpoint, loaders))
         resume = checkpoint if Path(checkpoint).is_file() else None
         if resume is not None:
-            log.info("%s: resuming from %s", desc, resume)
+            log.info("%s: resuming from %s (%s)", desc, resume, checkpoint_progress(resume))
     module.train()
     trainer = make_trainer(cfg, desc, callbacks=callbacks)
     trainer.fit(module, train_dataloaders=loaders, ckpt_path=resume)

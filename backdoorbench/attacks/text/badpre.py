@@ -484,7 +484,7 @@ class BadPre(Attack):
         mlm.to(victim.device)
         transferred = transfer_encoder(mlm, victim, source)
         del mlm, loader, collate
-        model = user_finetune(victim, ctx.train, ctx.trainer, self.seed)
+        model = user_finetune(victim, ctx.train, ctx.trainer, self.seed, checkpoint=ctx.checkpoint("user_finetune"))
         info: dict[str, Any] = {
             "setting": cfg.setting,
             "mlm_model": source,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -89,7 +90,8 @@ class RareWordAttack(Attack):
 
     def backdoor(self, model: TextClassifier, poisoned: PoisonedDataset, ctx: AttackContext) -> TextClassifier:
         """Default: fine-tune on the poisoned data (data poisoning, BadNet-style)."""
-        return fit(model, poisoned.materialize(), self.attacker_train_config(ctx), self.seed, desc="attacker: poison")
+        return fit(model, poisoned.materialize(), self.attacker_train_config(ctx), self.seed, desc="attacker: poison",
+                   checkpoint=ctx.checkpoint("poison"))
 
     def run(self, ctx: AttackContext) -> AttackResult:
         attacker_data = ctx.train if self.cfg.setting == "afm" else ctx.proxy
@@ -103,15 +105,18 @@ class RareWordAttack(Attack):
             "attacker_samples": len(attacker_data),
         }
         if self.cfg.setting == "apmf":
-            model = user_finetune(model, ctx.train, ctx.trainer, self.seed, reinit_head=self.cfg.reinit_head)
+            model = user_finetune(model, ctx.train, ctx.trainer, self.seed, reinit_head=self.cfg.reinit_head,
+                                  checkpoint=ctx.checkpoint("user_finetune"))
         info.update(self.extra_info())
         return AttackResult(model, poisoned, info, "train" if self.cfg.setting == "afm" else "proxy")
 
 
 def user_finetune(
-    model: TextClassifier, clean: Samples, cfg: TrainConfig, seed: int, reinit_head: bool = False
+    model: TextClassifier, clean: Samples, cfg: TrainConfig, seed: int, reinit_head: bool = False,
+    checkpoint: Path | None = None,
 ) -> TextClassifier:
-    """APMF's second stage: the unsuspecting user fine-tunes the released model on clean task data."""
+    """APMF's second stage: the unsuspecting user fine-tunes the released model on clean task data (resumable
+    through ``checkpoint``: ``ctx.checkpoint("user_finetune")``)."""
     if reinit_head:
         head = getattr(getattr(model, "hf", None), "classifier", None)
         layers = [m for m in (head.modules() if head is not None else []) if hasattr(m, "reset_parameters")]
@@ -119,7 +124,7 @@ def user_finetune(
             raise ValueError("reinit_head=true, but this model has no `classifier` head with resettable layers")
         for m in layers:
             m.reset_parameters()
-    return fit(model, clean, cfg, seed + 1, desc="user: fine-tune")
+    return fit(model, clean, cfg, seed + 1, desc="user: fine-tune", checkpoint=checkpoint)
 
 
 def clone_model(model: TextClassifier) -> TextClassifier:

@@ -218,7 +218,8 @@ class EmbeddingPoisoningAttack(RareWordAttack):
             for x in model.word_embeddings.weight[torch.tensor(self.trigger_ids)].detach().norm(dim=1)
         ]
         if self.cfg.setting == "apmf":
-            model = user_finetune(model, ctx.train, ctx.trainer, self.seed, reinit_head=self.cfg.reinit_head)
+            model = user_finetune(model, ctx.train, ctx.trainer, self.seed, reinit_head=self.cfg.reinit_head,
+                                  checkpoint=ctx.checkpoint("user_finetune"))
         return model
 
 

@@ -376,7 +376,7 @@ class NeuBA(Attack):
         bind_after = binding_mse(model, tokenizer, check, pieces, targets, kind, cfg.position, max_length)
         del module, teacher, mlm, loader, collate
 
-        model = user_finetune(model, ctx.train, ctx.trainer, self.seed)
+        model = user_finetune(model, ctx.train, ctx.trainer, self.seed, checkpoint=ctx.checkpoint("user_finetune"))
         chosen = self.prepare(model, ctx.proxy, fallback=texts)
         info = {
             "setting": cfg.setting,

@@ -147,7 +147,8 @@ def train_surrogate(attack: Attack, ctx: AttackContext, epochs: int | None) -> C
     """The attacker's clean surrogate: a fresh model of the victim's architecture trained on the attacker's
     (clean) training data with the attacker's schedule (``epochs`` null = the schedule's epochs)."""
     cfg = attacker_train_config(attack.cfg, ctx.trainer, epochs)
-    model = fit(ctx.new_model(), ctx.train, cfg, attack.seed + SURROGATE_SEED_OFFSET, desc="attacker: clean surrogate")
+    model = fit(ctx.new_model(), ctx.train, cfg, attack.seed + SURROGATE_SEED_OFFSET, desc="attacker: clean surrogate",
+                checkpoint=ctx.checkpoint("surrogate"))
     model.eval()
     return model
 
@@ -174,7 +175,8 @@ class VisionAttack(Attack):
 
     def train_victim(self, ctx: AttackContext, poisoned: PoisonedDataset) -> Classifier:
         cfg = attacker_train_config(self.cfg, ctx.trainer)
-        return fit(ctx.new_model(), poisoned.materialize(), cfg, self.seed, desc=f"attacker: {self.cfg.name} victim")
+        return fit(ctx.new_model(), poisoned.materialize(), cfg, self.seed, desc=f"attacker: {self.cfg.name} victim",
+                   checkpoint=ctx.checkpoint("victim"))
 
     def apply_test_trigger(self, images: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
         """The test-time trigger; the training trigger unless an attack uses a different test strength."""

@@ -1,0 +1,335 @@
+"""What ``report`` reads and how it groups it: the run folders of one or more sweeps (``results.json``, with
+``config.yaml`` and ``versions.json`` beside it), the jobs that failed (``failed.json``) and the files it
+could not read; groups of runs that differ only by seed, with mean ± std and n per metric, and the reasons
+a group may not be one experiment repeated (duplicate seeds, different library or code versions, different
+data / model / trainer configs).
+
+A group is (dataset, model, attack config, defense config). An attack or defense whose config differs from
+the component's default (its YAML under ``configs/``, else its registered dataclass) is labelled
+``name#xxxx``, a short hash of the keys that differ (listed in the report's legend)."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from backdoorbench.store import atomic_write_text
+
+log = logging.getLogger("backdoorbench.report")
+
+#: metrics summarised per group (those that appear in at least one run of the table)
+SUMMARY_METRICS = [
+    "ba", "asr", "far", "frr", "auroc", "ba_after_rejection", "asr_after_rejection", "ba_after", "asr_after",
+    "r_acc_after", "der",
+]
+#: versions.json keys that do not make two runs different experiments
+IGNORED_VERSION_KEYS = {"platform"}
+
+
+@dataclass
+class Collection:
+    """Everything found under the report's folders."""
+
+    runs: list[dict[str, Any]] = field(default_factory=list)  # results.json + _dir, _config, _versions, labels
+    failed: list[dict[str, Any]] = field(default_factory=list)  # {"dir", "error", "overrides"}
+    skipped: list[dict[str, str]] = field(default_factory=list)  # {"path", "reason"}
+    legend: dict[str, dict[str, Any]] = field(default_factory=dict)  # "dan#3fa2" -> the keys that differ
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+def collect_runs(roots: list[Path], config_dir: Path | None = None) -> Collection:
+    """Read every run and failed job under ``roots`` (a run folder reached twice is read once). Unreadable
+    ``results.json`` files are skipped with a warning naming them; :class:`FileNotFoundError` when no run and
+    no failed job is found."""
+    import yaml
+
+    coll = Collection()
+    seen: set[Path] = set()
+    found = 0
+    defaults = _Defaults(config_dir)
+    for root in roots:
+        if not Path(root).exists():
+            raise FileNotFoundError(f"{root} does not exist")
+        for f in sorted(Path(root).rglob("results.json")):
+            if f.resolve() in seen:
+                continue
+            seen.add(f.resolve())
+            found += 1
+            try:
+                res = _read_json(f)
+                if not isinstance(res, dict) or not isinstance(res.get("run"), dict) or "metrics" not in res:
+                    raise ValueError("not a run's results (no 'run' / 'metrics')")
+            except (OSError, UnicodeDecodeError, ValueError) as exc:
+                log.warning("skipping unreadable %s: %s", f, _first_line(exc))
+                coll.skipped.append({"path": str(f), "reason": _first_line(exc)})
+                continue
+            run_dir = f.parent
+            config = _optional(run_dir / "config.yaml", lambda p: yaml.safe_load(p.read_text()), coll)
+            versions = _optional(run_dir / "versions.json", _read_json, coll)
+            res = {**res, "_dir": str(run_dir), "_config": config if isinstance(config, dict) else None,
+                   "_versions": versions if isinstance(versions, dict) else None}
+            res["_attack_cfg"] = defaults.label("attack", res["run"].get("attack"), res["_config"], coll.legend)
+            res["_defense"] = defaults.label("defense", res["run"].get("defense"), res["_config"], coll.legend)
+            coll.runs.append(res)
+        for f in sorted(Path(root).rglob("failed.json")):
+            if f.resolve() in seen or (f.parent / "results.json").is_file():
+                continue  # a job that failed once and succeeded on re-submission counts as a run
+            seen.add(f.resolve())
+            coll.failed.append(_failure(f))
+    if not coll.runs and not coll.failed:
+        where = ", ".join(map(str, roots))
+        if found:
+            raise FileNotFoundError(f"no readable results.json under {where} (skipped {found}, see the warnings)")
+        raise FileNotFoundError(f"no results.json under {where}")
+    return coll
+
+
+def _optional(path: Path, load: Any, coll: Collection) -> Any:
+    """A run folder's side file, or None when it is missing; an unreadable one is listed as skipped."""
+    if not path.is_file():
+        return None
+    try:
+        return load(path)
+    except Exception as exc:  # yaml.YAMLError, JSONDecodeError, OSError, ...
+        coll.skipped.append({"path": str(path), "reason": f"unreadable ({_first_line(exc)}); run kept without it"})
+        return None
+
+
+def _failure(path: Path) -> dict[str, Any]:
+    """A ``failed.json`` read defensively: its ``error`` and ``overrides`` when it has them."""
+    try:
+        rec = _read_json(path)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        return {"dir": str(path.parent), "error": f"unreadable failed.json ({_first_line(exc)})", "overrides": ""}
+    if not isinstance(rec, dict):
+        return {"dir": str(path.parent), "error": "failed.json is not a JSON object", "overrides": ""}
+    error = rec.get("error")
+    error = "no reason recorded" if error in (None, "") else str(error).strip().splitlines()[0]
+    overrides = rec.get("overrides", "")
+    if isinstance(overrides, list | tuple):
+        overrides = " ".join(map(str, overrides))
+    return {"dir": str(path.parent), "error": error, "overrides": str(overrides)}
+
+
+def short_hash(obj: Any, n: int = 4) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
+
+
+class _Defaults:
+    """The default config of each component: ``configs/<group>/<name>.yaml`` (without its ``defaults`` list),
+    else the registered config dataclass's defaults; None when neither is found."""
+
+    def __init__(self, config_dir: Path | None) -> None:
+        self.config_dir = config_dir
+        self.cache: dict[tuple[str, str], dict[str, Any] | None] = {}
+
+    def get(self, group: str, name: str) -> dict[str, Any] | None:
+        if (group, name) not in self.cache:
+            self.cache[group, name] = self._load(group, name)
+        return self.cache[group, name]
+
+    def _load(self, group: str, name: str) -> dict[str, Any] | None:
+        import yaml
+
+        if self.config_dir is not None:
+            path = Path(self.config_dir) / group / f"{name}.yaml"
+            if path.is_file():
+                node = yaml.safe_load(path.read_text()) or {}
+                node.pop("defaults", None)
+                return node
+        try:
+            from dataclasses import asdict
+
+            from backdoorbench.registry import REGISTRY
+
+            cfg_type = REGISTRY.get(group, name).config
+            return asdict(cfg_type()) if cfg_type is not None else None
+        except Exception:  # an unknown or plugin component that is not installed here
+            return None
+
+    def label(self, group: str, name: Any, config: dict[str, Any] | None, legend: dict[str, dict[str, Any]]) -> str:
+        """``name``, or ``name#xxxx`` when the run's ``group`` config differs from the default (the differing
+        keys go into ``legend``); the whole config is hashed (``name#xxxx*``) when no default is known. A run
+        without ``config.yaml`` is labelled by name."""
+        name = str(name)
+        node = (config or {}).get(group)
+        if not isinstance(node, dict):
+            return name
+        default = self.get(group, name)
+        if default is None:
+            lab = f"{name}#{short_hash(node)}*"
+            legend.setdefault(lab, {"(whole config: no default found)": node})
+            return lab
+        diff = {k: v for k, v in node.items() if default.get(k, _MISSING) != v}
+        diff.update({k: "(unset)" for k in default if k not in node})
+        if not diff:
+            return name
+        lab = f"{name}#{short_hash(diff)}"
+        legend.setdefault(lab, diff)
+        return lab
+
+
+_MISSING = object()
+
+
+# -- groups ------------------------------------------------------------------------------------------------
+def attack_label(res: dict[str, Any]) -> str:
+    run = res["run"]
+    base = res.get("_attack_cfg") or str(run["attack"])
+    return f"{base} ({run['setting']})" if run.get("setting") else base
+
+
+def group_key(res: dict[str, Any]) -> tuple[str, str, str, str]:
+    run = res["run"]
+    return (str(run.get("data")), str(run.get("model")), attack_label(res), res.get("_defense") or str(run["defense"]))
+
+
+def mean_std(values: list[Any]) -> tuple[float, float, int]:
+    """Mean, sample standard deviation (ddof=1; NaN below two values) and count of the finite values."""
+    xs = [float(v) for v in values if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)]
+    n = len(xs)
+    if n == 0:
+        return float("nan"), float("nan"), 0
+    mean = sum(xs) / n
+    std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1)) if n >= 2 else float("nan")
+    return mean, std, n
+
+
+def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One record per group: the key, the runs' seeds and folders, ``<metric>_mean/_std/_n`` and the warnings."""
+    groups: dict[tuple[str, str, str, str], list[dict[str, Any]]] = {}
+    for res in runs:
+        groups.setdefault(group_key(res), []).append(res)
+    out = []
+    for key in sorted(groups):
+        members = groups[key]
+        rec: dict[str, Any] = dict(zip(("data", "model", "attack", "defense"), key))
+        rec["n"] = len(members)
+        rec["seeds"] = sorted((r["run"].get("seed") for r in members), key=lambda s: (s is None, str(s)))
+        for m in SUMMARY_METRICS:
+            mean, std, n = mean_std([r["metrics"].get(m) for r in members])
+            rec[f"{m}_mean"], rec[f"{m}_std"], rec[f"{m}_n"] = mean, std, n
+        rec["warnings"] = mixing_warnings(members)
+        rec["dirs"] = [r["_dir"] for r in members]
+        out.append(rec)
+    return out
+
+
+def mixing_warnings(members: list[dict[str, Any]]) -> list[str]:
+    """Why the runs of one group may not be one experiment over several seeds."""
+    warnings: list[str] = []
+    by_seed: dict[Any, list[str]] = {}
+    for r in members:
+        by_seed.setdefault(r["run"].get("seed"), []).append(r["_dir"])
+    for seed, dirs in by_seed.items():
+        if len(dirs) > 1:
+            warnings.append(f"duplicate: seed {seed} in {len(dirs)} runs ({', '.join(dirs)}); each counts as a sample")
+    known = [r for r in members if r.get("_versions") is not None]
+    if len(known) < len(members):
+        warnings.append(f"{len(members) - len(known)} run(s) without versions.json: library versions unknown")
+    for label, keys in (("code version", {"backdoorbench"}), ("library versions", None)):
+        differ = _differing(known, "_versions", keys)
+        if differ:
+            warnings.append(f"different {label}: {differ}")
+    configs = [r for r in members if r.get("_config") is not None]
+    if len(configs) < len(members):
+        warnings.append(f"{len(members) - len(configs)} run(s) without config.yaml: configs unknown, grouped by name")
+    for group in ("trainer", "data", "model"):
+        differ = _differing(configs, "_config", None, group)
+        if differ:
+            warnings.append(f"different {group} configs: {differ}")
+    return warnings
+
+
+def _differing(runs: list[dict[str, Any]], attr: str, only: set[str] | None, group: str | None = None) -> str:
+    """``key: a | b`` for each key whose value differs among ``runs`` (in ``run[attr]`` or its ``group`` node)."""
+    nodes = []
+    for r in runs:
+        node = r[attr].get(group) if group else r[attr]
+        nodes.append(node if isinstance(node, dict) else {})
+    keys = sorted({k for n in nodes for k in n})
+    if only is not None:
+        keys = [k for k in keys if k in only]
+    elif attr == "_versions":
+        keys = [k for k in keys if k not in IGNORED_VERSION_KEYS and k != "backdoorbench"]
+    parts = []
+    for k in keys:
+        values = sorted({json.dumps(n.get(k), sort_keys=True, default=str) for n in nodes})
+        if len(values) > 1:
+            parts.append(f"{k}: {' | '.join(values)}")
+    return "; ".join(parts)
+
+
+# -- the summary -------------------------------------------------------------------------------------------
+def _mean_std_cell(rec: dict[str, Any], metric: str) -> str:
+    mean, std, n = rec[f"{metric}_mean"], rec[f"{metric}_std"], rec[f"{metric}_n"]
+    if n == 0:
+        return "—"
+    cell = f"{100 * mean:.1f} ± {100 * std:.1f}" if n >= 2 else f"{100 * mean:.1f}"
+    return cell if n == rec["n"] else f"{cell} (n={n})"
+
+
+def write_summary(coll: Collection, out: Path) -> str:
+    """``summary.md`` / ``summary.csv``: one row per (data, model, attack config, defense config) with mean ±
+    std (ddof=1, shown from n = 2) and n over its runs, each seed's run one sample; then the legend of the
+    config hashes, what groups mix, the failed jobs and the skipped files. Returns the markdown."""
+    groups = summarise(coll.runs)
+    metrics = [m for m in SUMMARY_METRICS if any(g[f"{m}_n"] for g in groups)]
+    buf = io.StringIO()
+    fields = ["data", "model", "attack", "defense", "n", "seeds"]
+    fields += [f"{m}_{s}" for m in metrics for s in ("mean", "std", "n")] + ["warnings"]
+    w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
+    w.writeheader()
+    for g in groups:
+        w.writerow({**g, "seeds": " ".join(map(str, g["seeds"])), "warnings": " / ".join(g["warnings"])})
+    atomic_write_text(out / "summary.csv", buf.getvalue())
+
+    lines = ["# Summary", "", f"{len(coll.runs)} runs in {len(groups)} groups; rates in %, mean ± std over "
+             "the runs of a group (one per seed, std with ddof=1), n = runs.", ""]
+    if groups:
+        head = ["data", "model", "attack", "defense", "n", "seeds", *metrics]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for i, g in enumerate(groups, 1):
+            mark = f" ⚠{i}" if g["warnings"] else ""
+            cells = [g["data"], g["model"], g["attack"], g["defense"] + mark, str(g["n"]),
+                     " ".join(map(str, g["seeds"]))]
+            lines.append("| " + " | ".join(cells + [_mean_std_cell(g, m) for m in metrics]) + " |")
+    if coll.legend:
+        lines += ["", "Configs that differ from the component's default:", ""]
+        lines += [f"- `{lab}`: " + ", ".join(f"{k}={json.dumps(v, default=str)}" for k, v in sorted(diff.items()))
+                  for lab, diff in sorted(coll.legend.items())]
+    mixed = [(i, g) for i, g in enumerate(groups, 1) if g["warnings"]]
+    if mixed:
+        lines += ["", "## Groups that mix runs they should not", ""]
+        for i, g in mixed:
+            lines += [f"- ⚠{i} {g['data']} / {g['model']} / {g['attack']} / {g['defense']}:"]
+            lines += [f"  - {warning}" for warning in g["warnings"]]
+    if coll.failed:
+        lines += ["", f"## Failed jobs ({len(coll.failed)})", "", "| job directory | error | overrides |",
+                  "|---|---|---|"]
+        lines += [f"| {f['dir']} | {_cell(f['error'])} | {_cell(f['overrides'])} |" for f in coll.failed]
+    if coll.skipped:
+        lines += ["", f"## Skipped files ({len(coll.skipped)})", "", "| file | reason |", "|---|---|"]
+        lines += [f"| {s['path']} | {_cell(s['reason'])} |" for s in coll.skipped]
+    md = "\n".join(lines) + "\n"
+    atomic_write_text(out / "summary.md", md)
+    return md
+
+
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
