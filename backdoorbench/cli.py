@@ -150,7 +150,7 @@ def cmd_run(args: list[str]) -> int:
         hc = HydraConfig.get()
         out_dir = Path(hc.runtime.output_dir)
         multirun = hc.mode == RunMode.MULTIRUN
-        job = f"job {hc.job.num} ({' '.join(hc.overrides.task)})"
+        job = f"job {hc.job.num} ({' '.join(hc.overrides.task)})" if multirun else "the run"
         try:
             if multirun and (differs := sweep.previous_results(out_dir, cfg)) is not None:
                 if not differs:  # resume: this job's results are already there
@@ -164,7 +164,8 @@ def cmd_run(args: list[str]) -> int:
             results = run_experiment(cfg, out_dir)
         except Exception as exc:  # recorded in failed.json; a sweep goes on with its next job
             record_failure(exc, out_dir)
-            sweep.write_failed(out_dir, exc, failure_line(exc), is_expected(exc), list(hc.overrides.task), cfg)
+            if multirun or not (out_dir / "results.json").exists():  # never beside an earlier single run's results
+                sweep.write_failed(out_dir, exc, failure_line(exc), is_expected(exc), list(hc.overrides.task), cfg)
             failures.append(exc)
             if multirun:
                 log.error("%s failed: %s", job, failure_line(exc))
@@ -187,7 +188,9 @@ def cmd_run(args: list[str]) -> int:
         else:
             os.environ["HYDRA_FULL_ERROR"] = previous
     if len(STATE.history) > sweeps_before and STATE.dir is not None:  # a sweep: its jobs may have run elsewhere
-        return sweep_exit_status(failures_since(STATE.dir, STATE.started))
+        failed = failures_since(STATE.dir, STATE.started)
+        if failed or not failures:  # (a job folder that could not take its failed.json: reported below)
+            return sweep_exit_status(failed)
     if failures:
         raise failures[0]
     return 0

@@ -186,3 +186,9 @@ def test_joblib_launcher_runs_two_jobs(tmp_path: Path) -> None:
 def test_submitit_local_executor_runs_two_jobs(tmp_path: Path) -> None:
     _sweep(tmp_path, "hydra/launcher=local", "hydra.launcher.timeout_min=10")
     assert list((tmp_path / "sweep" / ".submitit").glob("*/*_result.pkl"))  # submitit ran them
+
+
+def test_a_single_failed_run_leaves_failed_json_too(tmp_path: Path, fake_runs: list[str], capsys) -> None:
+    rc = cli.main(["run", "attack=badnets", "defense=onion", f"hydra.run.dir={tmp_path / 'run'}"])
+    assert rc == 2 and "supports text only" in capsys.readouterr().err  # the one-line error path, as before
+    assert json.loads((tmp_path / "run" / FAILED).read_text())["overrides"] == ["attack=badnets", "defense=onion"]
