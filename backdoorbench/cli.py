@@ -216,8 +216,21 @@ def is_expected(exc: BaseException) -> bool:
     return isinstance(exc, (UserError, FileNotFoundError, HydraException))
 
 
+CLUSTER_HINT = 'the launchers need the cluster extra: pip install "backdoorbench[cluster]" (docs/cluster.md)'
+
+
 def failure_line(exc: BaseException) -> str:
-    """The exception's message on one line (Hydra's multi-line messages folded)."""
+    """The exception's message on one line (Hydra's multi-line messages folded); a launcher that is not installed
+    gets a hint to install the ``cluster`` extra."""
+    line = _one_line(exc)
+    if re.search(r"hydra_(joblib|submitit)_launcher|'hydra/launcher/submitit_", line):
+        line += f" ({CLUSTER_HINT})"
+    elif 'Could not detect "srun"' in line:
+        line += " (hydra/launcher=slurm submits to SLURM; on one machine use hydra/launcher=local or joblib)"
+    return line
+
+
+def _one_line(exc: BaseException) -> str:
     from hydra.errors import HydraException
 
     text = str(exc)

@@ -192,3 +192,13 @@ def test_a_single_failed_run_leaves_failed_json_too(tmp_path: Path, fake_runs: l
     rc = cli.main(["run", "attack=badnets", "defense=onion", f"hydra.run.dir={tmp_path / 'run'}"])
     assert rc == 2 and "supports text only" in capsys.readouterr().err  # the one-line error path, as before
     assert json.loads((tmp_path / "run" / FAILED).read_text())["overrides"] == ["attack=badnets", "defense=onion"]
+
+
+def test_a_missing_launcher_plugin_names_the_extra() -> None:
+    from hydra.errors import MissingConfigException
+
+    exc = MissingConfigException("In 'hydra/launcher/slurm': Could not find 'hydra/launcher/submitit_slurm'", None)
+    assert cli.failure_line(exc).endswith(f"({cli.CLUSTER_HINT})")
+    assert "cluster" not in cli.failure_line(ValueError("data.max_train must be >= 1"))
+    no_slurm = RuntimeError('Could not detect "srun", are you indeed on a slurm cluster?')
+    assert "hydra/launcher=local" in cli.failure_line(no_slurm)
