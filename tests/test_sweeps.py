@@ -202,3 +202,12 @@ def test_a_missing_launcher_plugin_names_the_extra() -> None:
     assert "cluster" not in cli.failure_line(ValueError("data.max_train must be >= 1"))
     no_slurm = RuntimeError('Could not detect "srun", are you indeed on a slurm cluster?')
     assert "hydra/launcher=local" in cli.failure_line(no_slurm)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is None,
+                    reason="hydra-submitit-launcher missing: pip install backdoorbench[cluster]")
+def test_slurm_launcher_config_composes_with_our_defaults() -> None:
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        launcher = compose("config", overrides=["hydra/launcher=slurm"], return_hydra_config=True).hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert (launcher.gpus_per_node, launcher.max_num_timeout, launcher.array_parallelism) == (1, 3, 32)
