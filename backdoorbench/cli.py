@@ -7,7 +7,10 @@ directory, printed at the end.
 
 Exit status: 0 on success; 2 for an expected failure (a :class:`~backdoorbench.errors.UserError`, a missing
 file, a Hydra config error), printed as one ``error: ...`` line; 1 for anything else, printed as one line
-naming the log file that keeps the traceback (``<run dir>/error.log``).
+naming the log file that keeps the traceback (``<run dir>/error.log``). A failed job also leaves
+``failed.json`` in its folder. A sweep runs every job even when some fail; it ends with one line per failed
+job and a count, and exits with 2 when every failure was expected, 1 otherwise. Re-running a sweep with the
+same ``hydra.sweep.dir`` skips the jobs whose results are there (:mod:`backdoorbench.engine.sweep`).
 """
 
 from __future__ import annotations
@@ -59,17 +62,49 @@ def _group_options(cdir: Path, group: str) -> set[str]:
 
 
 def rewrite_model_override(args: list[str], cdir: Path) -> list[str]:
-    """``model=<HF name or path>`` / ``model=timm:<name>`` → the generic group option + ``model.name``."""
+    """``model=<HF name or path>`` / ``model=timm:<name>`` → the generic group option + ``model.name``.
+
+    A sweep list (``model=resnet18,timm:resnet10t,bert-base-uncased``) is rewritten element-wise: each value
+    that is not a config file becomes a config option of its own (:func:`register_model_option`), so that
+    Hydra can sweep over them (``model=resnet18,timm_resnet10t,bert-base-uncased``)."""
     options = _group_options(cdir, "model")
     out = []
     for a in args:
-        if a.startswith("model=") and a[len("model=") :] not in options:
-            value = a[len("model=") :].strip("'\"")
-            generic = "timm" if value.startswith("timm:") and "timm" in options else "hf"
-            out += [f"model={generic}", f"model.name='{value}'"]
-        else:
+        value = a[len("model=") :] if a.startswith("model=") else None
+        if value is None or value in options or "(" in value:  # not model=, a config file, or sweep syntax
             out.append(a)
+            continue
+        items = [v.strip().strip("'\"") for v in value.split(",")]
+        if len(items) == 1:
+            out += [f"model={_generic_model_option(items[0], options)}", f"model.name='{items[0]}'"]
+        else:
+            out.append("model=" + ",".join(v if v in options else register_model_option(v, cdir) for v in items))
     return out
+
+
+def _generic_model_option(value: str, options: set[str]) -> str:
+    return "timm" if value.startswith("timm:") and "timm" in options else "hf"
+
+
+def register_model_option(value: str, cdir: Path) -> str:
+    """Store a ``model`` config option for an HF name/path or ``timm:<name>`` (the generic ``hf.yaml`` or
+    ``timm.yaml`` with ``name: <value>``) and return its option name: ``value`` with every character outside
+    ``[A-Za-z0-9_-]`` replaced by ``_`` (a short hash added where that name is taken)."""
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    from backdoorbench.engine.sweep import job_hash
+
+    options = _group_options(cdir, "model")
+    node = OmegaConf.load(cdir / "model" / f"{_generic_model_option(value, options)}.yaml")
+    node.name = value
+    cs = ConfigStore.instance()
+    alias = re.sub(r"[^A-Za-z0-9_-]+", "_", value).strip("_") or "model"
+    taken = cs.repo.get("model", {}).get(f"{alias}.yaml")
+    if alias in options or (taken is not None and taken.node.get("name") != value):
+        alias = f"{alias}_{job_hash(value)[:6]}"
+    cs.store(group="model", name=alias, node=node)
+    return alias
 
 
 def register_plugin_configs(cdir: Path) -> None:
@@ -96,10 +131,10 @@ def cmd_run(args: list[str]) -> int:
     from hydra.types import RunMode
     from omegaconf import DictConfig
 
-    from backdoorbench.engine.rundir import register_resolvers
+    from backdoorbench.engine.sweep import register_sweep_resolvers
 
     cdir = config_dir()
-    register_resolvers()  # ${bb.unique:} in the run / sweep directory names
+    register_sweep_resolvers()  # ${bb.unique:} and ${bb.job_hash:} in the run / sweep directory names
     REGISTRY.load()
     register_plugin_configs(cdir)
     sys.argv = [sys.argv[0], *rewrite_model_override(args, cdir)]
@@ -108,25 +143,43 @@ def cmd_run(args: list[str]) -> int:
 
     @hydra.main(version_base="1.3", config_path=str(cdir), config_name="config")
     def _main(cfg: DictConfig) -> None:
+        from backdoorbench.engine import sweep
         from backdoorbench.engine.pipeline import run_experiment
         from backdoorbench.report import print_run_summary
 
         hc = HydraConfig.get()
         out_dir = Path(hc.runtime.output_dir)
+        multirun = hc.mode == RunMode.MULTIRUN
+        job = f"job {hc.job.num} ({' '.join(hc.overrides.task)})" if multirun else "the run"
         try:
+            if multirun and (differs := sweep.previous_results(out_dir, cfg)) is not None:
+                if not differs:  # resume: this job's results are already there
+                    log.info("%s: done already (%s), skipped", job, out_dir)
+                    sweep.clear_failed(out_dir)  # left by a refused submission with another config
+                    return
+                raise UserError(
+                    f"{out_dir} holds the results of a different config (differs in: {', '.join(differs[:5])}); "
+                    "use another hydra.sweep.dir or delete that folder"
+                )
             results = run_experiment(cfg, out_dir)
-        except Exception as exc:  # kept for main() to report; a sweep goes on with its next job
+        except Exception as exc:  # recorded in failed.json; a sweep goes on with its next job
             record_failure(exc, out_dir)
+            if multirun or not (out_dir / "results.json").exists():  # never beside an earlier single run's results
+                sweep.write_failed(out_dir, exc, failure_line(exc), is_expected(exc), list(hc.overrides.task), cfg)
             failures.append(exc)
-            if hc.mode == RunMode.MULTIRUN:
-                log.error("job %s (%s) failed: %s", hc.job.num, " ".join(hc.overrides.task), failure_line(exc))
+            if multirun:
+                log.error("%s failed: %s", job, failure_line(exc))
             return
+        sweep.clear_failed(out_dir)
         print_run_summary(results)
 
     # Hydra's own errors (override syntax, unknown group option or key) are re-raised, not printed with a
     # traceback and status 1: main() reports them like every other expected failure
     previous = os.environ.get("HYDRA_FULL_ERROR")
     os.environ["HYDRA_FULL_ERROR"] = "1"
+    from backdoorbench.engine.sweep import STATE, failures_since
+
+    sweeps_before = len(STATE.history)
     try:
         _main()
     finally:
@@ -134,11 +187,24 @@ def cmd_run(args: list[str]) -> int:
             os.environ.pop("HYDRA_FULL_ERROR", None)
         else:
             os.environ["HYDRA_FULL_ERROR"] = previous
+    if len(STATE.history) > sweeps_before and STATE.dir is not None:  # a sweep: its jobs may have run elsewhere
+        failed = failures_since(STATE.dir, STATE.started)
+        if failed or not failures:  # (a job folder that could not take its failed.json: reported below)
+            return sweep_exit_status(failed)
     if failures:
-        if len(failures) > 1:
-            log.error("%d jobs of the sweep failed (see the lines above); the first:", len(failures))
         raise failures[0]
     return 0
+
+
+def sweep_exit_status(failed: list[dict[str, Any]]) -> int:
+    """0 when no job of the sweep failed; else one line per failed job, a count, and status 2 when every failure
+    was expected (a config the user can fix), 1 otherwise."""
+    if not failed:
+        return 0
+    for rec in failed:
+        print(f"error: {rec['job_dir']}: {rec.get('reason')}", file=sys.stderr)
+    print(f"error: {len(failed)} job(s) of the sweep failed (each reason is in its failed.json)", file=sys.stderr)
+    return 2 if all(rec.get("expected") for rec in failed) else 1
 
 
 # -- one error path ------------------------------------------------------------------------------
@@ -150,8 +216,21 @@ def is_expected(exc: BaseException) -> bool:
     return isinstance(exc, (UserError, FileNotFoundError, HydraException))
 
 
+CLUSTER_HINT = 'the launchers need the cluster extra: pip install "backdoorbench[cluster]" (docs/cluster.md)'
+
+
 def failure_line(exc: BaseException) -> str:
-    """The exception's message on one line (Hydra's multi-line messages folded)."""
+    """The exception's message on one line (Hydra's multi-line messages folded); a launcher that is not installed
+    gets a hint to install the ``cluster`` extra."""
+    line = _one_line(exc)
+    if re.search(r"hydra_(joblib|submitit)_launcher|'hydra/launcher/submitit_", line):
+        line += f" ({CLUSTER_HINT})"
+    elif 'Could not detect "srun"' in line:
+        line += " (hydra/launcher=slurm submits to SLURM; on one machine use hydra/launcher=local or joblib)"
+    return line
+
+
+def _one_line(exc: BaseException) -> str:
     from hydra.errors import HydraException
 
     text = str(exc)
