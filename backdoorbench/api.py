@@ -256,12 +256,9 @@ def compose(overrides: Sequence[str] = ()) -> Any:
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from backdoorbench.cli import config_dir, register_plugin_configs, rewrite_model_override
+    from backdoorbench.cli import prepared_overrides
 
-    cdir = config_dir()
-    REGISTRY.load()
-    register_plugin_configs(cdir)
-    args = rewrite_model_override(list(overrides), cdir)
+    cdir, args = prepared_overrides(list(overrides))
     was_initialized = GlobalHydra.instance().is_initialized()
     if was_initialized:  # e.g. inside a user's own Hydra app: compose in a fresh context, then give it back
         saved = GlobalHydra.instance().hydra

@@ -125,6 +125,15 @@ def register_plugin_configs(cdir: Path) -> None:
             cs.store(group=group, name=entry.name, node=node)
 
 
+def prepared_overrides(args: list[str]) -> tuple[Path, list[str]]:
+    """The config folder and the command-line overrides ready for Hydra: the registry and plugin configs loaded,
+    ``model=<HF name, path or timm:name>`` rewritten (shared by ``run`` and :func:`backdoorbench.api.compose`)."""
+    cdir = config_dir()
+    REGISTRY.load()
+    register_plugin_configs(cdir)
+    return cdir, rewrite_model_override(args, cdir)
+
+
 def cmd_run(args: list[str]) -> int:
     import hydra
     from hydra.core.hydra_config import HydraConfig
@@ -133,11 +142,9 @@ def cmd_run(args: list[str]) -> int:
 
     from backdoorbench.engine.sweep import register_sweep_resolvers
 
-    cdir = config_dir()
     register_sweep_resolvers()  # ${bb.unique:} and ${bb.job_hash:} in the run / sweep directory names
-    REGISTRY.load()
-    register_plugin_configs(cdir)
-    sys.argv = [sys.argv[0], *rewrite_model_override(args, cdir)]
+    cdir, hydra_args = prepared_overrides(args)
+    sys.argv = [sys.argv[0], *hydra_args]
 
     failures: list[BaseException] = []
 

@@ -89,40 +89,49 @@ class AccuracyTracker:
         return correct / seen if seen else None
 
 
-def _batch_loss(outputs: Any) -> float | None:
-    loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-    if isinstance(loss, torch.Tensor) and loss.numel() == 1:
-        return float(loss.detach())
-    return None
+class _EpochLoss(L.Callback):
+    """The mean training loss of the current epoch (``mean_loss``; None before any scalar loss came in)."""
+
+    def __init__(self) -> None:
+        self.loss_sum, self.loss_n = 0.0, 0
+
+    @property
+    def mean_loss(self) -> float | None:
+        return self.loss_sum / self.loss_n if self.loss_n else None
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.loss_sum, self.loss_n = 0.0, 0
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+            self.loss_sum += float(loss.detach())
+            self.loss_n += 1
 
 
-class EpochMetrics(L.Callback):
+class EpochMetrics(_EpochLoss):
     """One row per epoch — ``epoch``, ``loss`` (mean training loss), ``train_acc``, ``lr``, ``seconds`` — written
     through ``logger`` (a Lightning logger of its own: modules' ``self.log`` calls never reach it, so the file
     holds exactly one row per epoch)."""
 
     def __init__(self, logger: Any) -> None:
+        super().__init__()
         self.logger = logger
-        self.loss_sum, self.loss_n, self.t0 = 0.0, 0, 0.0
+        self.t0 = 0.0
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.loss_sum, self.loss_n, self.t0 = 0.0, 0, time.perf_counter()
+        super().on_train_epoch_start(trainer, pl_module)
+        self.t0 = time.perf_counter()
         if isinstance(pl_module, AccuracyTracker):
             pl_module.pop_epoch_accuracy()
-
-    def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        loss = _batch_loss(outputs)
-        if loss is not None:
-            self.loss_sum += loss
-            self.loss_n += 1
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         row: dict[str, float] = {"epoch": float(trainer.current_epoch + 1),
                                  "seconds": round(time.perf_counter() - self.t0, 3)}
-        if self.loss_n:
-            row["loss"] = self.loss_sum / self.loss_n
+        if self.mean_loss is not None:
+            row["loss"] = self.mean_loss
         acc = pl_module.pop_epoch_accuracy() if isinstance(pl_module, AccuracyTracker) else None
         if acc is not None:
             row["train_acc"] = acc
@@ -141,7 +150,7 @@ def _duration(seconds: float) -> str:
     return f"{h}h{rest // 60:02d}m" if h else f"{rest // 60}m{rest % 60:02d}s"
 
 
-class EpochLog(L.Callback):
+class EpochLog(_EpochLoss):
     """One INFO line per finished epoch: stage, epoch i/n, mean training loss, elapsed time and ETA.
 
     ``make_trainer`` adds it when progress bars are off (output redirected, ``BACKDOORBENCH_PROGRESS=0``), so
@@ -149,25 +158,13 @@ class EpochLog(L.Callback):
     """
 
     def __init__(self, desc: str = "train") -> None:
+        super().__init__()
         self.desc = desc or "train"
         self.t0 = 0.0
-        self.loss_sum = 0.0
-        self.loss_n = 0
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.t0 = time.perf_counter()
         self.start_epoch = trainer.current_epoch  # a resumed stage counts its ETA from where it resumed
-
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.loss_sum, self.loss_n = 0.0, 0
-
-    def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        loss = _batch_loss(outputs)
-        if loss is not None:
-            self.loss_sum += loss
-            self.loss_n += 1
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         done, total = trainer.current_epoch + 1, trainer.max_epochs or 0
@@ -177,6 +174,6 @@ class EpochLog(L.Callback):
         elapsed = time.perf_counter() - self.t0
         ran = done - self.start_epoch
         eta = elapsed / max(ran, 1) * max(total - done, 0)
-        loss = f"train loss {self.loss_sum / self.loss_n:.4f}" if self.loss_n else "train loss n/a"
+        loss = f"train loss {self.mean_loss:.4f}" if self.mean_loss is not None else "train loss n/a"
         log.info("%s: epoch %d/%d, %s, %s elapsed, ETA %s", self.desc, done, total, loss, _duration(elapsed),
                  _duration(eta))
