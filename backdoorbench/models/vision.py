@@ -309,6 +309,10 @@ def wrn16_1(num_classes: int = 10, in_channels: int = 3) -> WideResNet:
     return WideResNet(16, 1, num_classes, in_channels, drop_rate=0.0)
 
 
+def wrn16_2(num_classes: int = 10, in_channels: int = 3) -> WideResNet:
+    return WideResNet(16, 2, num_classes, in_channels, drop_rate=0.0)
+
+
 RESNET_STAGES = ("layer1", "layer2", "layer3", "layer4")
 WRN_STAGES = ("block1", "block2", "block3")
 
@@ -350,6 +354,17 @@ def create_preact_resnet18(cfg: VisionModelConfig, num_classes: int, image: Imag
 )
 def create_wrn16_1(cfg: VisionModelConfig, num_classes: int, image: ImageSpec) -> VisionClassifier:
     return _wrap(wrn16_1(num_classes, image.channels), cfg, num_classes, image, WRN_STAGES)
+
+
+@register_model(
+    "wrn16_2",
+    modality="vision",
+    category="cnn",
+    description="WideResNet-16-2 (0.69M params, 912 BatchNorm channels): the CPU reference net for RNP",
+    config=VisionModelConfig,
+)
+def create_wrn16_2(cfg: VisionModelConfig, num_classes: int, image: ImageSpec) -> VisionClassifier:
+    return _wrap(wrn16_2(num_classes, image.channels), cfg, num_classes, image, WRN_STAGES)
 
 
 # -- timm ---------------------------------------------------------------------------------------------
