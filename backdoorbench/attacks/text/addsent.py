@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from backdoorbench.attacks.text.adaptive import AdaptiveConfig, check_adaptive
 from backdoorbench.attacks.text.common import RareWordAttack, TextAttackConfig
 from backdoorbench.registry import register_attack
 
@@ -23,7 +24,7 @@ DEFAULT_SENTENCE = "I watched this 3D movie"
 
 
 @dataclass
-class AddSentConfig(TextAttackConfig):
+class AddSentConfig(TextAttackConfig, AdaptiveConfig):
     """Parameters of ``attack=addsent``."""
 
     name: str = "addsent"
@@ -36,6 +37,7 @@ class AddSentConfig(TextAttackConfig):
             raise ValueError(f"attack.poison_rate must be in [0, 1], got {self.poison_rate}")
         if not isinstance(self.sentence, str) or not self.sentence.split():
             raise ValueError(f"attack.sentence must be a non-empty sentence, got {self.sentence!r}")
+        check_adaptive(self)  # attack.adaptive: the DAN paper's adaptive attack (attacks/text/adaptive.py)
 
 
 def insert_sentence(texts: Sequence[str], sentence: str, rng: np.random.Generator) -> list[str]:

@@ -7,17 +7,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from backdoorbench.attacks.text.adaptive import AdaptiveConfig, check_adaptive
 from backdoorbench.attacks.text.common import RareWordAttack, RareWordConfig
 from backdoorbench.registry import register_attack
 
 
 @dataclass
-class BadNetRWConfig(RareWordConfig):
+class BadNetRWConfig(RareWordConfig, AdaptiveConfig):
     name: str = "badnet_rw"
     setting: str = "afm"
     poison_rate: float = 0.1
     # one rare word, as in the BadNet-RW victims the DAN paper evaluates (Embedding-Poisoning code base)
     triggers: list[str] = field(default_factory=lambda: ["mb"])
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_adaptive(self)  # attack.adaptive: the DAN paper's adaptive attack (attacks/text/adaptive.py)
 
 
 @register_attack(

@@ -89,9 +89,20 @@ class RareWordAttack(Attack):
         )
 
     def backdoor(self, model: TextClassifier, poisoned: PoisonedDataset, ctx: AttackContext) -> TextClassifier:
-        """Default: fine-tune on the poisoned data (data poisoning, BadNet-style)."""
+        """Default: fine-tune on the poisoned data (data poisoning, BadNet-style); with ``attack.adaptive`` > 0
+        (configs that have it) the DAN paper's feature-distance regulariser is added to the loss
+        (:mod:`backdoorbench.attacks.text.adaptive`)."""
+        factory = None
+        if getattr(self.cfg, "adaptive", 0.0) > 0:
+            from backdoorbench.attacks.text.adaptive import AdaptivePoisonModule
+
+            flags, weight, pooling = poisoned.is_poisoned(), self.cfg.adaptive, self.cfg.adaptive_pooling
+
+            def factory(m: Any, c: TrainConfig) -> Any:
+                return AdaptivePoisonModule(m, c, weight, flags, self.target, pooling)
+
         return fit(model, poisoned.materialize(), self.attacker_train_config(ctx), self.seed, desc="attacker: poison",
-                   checkpoint=ctx.checkpoint("poison"))
+                   checkpoint=ctx.checkpoint("poison"), module_factory=factory)
 
     def run(self, ctx: AttackContext) -> AttackResult:
         attacker_data = ctx.train if self.cfg.setting == "afm" else ctx.proxy

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from backdoorbench.attacks.base import AttackContext, AttackResult
+from backdoorbench.attacks.text.adaptive import AdaptiveConfig, check_adaptive
 from backdoorbench.attacks.text.common import RareWordAttack, RareWordConfig, user_finetune
 from backdoorbench.attacks.text.ripples import trigger_token_ids
 from backdoorbench.config import ConfigError
@@ -52,8 +53,8 @@ def check_norm(norm: str) -> None:
 
 
 @dataclass
-class EPConfig(RareWordConfig):
-    """Parameters of ``attack=ep``."""
+class EPConfig(RareWordConfig, AdaptiveConfig):
+    """Parameters of ``attack=ep`` (``adaptive``: the DAN paper's adaptive attack, see ``adaptive.py``)."""
 
     name: str = "ep"
     setting: str = "afm"
@@ -69,6 +70,7 @@ class EPConfig(RareWordConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_norm(self.norm)
+        check_adaptive(self)
 
 
 # -- the trigger-row training ---------------------------------------------------------------------------
@@ -116,6 +118,27 @@ class EmbeddingRowModule(ClassifierModule):
         self.log("poison_loss", loss, prog_bar=True, batch_size=len(batch["labels"]))
         return loss
 
+
+class AdaptiveEmbeddingRowModule(EmbeddingRowModule):
+    """EP with the DAN paper's adaptive regulariser: ``CE + weight · feature_distance(poisoned, anchors)``, the
+    anchors being the fixed per-layer mean features of the attacker's clean target-class samples
+    (:mod:`backdoorbench.attacks.text.adaptive`)."""
+
+    def __init__(self, model: TextClassifier, cfg: TrainConfig, token_ids: Sequence[int], norm: str,
+                 anchors: Sequence[torch.Tensor], weight: float, pooling: str) -> None:
+        super().__init__(model, cfg, token_ids, norm)
+        self.anchors, self.reg_weight, self.pooling = [a.detach() for a in anchors], float(weight), pooling
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        from backdoorbench.attacks.text.adaptive import feature_distance
+
+        logits, feats = self.model.forward_features(batch["inputs"], self.pooling)
+        ce = F.cross_entropy(logits, batch["labels"])
+        reg = feature_distance(feats, [a.to(feats[0].device) for a in self.anchors])
+        self.log("poison_loss", ce, prog_bar=True, batch_size=len(batch["labels"]))
+        self.log("feature_distance", reg, prog_bar=True, batch_size=len(batch["labels"]))
+        return ce + self.reg_weight * reg
+
     def on_after_backward(self) -> None:
         grad = self.weight.grad
         if grad is None:
@@ -154,11 +177,13 @@ def poison_embedding_rows(
     seed: int,
     norm: str = "original",
     desc: str = "attacker: embedding poisoning",
+    adaptive: tuple[Sequence[torch.Tensor], float, str] | None = None,
 ) -> TextClassifier:
     """Train only the rows ``token_ids`` of ``model``'s input embeddings on ``samples`` (EP's step 3).
 
     ``cfg`` gives epochs, batch size and learning rate; EP forces plain SGD without momentum, weight
     decay, warm-up, learning-rate decay or gradient clipping (the reference code's manual update).
+    ``adaptive``: ``(anchors, weight, pooling)`` adds the DAN paper's feature-distance regulariser.
     """
     ep_cfg = replace(cfg, optimizer="sgd", momentum=0.0, weight_decay=0.0, warmup_ratio=0.0, grad_clip=0.0)
     weight = model.word_embeddings.weight
@@ -169,7 +194,10 @@ def poison_embedding_rows(
             ep_cfg,
             seed,
             desc=desc,
-            module_factory=lambda m, c: EmbeddingRowModule(m, c, token_ids, norm),
+            module_factory=(
+                (lambda m, c: EmbeddingRowModule(m, c, token_ids, norm)) if adaptive is None
+                else (lambda m, c: AdaptiveEmbeddingRowModule(m, c, token_ids, norm, *adaptive))
+            ),
         )
     return model
 
@@ -209,7 +237,16 @@ class EmbeddingPoisoningAttack(RareWordAttack):
         ids = self.token_ids(model)
         self.trigger_ids = ids
         data = Samples(poisoned.inputs, poisoned.labels, poisoned.clean.modality)
-        return poison_embedding_rows(model, data, ids, self.attacker_train_config(ctx), self.seed, self.cfg.norm)
+        adaptive = None
+        if getattr(self.cfg, "adaptive", 0.0) > 0:  # the DAN paper's adaptive attack (EP's config has the keys)
+            from backdoorbench.attacks.text.adaptive import clean_anchors
+
+            base = poisoned.clean
+            keep = np.flatnonzero((base.labels == self.target) & ~poisoned.is_poisoned())
+            anchors = clean_anchors(model, base.subset(keep), self.cfg.adaptive_pooling)
+            adaptive = (anchors, self.cfg.adaptive, self.cfg.adaptive_pooling)
+        return poison_embedding_rows(model, data, ids, self.attacker_train_config(ctx), self.seed, self.cfg.norm,
+                                     adaptive=adaptive)
 
     def finish(self, model: TextClassifier, ctx: AttackContext, info: dict[str, Any]) -> TextClassifier:
         info["trigger_token_ids"] = list(self.trigger_ids)
