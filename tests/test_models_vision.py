@@ -21,6 +21,7 @@ from backdoorbench.models.vision import (
     create_resnet18,
     create_timm,
     create_wrn16_1,
+    create_wrn16_2,
     to_nchw,
 )
 from backdoorbench.registry import REGISTRY, UnknownNameError
@@ -30,9 +31,10 @@ CNN_STAGES = {
     "resnet18": (["layer1", "layer2", "layer3", "layer4"], [64, 128, 256, 512]),
     "preact_resnet18": (["layer1", "layer2", "layer3", "layer4"], [64, 128, 256, 512]),
     "wrn16_1": (["block1", "block2", "block3"], [16, 32, 64]),
+    "wrn16_2": (["block1", "block2", "block3"], [32, 64, 128]),
 }
 # parameters with 10 classes and 3 input channels (the published CIFAR-10 figures)
-PARAMS = {"resnet18": 11_173_962, "preact_resnet18": 11_171_146, "wrn16_1": 175_066}
+PARAMS = {"resnet18": 11_173_962, "preact_resnet18": 11_171_146, "wrn16_1": 175_066, "wrn16_2": 691_674}
 
 
 def spec(channels: int = 3, size: int = 32, flip: bool = True) -> ImageSpec:
@@ -70,6 +72,7 @@ def test_registered_with_metadata() -> None:
         ("resnet18", create_resnet18),
         ("preact_resnet18", create_preact_resnet18),
         ("wrn16_1", create_wrn16_1),
+        ("wrn16_2", create_wrn16_2),
         ("timm", create_timm),
     ):
         e = REGISTRY.get("model", name)
@@ -183,7 +186,7 @@ def test_augmentation_keeps_shape_and_changes_images() -> None:
     assert build("wrn16_1", crop_padding=2).crop_padding == 2
 
 
-@pytest.mark.parametrize("file", ["resnet18", "preact_resnet18", "wrn16_1", "timm"])
+@pytest.mark.parametrize("file", ["resnet18", "preact_resnet18", "wrn16_1", "wrn16_2", "timm"])
 def test_config_files_match_their_dataclass(file: str) -> None:
     node = OmegaConf.load(CONFIGS / f"{file}.yaml")
     entry = REGISTRY.get("model", str(node.name))

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from backdoorbench.attacks.base import AttackContext, AttackResult
-from backdoorbench.attacks.text.adaptive import AdaptiveConfig, check_adaptive
+from backdoorbench.attacks.text.adaptive import AdaptiveConfig, check_adaptive, feature_distance
 from backdoorbench.attacks.text.common import RareWordAttack, RareWordConfig, user_finetune
 from backdoorbench.attacks.text.ripples import trigger_token_ids
 from backdoorbench.config import ConfigError
@@ -118,27 +118,6 @@ class EmbeddingRowModule(ClassifierModule):
         self.log("poison_loss", loss, prog_bar=True, batch_size=len(batch["labels"]))
         return loss
 
-
-class AdaptiveEmbeddingRowModule(EmbeddingRowModule):
-    """EP with the DAN paper's adaptive regulariser: ``CE + weight · feature_distance(poisoned, anchors)``, the
-    anchors being the fixed per-layer mean features of the attacker's clean target-class samples
-    (:mod:`backdoorbench.attacks.text.adaptive`)."""
-
-    def __init__(self, model: TextClassifier, cfg: TrainConfig, token_ids: Sequence[int], norm: str,
-                 anchors: Sequence[torch.Tensor], weight: float, pooling: str) -> None:
-        super().__init__(model, cfg, token_ids, norm)
-        self.anchors, self.reg_weight, self.pooling = [a.detach() for a in anchors], float(weight), pooling
-
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        from backdoorbench.attacks.text.adaptive import feature_distance
-
-        logits, feats = self.model.forward_features(batch["inputs"], self.pooling)
-        ce = F.cross_entropy(logits, batch["labels"])
-        reg = feature_distance(feats, [a.to(feats[0].device) for a in self.anchors])
-        self.log("poison_loss", ce, prog_bar=True, batch_size=len(batch["labels"]))
-        self.log("feature_distance", reg, prog_bar=True, batch_size=len(batch["labels"]))
-        return ce + self.reg_weight * reg
-
     def on_after_backward(self) -> None:
         grad = self.weight.grad
         if grad is None:
@@ -153,6 +132,25 @@ class AdaptiveEmbeddingRowModule(EmbeddingRowModule):
 
     def configure_optimizers(self) -> Any:
         return torch.optim.SGD([self.weight], lr=self.cfg.lr, momentum=0.0, weight_decay=0.0)
+
+
+class AdaptiveEmbeddingRowModule(EmbeddingRowModule):
+    """EP with the DAN paper's adaptive regulariser: ``CE + weight · feature_distance(poisoned, anchors)``, the
+    anchors being the fixed per-layer mean features of the attacker's clean target-class samples
+    (:mod:`backdoorbench.attacks.text.adaptive`)."""
+
+    def __init__(self, model: TextClassifier, cfg: TrainConfig, token_ids: Sequence[int], norm: str,
+                 anchors: Sequence[torch.Tensor], weight: float, pooling: str) -> None:
+        super().__init__(model, cfg, token_ids, norm)
+        self.anchors, self.reg_weight, self.pooling = [a.detach() for a in anchors], float(weight), pooling
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        logits, feats = self.model.forward_features(batch["inputs"], self.pooling)
+        ce = F.cross_entropy(logits, batch["labels"])
+        reg = feature_distance(feats, [a.to(feats[0].device) for a in self.anchors])
+        self.log("poison_loss", ce, prog_bar=True, batch_size=len(batch["labels"]))
+        self.log("feature_distance", reg, prog_bar=True, batch_size=len(batch["labels"]))
+        return ce + self.reg_weight * reg
 
 
 @contextmanager
