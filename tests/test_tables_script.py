@@ -1,0 +1,54 @@
+"""``scripts/tables.sh``: one command per table of docs/results.md, 3 seeds through the sweep machinery, then
+``report``. The Python it calls is replaced by a stub that records its arguments."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import REPO_ROOT
+
+SCRIPT = REPO_ROOT / "scripts" / "tables.sh"
+TABLES = ["text_detect", "vision_detect", "repair", "dbd", "cpu_nad", "cpu_rnp", "cpu_dan_text", "cpu_text_repair",
+          "dan_adaptive", "dan_task_agnostic"]
+
+
+def _calls(tmp_path: Path, *args: str) -> tuple[int, list[list[str]]]:
+    log = tmp_path / "calls.txt"
+    stub = tmp_path / "py"
+    stub.write_text(f'#!/usr/bin/env bash\necho "$*" >> {log}\n')
+    stub.chmod(0o755)
+    proc = subprocess.run(["bash", str(SCRIPT), *args], cwd=tmp_path, env={**os.environ, "PYTHON": str(stub)},
+                          capture_output=True, text=True, timeout=60)
+    calls = [line.split() for line in log.read_text().splitlines()] if log.exists() else []
+    return proc.returncode, calls
+
+
+@pytest.mark.parametrize("table", TABLES)
+def test_each_table_is_three_seeded_sweeps_then_one_report(tmp_path: Path, table: str) -> None:
+    rc, calls = _calls(tmp_path, table, "threads=1")
+    assert rc == 0
+    *runs, report = calls
+    assert runs and report == ["-m", "backdoorbench", "report", f"multirun/tables/{table}"]
+    for call in runs:
+        assert call[:4] == ["-m", "backdoorbench", "run", "--multirun"]
+        assert "seed=0,1,2" in call and call[-1] == "threads=1"  # extra overrides reach every sweep
+        dirs = [a for a in call if a.startswith("hydra.sweep.dir=")]
+        assert len(dirs) == 1 and dirs[0].startswith(f"hydra.sweep.dir=multirun/tables/{table}/")
+    assert len({tuple(a for a in c if a.startswith("hydra.sweep.dir=")) for c in runs}) == len(runs)  # one dir each
+    if table.startswith(("cpu_", "dan_")):
+        assert f"+experiment={table}" in runs[0]
+        assert (REPO_ROOT / "configs" / "experiment" / f"{table}.yaml").is_file()
+
+
+def test_an_unknown_table_exits_2_without_running_anything(tmp_path: Path) -> None:
+    rc, calls = _calls(tmp_path, "nope")
+    assert rc == 2 and calls == []
+
+
+def test_every_cpu_preset_has_a_table() -> None:
+    presets = {p.stem for p in (REPO_ROOT / "configs" / "experiment").glob("*.yaml")}
+    assert {t for t in TABLES if t.startswith(("cpu_", "dan_"))} == {p for p in presets if p.startswith("cpu_")} | {
+        "dan_adaptive", "dan_task_agnostic"}
