@@ -214,6 +214,23 @@ def _run_rnp(model, clean: Samples, **cfg) -> tuple[RNP, object]:
     return rnp, repaired
 
 
+@pytest.mark.parametrize("stop,steps", [("epoch", 3), ("step", 1)])
+def test_rnp_unlearning_stops_per_epoch_or_per_step(stop: str, steps: int) -> None:
+    # 48 images at batch 16: 3 steps per epoch; every accuracy is <= 1.0, so the first check stops unlearning:
+    # after the first epoch (the reference) or after the first step (unlearn_stop=step)
+    rnp = RNP(RNPConfig(unlearn_epochs=4, recover_epochs=1, batch_size=16, clean_threshold=1.0, unlearn_stop=stop,
+                        augment=False), 0)
+    rnp.unlearn(wrn(), tiny_images(48))
+    assert rnp.unlearn_steps == steps and len(rnp.unlearn_history) == 1
+    # never reached: all 4 epochs run, whatever the check
+    never = RNP(RNPConfig(unlearn_epochs=2, batch_size=16, clean_threshold=0.0, unlearn_stop=stop, augment=False,
+                          unlearn_lr=1e-9), 0)  # the weights do not move: no batch drops to accuracy 0
+    never.unlearn(wrn(), tiny_images(48))
+    assert never.unlearn_steps == 6 and len(never.unlearn_history) == 2
+    with pytest.raises(ValueError, match="unlearn_stop"):
+        RNPConfig(unlearn_stop="batch")
+
+
 def test_rnp_on_a_cifar_resnet() -> None:
     torch.manual_seed(0)
     spec = ImageSpec(channels=3, height=16, width=16, mean=(0.5,) * 3, std=(0.5,) * 3, flip=True)
