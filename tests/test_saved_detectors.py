@@ -183,7 +183,8 @@ def test_guard_batches_predictions_and_rejections(saved) -> None:
     assert np.array_equal(out.predictions, model.predict(case.inputs))
     assert np.array_equal(out.rejected, det.reject(out.scores)) and out.rejected.dtype == bool
     if not name.startswith("strip"):  # STRIP's copies are drawn per call, so its scores depend on the batch
-        assert np.allclose(out.scores, scores, rtol=0, atol=1e-9)
+        # texts are padded per batch: float32 rounding then moves a score of ~550 by up to ~1e-6 relative
+        assert np.allclose(out.scores, scores, rtol=1e-5, atol=1e-9)
     with pytest.raises(ValueError, match="another model object"):
         Guard(case.make_model(), det)
     if name == "dan-text":
