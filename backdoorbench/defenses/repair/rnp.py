@@ -183,7 +183,6 @@ class UnlearnModule(L.LightningModule):
         self.model, self.cfg = model, cfg
         self.correct = self.seen = self.steps = 0
         self.history: list[float] = []  # per epoch (and the stopping batch's accuracy with unlearn_stop=step)
-        self.step_history: list[float] = []  # per batch (unlearn_stop=step)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         inputs = self.model.augment(batch["inputs"]) if self.cfg.augment else batch["inputs"]
@@ -194,16 +193,12 @@ class UnlearnModule(L.LightningModule):
         self.seen += len(batch["labels"])
         self.steps += 1
         self.log("clean_ce", loss, prog_bar=True, batch_size=len(batch["labels"]))
-        if self.cfg.unlearn_stop == "step":
-            self.step_history.append(right / len(batch["labels"]))
-        return -loss
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        # unlearn_stop=step: the accuracy of the batch just used (before this step's update), as the epoch
-        # check uses the accuracy accumulated over the epoch's batches
-        if self.cfg.unlearn_stop == "step" and self.step_history[-1] <= self.cfg.clean_threshold:
-            self.history.append(self.step_history[-1])
+        # unlearn_stop=step: this batch's accuracy (before its update), as the epoch check uses the accuracy
+        # accumulated over the epoch's batches; Lightning stops after this step
+        if self.cfg.unlearn_stop == "step" and right / len(batch["labels"]) <= self.cfg.clean_threshold:
+            self.history.append(right / len(batch["labels"]))
             self.trainer.should_stop = True
+        return -loss
 
     def on_train_epoch_end(self) -> None:
         if self.trainer.should_stop and self.cfg.unlearn_stop == "step":
