@@ -16,7 +16,7 @@ import io
 import json
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -162,14 +162,28 @@ class _Defaults:
         except Exception:  # an unknown or plugin component that is not installed here
             return None
 
+    def declared(self, group: str, name: str) -> set[str] | None:
+        """The keys the registered component's config dataclass declares; None when it is unknown here."""
+        try:
+            from backdoorbench.registry import REGISTRY
+
+            cfg_type = REGISTRY.get(group, name).config
+        except Exception:  # an unknown or plugin component that is not installed here
+            return None
+        return {f.name for f in fields(cfg_type)} if cfg_type is not None and is_dataclass(cfg_type) else None
+
     def label(self, group: str, name: Any, config: dict[str, Any] | None, legend: dict[str, dict[str, Any]]) -> str:
         """``name``, or ``name#xxxx`` when the run's ``group`` config differs from the default (the differing
         keys go into ``legend``); the whole config is hashed (``name#xxxx*``) when no default is known. A run
-        without ``config.yaml`` is labelled by name."""
+        without ``config.yaml`` is labelled by name. Keys the component does not declare are left out: the run
+        ignored them (``++defense.lm_dtype=...`` in a sweep over ``defense=dan,onion``, config.component_config)."""
         name = str(name)
         node = (config or {}).get(group)
         if not isinstance(node, dict):
             return name
+        own = self.declared(group, name)
+        if own is not None:
+            node = {k: v for k, v in node.items() if k in own}
         default = self.get(group, name)
         if default is None:
             lab = f"{name}#{short_hash(node)}*"

@@ -225,6 +225,19 @@ def test_runs_are_grouped_by_data_model_and_configs_with_mean_std_and_n(tmp_path
     assert "| attack | BA | ASR | dan | " + dan_frr + " |" in comp
 
 
+def test_a_key_the_component_does_not_declare_is_not_a_config_difference(tmp_path: Path) -> None:
+    # ++defense.lm_dtype=bfloat16 in a sweep over defense=dan,onion: DAN's run ignored the key (config.py drops
+    # it with a warning) but its config.yaml still holds it; its label must not suggest DAN ran in bf16
+    cdir, runs = _defaults(tmp_path), tmp_path / "sweep"
+    _full_run(runs, "0_plain", 0, 0.8)
+    _full_run(runs, "1_forced", 1, 0.9, defense_cfg={"lm_dtype": "bfloat16"})
+    _full_run(runs, "2_frr", 2, 0.7, defense_cfg={"lm_dtype": "bfloat16", "frr": 0.01})
+    md = write_report(runs, config_dir=cdir)
+    groups = _summary(runs)
+    assert groups["mnist5k", "wrn16_1", "badnets", "dan"]["n"] == "2"
+    assert "lm_dtype" not in md and "frr=0.01" in md
+
+
 def test_several_sweep_folders_are_merged(tmp_path: Path, capsys: pytest.CaptureFixture,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     from backdoorbench.cli import main
