@@ -16,7 +16,7 @@ import io
 import json
 import logging
 import math
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -152,24 +152,15 @@ class _Defaults:
                 node = yaml.safe_load(path.read_text()) or {}
                 node.pop("defaults", None)
                 return node
+        cfg_type = _config_type(group, name)
         try:
-            from dataclasses import asdict
-
-            from backdoorbench.registry import REGISTRY
-
-            cfg_type = REGISTRY.get(group, name).config
             return asdict(cfg_type()) if cfg_type is not None else None
-        except Exception:  # an unknown or plugin component that is not installed here
+        except Exception:  # a config class that is not a dataclass or has required fields
             return None
 
     def declared(self, group: str, name: str) -> set[str] | None:
         """The keys the registered component's config dataclass declares; None when it is unknown here."""
-        try:
-            from backdoorbench.registry import REGISTRY
-
-            cfg_type = REGISTRY.get(group, name).config
-        except Exception:  # an unknown or plugin component that is not installed here
-            return None
+        cfg_type = _config_type(group, name)
         return {f.name for f in fields(cfg_type)} if cfg_type is not None and is_dataclass(cfg_type) else None
 
     def label(self, group: str, name: Any, config: dict[str, Any] | None, legend: dict[str, dict[str, Any]]) -> str:
@@ -199,6 +190,16 @@ class _Defaults:
 
 
 _MISSING = object()
+
+
+def _config_type(group: str, name: str) -> Any:
+    """The registered component's config class; None for a component without one, or one not installed here."""
+    try:
+        from backdoorbench.registry import REGISTRY
+
+        return REGISTRY.get(group, name).config
+    except Exception:  # an unknown or plugin component that is not installed here
+        return None
 
 
 # -- groups ------------------------------------------------------------------------------------------------
