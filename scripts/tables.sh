@@ -8,8 +8,8 @@
 # cpu_dan_text, cpu_text_repair, dan_adaptive, dan_task_agnostic (configs/experiment/). Each sweep writes to
 # multirun/tables/<table>/<part>: running the same command again skips the jobs whose results are there (the
 # sweep machinery's resume, docs/cluster.md), so an interrupted table continues where it stopped. Extra
-# overrides go to every sweep (e.g. hydra/launcher=slurm, threads=1); to continue a table, give the same ones again
-# (except launcher settings, they are part of each job's folder name and config). The report lands in
+# overrides go to every sweep (e.g. hydra/launcher=slurm, threads=1); to continue a table, give the same ones again:
+# all but launcher settings are part of each job's folder name and config. The report lands in
 # multirun/tables/<table>.
 set -euo pipefail
 table=${1:?"usage: bash scripts/tables.sh <table> [overrides ...]; see the comment at the top"}
