@@ -1,4 +1,4 @@
-"""Tests for the text dataset loaders (``backdoorbench.data.text``) and ``backdoorbench.assets``.
+"""Tests for the text dataset loaders (``data.text``, ``data.olid``) and ``backdoorbench.assets``.
 
 Every test writes tiny files in the official layouts into ``tmp_path``; nothing touches the network
 (the hub fallback is exercised with a failing import and with a fake in-memory ``datasets`` module).
@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from backdoorbench import assets
+from backdoorbench.data import olid as O
 from backdoorbench.data import text as T
 from backdoorbench.data.base import DatasetBundle
 from backdoorbench.registry import REGISTRY
@@ -72,7 +73,7 @@ def _assert_clear_error(exc: pytest.ExceptionInfo[FileNotFoundError], *needles: 
         ("sst2", T.load_sst2),
         ("imdb", T.load_imdb),
         ("yelp", T.load_yelp),
-        ("olid", T.load_olid),
+        ("olid", O.load_olid),
     ],
 )
 def test_registered(name: str, fn: Any) -> None:
@@ -383,7 +384,7 @@ def test_olid(tmp_path: Path) -> None:
     _write(folder / "testset-levela.tsv", OLID_TEST)
     _write(folder / "labels-levela.csv", OLID_LABELS)
     for root in (folder, tmp_path):
-        b = T.load_olid(str(root), hub=False)
+        b = O.load_olid(str(root), hub=False)
         assert b.class_names == ["not_offensive", "offensive"]
         assert _texts_labels(b.train) == [
             ("@USER She should ask a few native Americans what their take on this is.", 1),
@@ -402,7 +403,7 @@ def test_olid(tmp_path: Path) -> None:
 def test_olid_without_test_files(tmp_path: Path) -> None:
     _write(tmp_path / "olid-training-v1.0.tsv", OLID_TRAIN)
     _write(tmp_path / "testset-levela.tsv", OLID_TEST)  # labels-levela.csv missing
-    b = T.load_olid(str(tmp_path), hub=False)
+    b = O.load_olid(str(tmp_path), hub=False)
     assert b.test is None and len(b.train) == 4
 
 
@@ -411,13 +412,13 @@ def test_olid_missing_test_label(tmp_path: Path) -> None:
     _write(tmp_path / "testset-levela.tsv", OLID_TEST)
     _write(tmp_path / "labels-levela.csv", "15923,OFF\n")
     with pytest.raises(ValueError, match="27014"):
-        T.load_olid(str(tmp_path), hub=False)
+        O.load_olid(str(tmp_path), hub=False)
 
 
 def test_olid_missing(tmp_path: Path, no_hub: None) -> None:
     for hub in (False, True):
         with pytest.raises(FileNotFoundError) as exc:
-            T.load_olid(str(tmp_path), hub=hub)
+            O.load_olid(str(tmp_path), hub=hub)
         _assert_clear_error(exc, "olid-training-v1.0.tsv", "testset-levela.tsv", "labels-levela.csv")
 
 
@@ -432,7 +433,7 @@ def test_olid_fake_hub(monkeypatch: pytest.MonkeyPatch) -> None:
             }
         },
     )
-    b = T.load_olid()
+    b = O.load_olid()
     assert calls == [("tweet_eval", "offensive")]
     assert _texts_labels(b.train) == [("@user a", 1), ("b", 0), ("c", 0)]  # train + validation
     assert b.test is not None and _texts_labels(b.test) == [("d", 1)]

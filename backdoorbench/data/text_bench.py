@@ -14,8 +14,8 @@ import csv
 from pathlib import Path
 from typing import Any
 
+from backdoorbench.data._textfiles import hub_pairs, local_missing, open_text, resolve_dir, to_samples
 from backdoorbench.data.base import DatasetBundle, reads_data_file
-from backdoorbench.data.text import _hub_pairs, _local_missing, _open_text, _resolve_dir, _split
 from backdoorbench.errors import DataError
 from backdoorbench.registry import register_dataset
 
@@ -33,7 +33,7 @@ HSOL_HUB = "tdavidson/hate_speech_offensive"
 def _read_ag_news_csv(path: Path) -> list[tuple[str, int]]:
     """(title + " " + description, class index - 1) per row, as the HF ``ag_news`` builder joins them."""
     rows: list[tuple[str, int]] = []
-    with _open_text(path) as fh:
+    with open_text(path) as fh:
         reader = csv.reader(fh)
         for row in reader:
             if not row:
@@ -48,8 +48,8 @@ def _hub_ag_news(hf: Any) -> DatasetBundle:
     ds = hf.load_dataset("ag_news")
     dropped: dict[str, Any] = {}
     # hub labels are already 0..3 (World, Sports, Business, Sci/Tech) and text = title + " " + description
-    train = _split(_hub_pairs(ds["train"]), 4, "ag_news train", dropped, "train")
-    test = _split(_hub_pairs(ds["test"]), 4, "ag_news test", dropped, "test")
+    train = to_samples(hub_pairs(ds["train"]), 4, "ag_news train", dropped, "train")
+    test = to_samples(hub_pairs(ds["test"]), 4, "ag_news test", dropped, "test")
     return DatasetBundle(
         "ag_news", "text", list(AG_NEWS_CLASSES), train=train, test=test,
         info={"source": "huggingface:ag_news", "dropped": dropped},
@@ -70,9 +70,9 @@ def load_ag_news(root: str | None = None, *, hub: bool = True) -> DatasetBundle:
     does, so local and hub copies agree); the files' ``\\`` escapes are kept as they are.
     ``root`` may be the ``ag_news_csv`` folder or its parent.
     """
-    folder = _resolve_dir(root, ["train.csv"], ["ag_news_csv"])
+    folder = resolve_dir(root, ["train.csv"], ["ag_news_csv"])
     if folder is None:
-        return _local_missing(
+        return local_missing(
             "ag_news",
             root,
             'train.csv and test.csv (ag_news_csv, rows \'"1..4","title","description"\', no header)',
@@ -84,9 +84,9 @@ def load_ag_news(root: str | None = None, *, hub: bool = True) -> DatasetBundle:
             "ag_news",
         )
     dropped: dict[str, Any] = {}
-    train = _split(_read_ag_news_csv(folder / "train.csv"), 4, str(folder / "train.csv"), dropped, "train")
+    train = to_samples(_read_ag_news_csv(folder / "train.csv"), 4, str(folder / "train.csv"), dropped, "train")
     test_path = folder / "test.csv"
-    test = _split(_read_ag_news_csv(test_path), 4, str(test_path), dropped, "test") if test_path.exists() else None
+    test = to_samples(_read_ag_news_csv(test_path), 4, str(test_path), dropped, "test") if test_path.exists() else None
     return DatasetBundle(
         "ag_news", "text", list(AG_NEWS_CLASSES), train=train, test=test,
         info={"source": str(folder), "format": "ag_news_csv (title + description)", "dropped": dropped},
@@ -98,7 +98,7 @@ def load_ag_news(root: str | None = None, *, hub: bool = True) -> DatasetBundle:
 def _read_hsol_csv(path: Path) -> list[tuple[str, int]]:
     """(tweet, class 0 hate speech / 1 offensive / 2 neither) per row of Davidson et al.'s labeled_data.csv."""
     rows: list[tuple[str, int]] = []
-    with _open_text(path) as fh:
+    with open_text(path) as fh:
         reader = csv.DictReader(fh)
         missing = {"class", "tweet"} - set(reader.fieldnames or ())
         if missing:
@@ -129,7 +129,7 @@ def _hub_hsol(label_scheme: str) -> Any:
 def _hsol_bundle(pairs: list[tuple[str, int]], label_scheme: str, source: str) -> DatasetBundle:
     names = list(HSOL_CLASSES if label_scheme == "original" else HSOL_BINARY_CLASSES)
     dropped: dict[str, Any] = {}
-    train = _split(pairs, len(names), source, dropped, "train")
+    train = to_samples(pairs, len(names), source, dropped, "train")
     info = {"source": source, "format": f"HSOL labeled_data.csv ({label_scheme} labels)", "dropped": dropped,
             "label_scheme": label_scheme}  # fmt: skip
     return DatasetBundle("hsol", "text", names, train=train, test=None, info=info)
@@ -156,10 +156,10 @@ def load_hsol(root: str | None = None, *, hub: bool = True, label_scheme: str = 
     if root is not None and Path(root).expanduser().is_file():
         path = Path(root).expanduser()
     else:
-        folder = _resolve_dir(root, [HSOL_FILE], ["data"])
+        folder = resolve_dir(root, [HSOL_FILE], ["data"])
         path = folder / HSOL_FILE if folder is not None else None
     if path is None:
-        return _local_missing(
+        return local_missing(
             "hsol",
             root,
             f"{HSOL_FILE} (header ,count,hate_speech,offensive_language,neither,class,tweet)",
