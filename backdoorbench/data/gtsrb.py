@@ -14,9 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from backdoorbench.data._imagefiles import decode_rgb, download_into, stack_images
+from backdoorbench.data._imagefiles import decode_rgb, download_into, stack_images, to_samples, vision_info
 from backdoorbench.data.base import DatasetBundle, reads_data_file
-from backdoorbench.data.vision import _info, _samples
 from backdoorbench.errors import DataError
 from backdoorbench.registry import register_dataset
 
@@ -157,14 +156,14 @@ def load_gtsrb(
         part = _gtsrb_images(class_dir, rows, csv_path, image_size, crop_roi)
         images += part[0]
         labels += part[1]
-    train = _samples(stack_images(images, str(train_dir)), np.asarray(labels), 43, str(train_dir))
+    train = to_samples(stack_images(images, str(train_dir)), np.asarray(labels), 43, str(train_dir))
     test = None
     found = _gtsrb_test(base)
     if found is not None:
         test_dir, gt = found
         test_images, test_labels = _gtsrb_images(test_dir, _read_gtsrb_csv(gt), gt, image_size, crop_roi)
-        test = _samples(stack_images(test_images, str(gt)), np.asarray(test_labels), 43, str(gt))
-    info = _info(
+        test = to_samples(stack_images(test_images, str(gt)), np.asarray(test_labels), 43, str(gt))
+    info = vision_info(
         train_dir,
         f"GTSRB PPM images + GT CSVs, {'ROI crop, ' if crop_roi else ''}resized to {image_size}x{image_size}",
         "GTSRB (Stallkamp et al., 2012): free for research; cite the IJCNN 2011 / Neural Networks 2012 papers",

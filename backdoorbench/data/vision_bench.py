@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from backdoorbench.data._imagefiles import decode_rgb, download_into
+from backdoorbench.data._imagefiles import decode_rgb, download_into, to_samples, vision_info
 from backdoorbench.data.base import DatasetBundle, data_file, reads_data_file
-from backdoorbench.data.vision import _ArrayUnpickler, _info, _samples
+from backdoorbench.data.cifar10 import _ArrayUnpickler
 from backdoorbench.errors import DataError
 from backdoorbench.registry import register_dataset
 
@@ -122,12 +122,12 @@ def load_cifar100(root: str | None = None, *, download: bool = False, label_mode
             names = meta[f"{label_mode}_label_names"]
             class_names = [n.decode("utf-8") if isinstance(n, bytes) else str(n) for n in names]
     images, labels = _read_cifar100(folder / "train", key)
-    train = _samples(images, labels, len(class_names), str(folder / "train"))
+    train = to_samples(images, labels, len(class_names), str(folder / "train"))
     test = None
     if (folder / "test").is_file():
         test_images, test_labels = _read_cifar100(folder / "test", key)
-        test = _samples(test_images, test_labels, len(class_names), str(folder / "test"))
-    info = _info(
+        test = to_samples(test_images, test_labels, len(class_names), str(folder / "test"))
+    info = vision_info(
         folder,
         f"CIFAR-100 python version ({label_mode} labels)",
         "CIFAR-100 (Krizhevsky, 2009) has no explicit licence; cite the tech report 'Learning Multiple Layers of "
@@ -239,7 +239,7 @@ def load_tiny_imagenet(
             raise DataError(f"dataset 'tiny_imagenet': no images in {class_dir} (class {wnid} of wnids.txt)")
         images += [_tiny_image(p) for p in files[:max_per_class]]
         labels += [label] * len(files[:max_per_class])
-    train = _samples(np.stack(images), np.asarray(labels), len(wnids), str(folder / "train"))
+    train = to_samples(np.stack(images), np.asarray(labels), len(wnids), str(folder / "train"))
     test = None
     annotations = folder / "val" / "val_annotations.txt"
     if annotations.is_file():
@@ -256,8 +256,8 @@ def load_tiny_imagenet(
             test_labels.append(index[wnid])
             counts[index[wnid]] += 1
         if test_images:
-            test = _samples(np.stack(test_images), np.asarray(test_labels), len(wnids), str(annotations))
-    info = _info(
+            test = to_samples(np.stack(test_images), np.asarray(test_labels), len(wnids), str(annotations))
+    info = vision_info(
         folder,
         "Tiny-ImageNet-200 (train/<wnid>/images, val/ as test), 64x64 JPEG",
         "Tiny-ImageNet (Stanford CS231N): a subset of ImageNet; ImageNet terms of access (non-commercial research "
