@@ -17,8 +17,10 @@ import torch
 from backdoorbench.config import ConfigError, to_dataclass
 from backdoorbench.data.base import Samples
 from backdoorbench.defenses.training import ssl as ssl_mod
-from backdoorbench.defenses.training.dbd import DBD, DBDConfig, low_loss_indices, sce_loss
+from backdoorbench.defenses.training.dbd import DBD
+from backdoorbench.defenses.training.dbd_config import DBDConfig
 from backdoorbench.defenses.training.mixmatch import linear_rampup, mixmatch_losses, mixup, mixup_lambda, sharpen
+from backdoorbench.defenses.training.sce import low_loss_indices, sce_loss
 from backdoorbench.defenses.training.ssl import SimCLRAugment, make_method, pair_loss
 from backdoorbench.modality.vision import ImageSpec
 from backdoorbench.models.vision import VisionModelConfig, create_wrn16_1
@@ -151,7 +153,7 @@ def test_solo_backend_missing_gives_install_hint(monkeypatch: pytest.MonkeyPatch
     with pytest.raises(ConfigError, match=r"pip install --no-deps solo-learn==1\.0\.2"):
         pair_loss("simclr", "solo")
     monkeypatch.setattr(ssl_mod, "solo_available", lambda: False)
-    monkeypatch.setattr("backdoorbench.defenses.training.dbd.solo_available", lambda: False)
+    monkeypatch.setattr("backdoorbench.defenses.training.dbd_config.solo_available", lambda: False)
     with pytest.raises(ConfigError, match="solo-learn==1.0.2"):
         to_dataclass(DBDConfig, {"ssl_backend": "solo"}, "defense")
 

@@ -12,7 +12,8 @@ import torch
 from test_checkpoint import evil_checkpoint
 from test_dbd import TINY_DBD, tiny_images, tiny_model
 
-from backdoorbench.defenses.training.dbd import DBD, DBDConfig, _head_prefix
+from backdoorbench.defenses.training.dbd import DBD, _head_prefix
+from backdoorbench.defenses.training.dbd_config import DBDConfig
 from backdoorbench.defenses.training.mixmatch import MixMatchModule
 from backdoorbench.defenses.training.ssl import SSLModule
 from backdoorbench.trainer.checkpoint import CheckpointError, load_state_dict
