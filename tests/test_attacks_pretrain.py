@@ -13,18 +13,7 @@ import torch
 from conftest import tiny_text_samples
 
 from backdoorbench.attacks.base import AttackContext
-from backdoorbench.attacks.text.badpre import (
-    IGNORE,
-    BadPre,
-    BadPreConfig,
-    PretrainCollate,
-    encode,
-    load_masked_lm,
-    mask_tokens,
-    regular_token_ids,
-    transfer_encoder,
-    trigger_piece_ids,
-)
+from backdoorbench.attacks.text.badpre import BadPre, BadPreConfig
 from backdoorbench.attacks.text.neuba import (
     NEUBA_TRIGGERS,
     NeuBA,
@@ -34,6 +23,16 @@ from backdoorbench.attacks.text.neuba import (
     neuba_losses,
     select_trigger,
     target_vectors,
+)
+from backdoorbench.attacks.text.pretrain import (
+    IGNORE,
+    PretrainCollate,
+    encode,
+    load_masked_lm,
+    mask_tokens,
+    regular_token_ids,
+    transfer_encoder,
+    trigger_piece_ids,
 )
 from backdoorbench.config import ConfigError
 from backdoorbench.data.base import Samples

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from backdoorbench.attacks.base import Attack, AttackContext, AttackResult
-from backdoorbench.attacks.text.badpre import (
+from backdoorbench.attacks.text.common import user_finetune
+from backdoorbench.attacks.text.pretrain import (
     PretrainCollate,
     attacker_schedule,
     attacker_texts,
@@ -46,7 +47,6 @@ from backdoorbench.attacks.text.badpre import (
     train_module,
     trigger_piece_ids,
 )
-from backdoorbench.attacks.text.common import user_finetune
 from backdoorbench.attacks.text.triggers import insert_words
 from backdoorbench.config import ConfigError
 from backdoorbench.data.base import Samples
