@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from backdoorbench.assets import find_package_file
-from backdoorbench.data._imagefiles import load_rgb, stack_images, to_samples, vision_info
+from backdoorbench.data._imagefiles import download_into, load_rgb, stack_images, to_samples, vision_info
 from backdoorbench.data.base import DatasetBundle, reads_data_file
 from backdoorbench.errors import DataError
 from backdoorbench.registry import register_dataset
@@ -82,22 +82,10 @@ def _cifar10_folder(root: str | Path | None) -> Path | None:
     return None
 
 
-def _download_cifar10(root: str | None) -> None:
-    if root is None:
-        raise FileNotFoundError(
-            "dataset 'cifar10': download=True needs data.root= (the folder to download cifar-10-batches-py into)"
-        )
-    Path(root).expanduser().mkdir(parents=True, exist_ok=True)
-    try:
-        from torchvision.datasets import CIFAR10
+def _download_cifar10(root: str) -> None:
+    from torchvision.datasets import CIFAR10
 
-        CIFAR10(str(Path(root).expanduser()), train=True, download=True)
-    except Exception as exc:  # noqa: BLE001 - offline, blocked, checksum mismatch, torchvision missing
-        raise FileNotFoundError(
-            f"dataset 'cifar10': downloading into {root} failed ({type(exc).__name__}: {exc}). Fix: download "
-            f"https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz on a machine with network access, unpack it "
-            f"and pass data.root=/path/to/{CIFAR10_DIR}. See datasets/cifar10.md."
-        ) from exc
+    CIFAR10(root, train=True, download=True)
 
 
 @register_dataset(
@@ -117,7 +105,8 @@ def load_cifar10(root: str | None = None, *, download: bool = False) -> DatasetB
     """
     folder = _cifar10_folder(root)
     if folder is None and download:
-        _download_cifar10(root)
+        url = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+        download_into("cifar10", root, _download_cifar10, url, CIFAR10_DIR)
         folder = _cifar10_folder(root)
     if folder is None:
         where = f"under {Path(root).expanduser()}" if root is not None else "(no data.root was given)"
