@@ -18,7 +18,7 @@ def main() -> None:
     import torch
     from torch import nn
 
-    from backdoorbench.models.vision import WideResNet, cifar_resnet18, preact_resnet18
+    from backdoorbench.models.cifar_nets import WideResNet, cifar_resnet18, preact_resnet18
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--threads", type=int, default=1)

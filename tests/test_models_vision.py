@@ -155,7 +155,7 @@ def test_timm_like_backbone_interface() -> None:
 
 
 def test_wrn_rejects_bad_depth() -> None:
-    from backdoorbench.models.vision import WideResNet
+    from backdoorbench.models.cifar_nets import WideResNet
 
     with pytest.raises(ValueError, match="6n \\+ 4"):
         WideResNet(depth=15)

@@ -12,7 +12,7 @@ Registered names:
 * ``timm`` and, through a resolver, ``timm:<any timm model name>`` -- ``timm.create_model`` with the
   dataset's channels and classes (and its image size for models that take ``img_size``, e.g. ViTs).
 
-The CIFAR variants are written by hand in :mod:`backdoorbench.models.cifar_nets` (re-exported here):
+The CIFAR variants are written by hand in :mod:`backdoorbench.models.cifar_nets`:
 torchvision and timm only ship the ImageNet versions (7×7 stride-2 stem and max-pool, which throw away most
 of a 32×32 image). Each net ends with adaptive average pooling, so 28×28 (MNIST), 32×32 (CIFAR) and larger
 inputs all work. They also follow timm's small interface (``forward_features`` = last feature map,
@@ -33,19 +33,7 @@ from torch import nn
 
 from backdoorbench.modality.base import Batch
 from backdoorbench.modality.vision import ImageSpec, VisionClassifier
-from backdoorbench.models.cifar_nets import (  # noqa: F401 - re-exported: the nets' historical home
-    BasicBlock,
-    CifarResNet,
-    NetworkBlock,
-    PreActBlock,
-    PreActResNet,
-    WideBasic,
-    WideResNet,
-    cifar_resnet18,
-    preact_resnet18,
-    wrn16_1,
-    wrn16_2,
-)
+from backdoorbench.models.cifar_nets import cifar_resnet18, preact_resnet18, wrn16_1, wrn16_2
 from backdoorbench.registry import REGISTRY, Entry, UnknownNameError, register_model
 
 TIMM_PREFIX = "timm:"
