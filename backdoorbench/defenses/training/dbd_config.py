@@ -12,10 +12,10 @@ from pathlib import Path
 
 from backdoorbench.defenses.base import DefenseConfig
 from backdoorbench.defenses.training.ssl import SOLO_INSTALL, SSL_BACKENDS, SSL_METHODS, solo_available
+from backdoorbench.trainer.config import ACCELERATORS
 
 VARIANTS = ("dbd", "ss_sce", "ss_ce", "no_ss")
-ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
-PRECISIONS = ("32-true", "32", "16-mixed", "bf16-mixed")
+PRECISIONS = ("32-true", "32", "16-mixed", "bf16-mixed")  # the subset of trainer.config.PRECISIONS DBD supports
 
 
 @dataclass
