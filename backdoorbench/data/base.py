@@ -9,6 +9,7 @@ has no labelled test split: the threat-model split then holds one out) and optio
 from __future__ import annotations
 
 import csv
+import hashlib
 import lzma
 import pickle
 import zlib
@@ -83,6 +84,21 @@ class Samples:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def digest(self) -> str:
+        """SHA-256 over the modality, the labels and the inputs (each text, or the image tensor's dtype, shape and
+        bytes): equal for equal samples in the same order, so it can key what was computed from them."""
+        h = hashlib.sha256(f"{self.modality}:{len(self)}:".encode())
+        h.update(self.labels.astype(np.int64).tobytes())
+        if isinstance(self.inputs, torch.Tensor):
+            x = self.inputs.detach().cpu().contiguous()
+            h.update(f"{x.dtype}:{tuple(x.shape)}:".encode())
+            h.update(x.reshape(-1).view(torch.uint8).numpy().tobytes())
+        else:
+            for text in self.inputs:
+                h.update(text.encode("utf-8"))
+                h.update(b"\x00")
+        return h.hexdigest()
 
     def subset(self, indices: Sequence[int] | np.ndarray) -> Samples:
         idx = np.asarray(indices, dtype=np.int64)

@@ -89,6 +89,10 @@ class Defense(ABC):  # noqa: B024 - the three kinds below declare the abstract m
         #: interrupted run resumes there), ``run_dir`` the run's output folder, for figures.
         self.work_dir: Path | None = None
         self.run_dir: Path | None = None
+        #: set by the pipeline for repair defenses when the artifact cache is on: a folder per victim (attack,
+        #: data, model, trainer, seed) whatever the defense, for stages several defenses share (fine-tuning is
+        #: NAD's teacher); None = share nothing
+        self.shared_dir: Path | None = None
         #: wall time (s) of each stage of the defense in this run, reported as ``timing.defense_<stage>``
         self.stage_times: dict[str, float] = {}
 

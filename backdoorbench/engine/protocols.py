@@ -28,7 +28,7 @@ from backdoorbench.data.split import Splits
 from backdoorbench.defenses.base import Defense, Detector, RepairDefense, TrainingDefense, clean_count
 from backdoorbench.engine.rundir import Scored, draw, write_curve
 from backdoorbench.engine.spec import RunSpec
-from backdoorbench.engine.victim import Victim, defense_lock, defense_work_dir
+from backdoorbench.engine.victim import Victim, defense_lock, defense_work_dir, victim_shared_dir
 from backdoorbench.metrics import FRR_GRID, accuracy, attack_success_rate, der, detection_metrics, robust_accuracy
 from backdoorbench.modality.base import Classifier
 
@@ -170,6 +170,7 @@ def _before_after(defense: Defense, ctx: RunContext, run: Callable[[], Classifie
         before = ctx.evaluate(ctx.victim.model)
     defense.run_dir = ctx.out
     defense.work_dir = defense_work_dir(ctx.spec, ctx.victim.cache, ctx.out)
+    defense.shared_dir = victim_shared_dir(ctx.spec, ctx.victim.cache)
     with defense_lock(ctx.spec, defense.work_dir), ctx.timer("defense"):  # timed once the lock is held
         defended = run()
     for stage, seconds in defense.stage_times.items():

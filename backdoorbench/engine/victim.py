@@ -205,6 +205,15 @@ def defense_work_dir(spec: RunSpec, cache_entry: dict[str, Any], out: Path) -> P
     return Path(ArtifactStore(spec.cache_dir).path("defense-" + key))
 
 
+def victim_shared_dir(spec: RunSpec, cache_entry: dict[str, Any]) -> Path | None:
+    """The per-victim folder under the artifact cache where defenses keep stages they share
+    (``Defense.shared_dir``; fine-tuning is NAD's teacher): ``<cache>/stages-<victim key>/``, whatever the
+    defense. None when the cache is off or the victim has no key (nothing is shared then)."""
+    if not spec.cache_enabled or cache_entry.get("key") is None:
+        return None
+    return Path(ArtifactStore(spec.cache_dir).path(f"stages-{cache_entry['key']}"))
+
+
 def defense_lock(spec: RunSpec, work_dir: Path) -> contextlib.AbstractContextManager[None]:
     """The lock of a defense's stage folder under the cache (``<work_dir>.lock``), held for the defense's whole
     run, so that two identical jobs never write the same stage files: the second waits, then loads the stages

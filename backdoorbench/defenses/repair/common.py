@@ -6,13 +6,20 @@ the same module with different arguments. The schedule is NAD's reference (``bbo
 Nesterov momentum 0.9, weight decay 1e-4, learning rate 0.1 for the first two epochs and 0.01 after,
 batch 64. Transformers would not survive SGD at lr 0.1, so text models default to AdamW at 5e-5 with
 the same step decay (×0.1 after epoch 2): a documented deviation (NAD was only published for CNNs).
+
+Because NAD's teacher *is* fine-tuning's result, :func:`shared_finetune` trains it once per victim, clean set,
+schedule and seed: the pipeline gives repair defenses a per-victim folder under the artifact cache
+(``Defense.shared_dir``), where the finished fine-tuning checkpoint stays, so ``defense=finetune`` and NAD's
+teacher on the same victim train it once between them (and an interrupted one resumes).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -22,7 +29,9 @@ import torch.nn.functional as F
 
 from backdoorbench.data.base import Samples
 from backdoorbench.defenses.base import DefenseConfig
+from backdoorbench.defenses.persist import weights_fingerprint
 from backdoorbench.modality.base import Classifier
+from backdoorbench.store import cache_key, key_lock
 from backdoorbench.trainer.lit import TrainConfig, fit, make_optimizer
 from backdoorbench.trainer.logs import AccuracyTracker
 
@@ -183,10 +192,12 @@ def finetune(
     seed: int,
     epochs: int | None = None,
     desc: str = "fine-tune",
+    checkpoint: Path | None = None,
     **distill: Any,
 ) -> Classifier:
     """Fine-tune ``model`` in place on ``clean`` (with NAD's distillation terms when ``distill`` holds a
-    ``teacher``, ``betas`` and ``layers``); returns it in eval mode."""
+    ``teacher``, ``betas`` and ``layers``); returns it in eval mode. ``checkpoint``: a resumable per-epoch
+    checkpoint path (:func:`~backdoorbench.trainer.lit.fit`); a finished one is loaded without training."""
     for p in model.parameters():
         p.requires_grad_(True)
     return fit(
@@ -196,4 +207,44 @@ def finetune(
         seed=seed,
         desc=desc,
         module_factory=lambda m, _tc: RepairModule(m, cfg, **distill),
+        checkpoint=checkpoint,
     )
+
+
+def finetune_key(model: Classifier, clean: Samples, cfg: FinetuneSchedule, seed: int, epochs: int | None) -> str:
+    """What fine-tuning's result depends on: the model's weights, the clean set, every field of the schedule
+    (not the defense's name, nor a subclass's own fields such as NAD's betas), the epochs and the seed."""
+    schedule = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(FinetuneSchedule)}
+    schedule.pop("name")
+    schedule["epochs"] = epochs or cfg.epochs
+    return cache_key({
+        "model": weights_fingerprint(model),
+        "modality": model.modality,
+        "clean": clean.digest(),
+        "schedule": schedule,
+        "seed": seed,
+    })
+
+
+def shared_finetune(
+    model: Classifier,
+    clean: Samples,
+    cfg: FinetuneSchedule,
+    seed: int,
+    shared_dir: Path | None,
+    epochs: int | None = None,
+    desc: str = "fine-tune",
+) -> Classifier:
+    """A fine-tuned copy of ``model`` (``model`` itself is not changed), trained once per :func:`finetune_key`:
+    with a ``shared_dir`` its finished checkpoint is kept there (``finetune-<key>.safetensors``) and loaded by the
+    next call with the same key, whichever defense makes it (fine-tuning, NAD's teacher); a lock makes a
+    concurrent call wait for the first. The loaded model equals the trained one: training is seeded and the
+    checkpoint holds the whole training state. Without ``shared_dir``, plain :func:`finetune` on a copy."""
+    if shared_dir is None:
+        return finetune(clone(model), clean, cfg, seed, epochs, desc)
+    key = finetune_key(model, clean, cfg, seed, epochs)
+    ckpt = Path(shared_dir) / f"finetune-{key}.safetensors"
+    with key_lock(ckpt.with_suffix(".lock"), f"{desc} ({ckpt.name})"):
+        if ckpt.is_file():
+            log.info("%s: the same fine-tuning was run before on this victim; reusing %s", desc, ckpt)
+        return finetune(clone(model), clean, cfg, seed, epochs, desc, checkpoint=ckpt)

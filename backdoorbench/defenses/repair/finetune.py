@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from backdoorbench.data.base import Samples
 from backdoorbench.defenses.base import RepairDefense
-from backdoorbench.defenses.repair.common import FinetuneSchedule, clone, finetune
+from backdoorbench.defenses.repair.common import FinetuneSchedule, shared_finetune
 from backdoorbench.modality.base import Classifier
 from backdoorbench.registry import register_defense
 
@@ -32,4 +32,4 @@ class FinetuneConfig(FinetuneSchedule):
 )
 class Finetune(RepairDefense):
     def repair(self, model: Classifier, clean: Samples) -> Classifier:
-        return finetune(clone(model), clean, self.cfg, self.seed, desc="fine-tune")
+        return shared_finetune(model, clean, self.cfg, self.seed, self.shared_dir, desc="fine-tune")

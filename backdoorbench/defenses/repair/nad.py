@@ -1,7 +1,8 @@
 """``defense=nad``: Neural Attention Distillation (Li et al., ICLR 2021; reference ``bboylyg/NAD``).
 
 1. **Teacher**: a copy of the backdoored model fine-tuned on the defender's clean data (``teacher_epochs``,
-   the fine-tuning baseline's schedule). It is then frozen.
+   the fine-tuning baseline's schedule). It is then frozen. In the pipeline it is trained once per victim,
+   shared with ``defense=finetune`` of the same schedule (:func:`.common.shared_finetune`).
 2. **Student**: another copy of the backdoored model, fine-tuned on the same clean data with
    ``CE + Σ_k β_k · AT(A_s^k, A_t^k)``, where ``A = Σ_c |F_c|^p`` (p = 2) is the L2-normalised attention map
    of layer group ``k`` (low / middle / high, β = 500 / 1000 / 1000) and ``AT`` the mean squared
@@ -20,7 +21,14 @@ from dataclasses import dataclass, field
 
 from backdoorbench.data.base import Samples
 from backdoorbench.defenses.base import RepairDefense
-from backdoorbench.defenses.repair.common import FinetuneSchedule, clone, distillation_layers, finetune, freeze
+from backdoorbench.defenses.repair.common import (
+    FinetuneSchedule,
+    clone,
+    distillation_layers,
+    finetune,
+    freeze,
+    shared_finetune,
+)
 from backdoorbench.modality.base import Classifier
 from backdoorbench.registry import register_defense
 
@@ -85,7 +93,9 @@ class NAD(RepairDefense):
             [names[i] for i in self.layer_indices],
             self.cfg.betas,
         )
-        teacher = finetune(clone(model), clean, self.cfg, self.seed, self.cfg.teacher_epochs, "NAD teacher")
+        teacher = shared_finetune(
+            model, clean, self.cfg, self.seed, self.shared_dir, self.cfg.teacher_epochs, "NAD teacher"
+        )
         self.teacher = freeze(teacher)
         student = clone(model)
         return finetune(
