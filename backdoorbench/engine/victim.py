@@ -194,14 +194,20 @@ def _load_victim(
     })
 
 
+def _cached_victim_key(spec: RunSpec, cache_entry: dict[str, Any]) -> str | None:
+    """The victim's cache key, or None when the cache is off or the victim is outside it (no key)."""
+    return cache_entry.get("key") if spec.cache_enabled else None
+
+
 def defense_work_dir(spec: RunSpec, cache_entry: dict[str, Any], out: Path) -> Path:
     """A stable folder for a training/repair defense's stage checkpoints: under the artifact cache, keyed by
     the victim (attack, data, model, trainer, seed) and the defense's config, so that re-running an
     interrupted run resumes; inside the run directory when the cache is off."""
-    if not spec.cache_enabled or cache_entry.get("key") is None:  # no cache, or a victim outside it
+    victim = _cached_victim_key(spec, cache_entry)
+    if victim is None:
         return out / "defense_work"
     cfg = asdict(spec.defense_cfg) if hasattr(spec.defense_cfg, "__dataclass_fields__") else spec.defense_cfg
-    key = cache_key({"victim": cache_entry.get("key"), "defense": spec.defense.name, "cfg": cfg, "seed": spec.seed})
+    key = cache_key({"victim": victim, "defense": spec.defense.name, "cfg": cfg, "seed": spec.seed})
     return Path(ArtifactStore(spec.cache_dir).path("defense-" + key))
 
 
@@ -209,9 +215,8 @@ def victim_shared_dir(spec: RunSpec, cache_entry: dict[str, Any]) -> Path | None
     """The per-victim folder under the artifact cache where defenses keep stages they share
     (``Defense.shared_dir``; fine-tuning is NAD's teacher): ``<cache>/stages-<victim key>/``, whatever the
     defense. None when the cache is off or the victim has no key (nothing is shared then)."""
-    if not spec.cache_enabled or cache_entry.get("key") is None:
-        return None
-    return Path(ArtifactStore(spec.cache_dir).path(f"stages-{cache_entry['key']}"))
+    victim = _cached_victim_key(spec, cache_entry)
+    return None if victim is None else Path(ArtifactStore(spec.cache_dir).path(f"stages-{victim}"))
 
 
 def defense_lock(spec: RunSpec, work_dir: Path) -> contextlib.AbstractContextManager[None]:

@@ -216,7 +216,7 @@ def finetune_key(model: Classifier, clean: Samples, cfg: FinetuneSchedule, seed:
     (not the defense's name, nor a subclass's own fields such as NAD's betas), the epochs and the seed."""
     schedule = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(FinetuneSchedule)}
     schedule.pop("name")
-    schedule["epochs"] = epochs or cfg.epochs
+    schedule["epochs"] = train_config(cfg, epochs).max_epochs  # the epochs the fit runs
     return cache_key({
         "model": weights_fingerprint(model),
         "modality": model.modality,
