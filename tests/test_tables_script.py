@@ -52,3 +52,44 @@ def test_every_cpu_preset_has_a_table() -> None:
     presets = {p.stem for p in (REPO_ROOT / "configs" / "experiment").glob("*.yaml")}
     assert {t for t in TABLES if t.startswith(("cpu_", "dan_"))} == {p for p in presets if p.startswith("cpu_")} | {
         "dan_adaptive", "dan_task_agnostic"}
+
+
+RUNS = REPO_ROOT / "scripts" / "runs.sh"
+
+
+def _runs(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["bash", str(RUNS), *args], cwd=cwd, capture_output=True, text=True, timeout=60)
+
+
+def test_runs_keep_copies_only_finished_jobs_records_and_restore_puts_them_back(tmp_path: Path) -> None:
+    sweep = tmp_path / "multirun" / "tables" / "t" / "main"
+    done, unfinished = sweep / "ep_dan_1", sweep / "ep_rap_2"
+    for job in (done, unfinished):
+        (job / "logs").mkdir(parents=True)
+        (job / "config.yaml").write_text(f"job: {job.name}\n")
+        (job / "versions.json").write_text("{}")
+        (job / "logs" / "x.csv").write_text("big")
+    (done / "results.json").write_text('{"run": {}, "metrics": {}}')
+    (done / "scores.npz").write_bytes(b"\0" * 10)
+    proc = _runs(tmp_path, "keep", "t")
+    assert proc.returncode == 0, proc.stderr
+    kept = tmp_path / "docs" / "experiments" / "runs" / "t"
+    assert sorted(p.relative_to(kept).as_posix() for p in kept.rglob("*") if p.is_file()) == [
+        "main/ep_dan_1/config.yaml", "main/ep_dan_1/results.json", "main/ep_dan_1/versions.json"]
+    assert (kept / "main" / "ep_dan_1" / "config.yaml").read_text() == "job: ep_dan_1\n"
+
+    # restore into a fresh place: the sweep then finds the job done; an existing result is never overwritten
+    (tmp_path / "multirun").rename(tmp_path / "old")
+    assert _runs(tmp_path, "restore", "t").returncode == 0
+    back = tmp_path / "multirun" / "tables" / "t" / "main" / "ep_dan_1"
+    assert (back / "results.json").read_text() == '{"run": {}, "metrics": {}}'
+    (back / "results.json").write_text("newer")
+    proc = _runs(tmp_path, "restore", "t")
+    assert proc.returncode == 0 and "0 run(s) copied" in proc.stdout and "1 already there" in proc.stdout
+    assert (back / "results.json").read_text() == "newer"
+
+
+@pytest.mark.parametrize("args", [["keep", "missing"], ["move", "t"], []])
+def test_runs_rejects_a_missing_table_folder_or_an_unknown_action(tmp_path: Path, args: list[str]) -> None:
+    proc = _runs(tmp_path, *args)
+    assert proc.returncode != 0 and not (tmp_path / "docs").exists()
