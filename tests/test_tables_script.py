@@ -93,3 +93,11 @@ def test_runs_keep_copies_only_finished_jobs_records_and_restore_puts_them_back(
 def test_runs_rejects_a_missing_table_folder_or_an_unknown_action(tmp_path: Path, args: list[str]) -> None:
     proc = _runs(tmp_path, *args)
     assert proc.returncode != 0 and not (tmp_path / "docs").exists()
+
+
+def test_the_kept_records_are_not_git_ignored() -> None:
+    if not (REPO_ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    rec = "docs/experiments/runs/cpu_dan_text/main/ep_dan_1/results.json"
+    proc = subprocess.run(["git", "check-ignore", "-q", rec], cwd=REPO_ROOT, capture_output=True, timeout=60)
+    assert proc.returncode == 1, f"{rec} would be ignored by .gitignore"
