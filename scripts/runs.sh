@@ -5,8 +5,9 @@
 #   bash scripts/runs.sh restore <table>   docs/experiments/runs/<table>  ->  multirun/tables/<table>
 #
 # A record is what `report` reads and the sweep's resume checks, per finished job (a folder with results.json):
-# results.json, config.yaml and versions.json, a few kB; no weights, scores or logs. Unfinished and failed jobs
-# are not kept. From the records alone, `python -m backdoorbench report docs/experiments/runs/<table>` prints
+# results.json, config.yaml, versions.json and a detector's per-input scores.csv (for the ROC figures and any
+# other operating point; ~70 kB at 3,000 test inputs); no weights, plots or logs. Unfinished and failed jobs are
+# not kept. From the records alone, `python -m backdoorbench report docs/experiments/runs/<table>` prints
 # the table again; after `restore`, `bash scripts/tables.sh <table> ...` (same overrides) skips the recorded
 # jobs and runs only the rest, so a table measured over several machines or sessions grows in one place.
 # Neither direction overwrites a results.json that is already there.
@@ -33,7 +34,7 @@ while IFS= read -r -d '' res; do
         continue
     fi
     mkdir -p "$dst/$job"
-    for f in config.yaml versions.json results.json; do  # results.json last: a job is done only when it is there
+    for f in config.yaml versions.json scores.csv results.json; do  # results.json last: a job is done only when it is there
         if [ -e "$src/$job/$f" ]; then cp "$src/$job/$f" "$dst/$job/$f"; fi
     done
     copied=$((copied + 1))

@@ -70,12 +70,14 @@ def test_runs_keep_copies_only_finished_jobs_records_and_restore_puts_them_back(
         (job / "versions.json").write_text("{}")
         (job / "logs" / "x.csv").write_text("big")
     (done / "results.json").write_text('{"run": {}, "metrics": {}}')
-    (done / "scores.npz").write_bytes(b"\0" * 10)
+    (done / "scores.csv").write_text("split,index,label,pred,score\n")
+    (done / "detection.png").write_bytes(b"\0" * 10)
     proc = _runs(tmp_path, "keep", "t")
     assert proc.returncode == 0, proc.stderr
     kept = tmp_path / "docs" / "experiments" / "runs" / "t"
     assert sorted(p.relative_to(kept).as_posix() for p in kept.rglob("*") if p.is_file()) == [
-        "main/ep_dan_1/config.yaml", "main/ep_dan_1/results.json", "main/ep_dan_1/versions.json"]
+        "main/ep_dan_1/config.yaml", "main/ep_dan_1/results.json", "main/ep_dan_1/scores.csv",
+        "main/ep_dan_1/versions.json"]
     assert (kept / "main" / "ep_dan_1" / "config.yaml").read_text() == "job: ep_dan_1\n"
 
     # restore into a fresh place: the sweep then finds the job done; an existing result is never overwritten
