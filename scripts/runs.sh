@@ -23,7 +23,7 @@ case $action in
     *) echo "$usage" >&2; exit 2 ;;
 esac
 if [ ! -d "$src" ]; then
-    echo "no folder $src" >&2
+    echo "no folder $src: nothing to $action for table '$table' (run from the repository root)" >&2
     exit 2
 fi
 copied=0 skipped=0
