@@ -268,16 +268,27 @@ def write_comparison(results: list[dict[str, Any]], out: Path, frr: float = 0.05
     ]
     for attack, v in victims.iterrows():
         row = [attack, _pct(v["ba"]), _pct(v["asr"])]
+        mine = cells[cells.attack == attack].set_index("detector")
+        best = mine["far"].min()
         for d in detectors:
-            hit = cells[(cells.attack == attack) & (cells.detector == d)]
-            if hit.empty:
+            if d not in mine.index:
                 row.append("—")
             else:
-                h = hit.iloc[0]
-                row.append(f"**{_pct(h['far'])}** ({_pct(h['auroc'])}, {_pct(h['frr'])})")
+                h = mine.loc[d]
+                far = _pct(h["far"])
+                far = f"**{far}**" if far == _pct(best) != "—" else far  # the row's lowest FAR in bold (ties as printed)
+                row.append(f"{far} ({_pct(h['auroc'])}, {_pct(h['frr'])})")
         lines.append("| " + " | ".join(row) + " |")
-    avg = cells.groupby("detector")[num].mean()
-    lines.append("| **average** | | | " + " | ".join(f"**{_pct(avg.loc[d, 'far'])}**" for d in detectors) + " |")
+    # the average runs over the attacks every detector was measured on, so that partial tables compare like with like
+    full = [a for a, n in cells.groupby("attack")["detector"].nunique().items() if n == len(detectors)]
+    avg = cells[cells.attack.isin(full)].groupby("detector")["far"].mean()
+    label = "**average**"
+    if len(full) < len(victims):
+        label += f" ({len(full)} of {len(victims)} attacks: those every detector has)"
+    if full:
+        lowest = avg.min()
+        lines.append(f"| {label} | | | " + " | ".join(
+            f"**{_pct(avg[d])}**" if _pct(avg[d]) == _pct(lowest) else _pct(avg[d]) for d in detectors) + " |")
     lines += [
         "",
         "| detector | forward passes / input | LM passes / input | seconds / 100 inputs |",

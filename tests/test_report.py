@@ -42,6 +42,19 @@ def _run(
             w.writerow(["poisoned", i, 0, 1, 0.5 + i / 10, 0, 1])
 
 
+def test_comparison_average_over_complete_table_bolds_lowest(tmp_path: Path) -> None:
+    _run(tmp_path, "0", "badnet_rw", "dan", 0.10)
+    _run(tmp_path, "1", "badnet_rw", "rap", 0.40)
+    _run(tmp_path, "2", "ripples", "dan", 0.50)
+    _run(tmp_path, "3", "ripples", "rap", 0.20)
+    write_report(tmp_path)
+    comp = (tmp_path / "comparison.md").read_text()
+    assert "| **10.0** (90.0, 5.0) | 40.0 (90.0, 5.0) |" in comp
+    assert "| 50.0 (90.0, 5.0) | **20.0** (90.0, 5.0) |" in comp
+    assert "| **average** | | | 30.0 | **30.0** |" not in comp  # a tie is bold on both sides
+    assert "| **average** | | | **30.0** | **30.0** |" in comp
+
+
 def test_comparison_table_and_roc(tmp_path: Path) -> None:
     _run(tmp_path, "0", "badnet_rw", "dan", 0.10)
     _run(tmp_path, "1", "badnet_rw", "strip", 0.50)
@@ -51,8 +64,9 @@ def test_comparison_table_and_roc(tmp_path: Path) -> None:
     assert (tmp_path / "report.csv").read_text().count("\n") == 5  # header + 4 runs
     comp = (tmp_path / "comparison.md").read_text()
     assert "| attack | BA | ASR | dan | strip |" in comp
-    assert "**10.0** (90.0, 5.0)" in comp and "**50.0**" in comp
-    assert "| **average** | | | **20.0** | **50.0** |" in comp  # dan: mean of 10 and 30
+    assert "| **10.0** (90.0, 5.0) | 50.0 (90.0, 5.0) |" in comp  # only the row's lowest FAR in bold
+    # ripples has no STRIP run, so the average is over badnet_rw alone, and says so
+    assert "| **average** (1 of 2 attacks: those every detector has) | | | **10.0** | 50.0 |" in comp
     rows = list(csv.DictReader((tmp_path / "comparison.csv").open()))
     assert {(r["attack"], r["detector"]) for r in rows} == {
         ("badnet_rw (afm)", "dan"),
