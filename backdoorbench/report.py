@@ -276,7 +276,7 @@ def write_comparison(results: list[dict[str, Any]], out: Path, frr: float = 0.05
             else:
                 h = mine.loc[d]
                 far = _pct(h["far"])
-                far = f"**{far}**" if far == _pct(best) != "—" else far  # the row's lowest FAR in bold (ties as printed)
+                far = f"**{far}**" if far == _pct(best) != "—" else far  # the lowest FAR of the row in bold
                 row.append(f"{far} ({_pct(h['auroc'])}, {_pct(h['frr'])})")
         lines.append("| " + " | ".join(row) + " |")
     # the average runs over the attacks every detector was measured on, so that partial tables compare like with like
