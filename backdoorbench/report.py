@@ -23,6 +23,14 @@ def _pct(v: Any) -> str:
     return "—" if f != f else f"{100 * f:.1f}"
 
 
+def _bold_lowest(values: list[Any]) -> list[str]:
+    """Each value as `_pct` prints it, the lowest in bold (ties as printed; missing values never)."""
+    shown = [_pct(v) for v in values]
+    numbers = [float(v) for v, s in zip(values, shown) if s != "—"]
+    lowest = _pct(min(numbers)) if numbers else None
+    return [f"**{s}**" if s == lowest else s for s in shown]
+
+
 def print_run_summary(results: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -269,15 +277,12 @@ def write_comparison(results: list[dict[str, Any]], out: Path, frr: float = 0.05
     for attack, v in victims.iterrows():
         row = [attack, _pct(v["ba"]), _pct(v["asr"])]
         mine = cells[cells.attack == attack].set_index("detector")
-        best = mine["far"].min()
+        fars = dict(zip(mine.index, _bold_lowest(list(mine["far"]))))  # the lowest FAR of the row in bold
         for d in detectors:
             if d not in mine.index:
                 row.append("—")
             else:
-                h = mine.loc[d]
-                far = _pct(h["far"])
-                far = f"**{far}**" if far == _pct(best) != "—" else far  # the lowest FAR of the row in bold
-                row.append(f"{far} ({_pct(h['auroc'])}, {_pct(h['frr'])})")
+                row.append(f"{fars[d]} ({_pct(mine.loc[d, 'auroc'])}, {_pct(mine.loc[d, 'frr'])})")
         lines.append("| " + " | ".join(row) + " |")
     # the average runs over the attacks every detector was measured on, so that partial tables compare like with like
     full = [a for a, n in cells.groupby("attack")["detector"].nunique().items() if n == len(detectors)]
@@ -286,9 +291,7 @@ def write_comparison(results: list[dict[str, Any]], out: Path, frr: float = 0.05
     if len(full) < len(victims):
         label += f" ({len(full)} of {len(victims)} attacks: those every detector has)"
     if full:
-        lowest = avg.min()
-        lines.append(f"| {label} | | | " + " | ".join(
-            f"**{_pct(avg[d])}**" if _pct(avg[d]) == _pct(lowest) else _pct(avg[d]) for d in detectors) + " |")
+        lines.append(f"| {label} | | | " + " | ".join(_bold_lowest([avg[d] for d in detectors])) + " |")
     lines += [
         "",
         "| detector | forward passes / input | LM passes / input | seconds / 100 inputs |",
