@@ -190,11 +190,14 @@ def write_defended_comparison(results: list[dict[str, Any]], out: Path) -> str:
     if not recs:
         return ""
     df = pd.DataFrame(recs)
-    cells = df.groupby(["attack", "defense"]).mean(numeric_only=True).reset_index()
+    groups = df.groupby(["attack", "defense"])
+    cells = groups.mean(numeric_only=True).join(groups.size().rename("n")).reset_index()
     cells.to_csv(out / "defended.csv", index=False)
     defenses = sorted(cells["defense"].unique())
+    n_note, tag = _seed_counts(cells["n"])
     lines = [
-        "BA after / ASR after (%) per attack and defense; the backdoored victim's BA / ASR in the second column.",
+        "BA after / ASR after (%) per attack and defense; the backdoored victim's BA / ASR in the second column"
+        + n_note,
         "",
         "| attack | victim BA / ASR | " + " | ".join(defenses) + " |",
         "|---" * (2 + len(defenses)) + "|",
@@ -204,11 +207,26 @@ def write_defended_comparison(results: list[dict[str, Any]], out: Path) -> str:
         row = [attack, f"{_pct(first['ba'])} / {_pct(first['asr'])}"]
         for d in defenses:
             hit = group[group.defense == d]
-            row.append("—" if hit.empty else f"{_pct(hit.iloc[0]['ba_after'])} / {_pct(hit.iloc[0]['asr_after'])}")
+            if hit.empty:
+                row.append("—")
+                continue
+            h = hit.iloc[0]
+            row.append(f"{_pct(h['ba_after'])} / {_pct(h['asr_after'])}" + (f" (n={h['n']})" if tag else ""))
         lines.append("| " + " | ".join(row) + " |")
     md = "\n".join(lines) + "\n"
     atomic_write_text(out / "defended.md", md)
     return md
+
+
+def _seed_counts(n: Any) -> tuple[str, bool]:
+    """How many runs each cell of a table averages: the end of the table's first sentence, and whether the
+    counts differ between cells (then every cell shows its own ``n=``, so that one seed is never read as three)."""
+    counts = sorted(set(int(k) for k in n))
+    if len(counts) > 1:
+        return "; each cell is the mean of its n runs (seeds), which differ between cells.", True
+    if counts[0] > 1:
+        return f"; each cell is the mean of {counts[0]} runs (seeds).", False
+    return ".", False
 
 
 def _setting_label(res: dict[str, Any], results: list[dict[str, Any]]) -> str:
@@ -264,12 +282,15 @@ def write_comparison(results: list[dict[str, Any]], out: Path, frr: float = 0.05
         "seconds_per_100_inputs",
     ]
     df[num] = df[num].apply(pd.to_numeric, errors="coerce")
-    cells = df.groupby(["attack", "detector"])[num].mean().reset_index()
+    groups = df.groupby(["attack", "detector"])
+    cells = groups[num].mean().join(groups.size().rename("n")).reset_index()
     cells.to_csv(out / "comparison.csv", index=False)
     detectors = sorted(cells["detector"].unique())
     victims = cells.groupby("attack")[["ba", "asr"]].mean()
+    n_note, tag = _seed_counts(cells["n"])
     lines = [
-        f"FAR (%) at {100 * frr:g}% FRR target — in brackets AUROC (%) and the FRR reached on clean test data.",
+        f"FAR (%) at {100 * frr:g}% FRR target — in brackets AUROC (%) and the FRR reached on clean test data"
+        + n_note,
         "",
         "| attack | BA | ASR | " + " | ".join(detectors) + " |",
         "|---" * (3 + len(detectors)) + "|",
@@ -282,7 +303,8 @@ def write_comparison(results: list[dict[str, Any]], out: Path, frr: float = 0.05
             if d not in mine.index:
                 row.append("—")
             else:
-                row.append(f"{fars[d]} ({_pct(mine.loc[d, 'auroc'])}, {_pct(mine.loc[d, 'frr'])})")
+                n = f"; n={mine.loc[d, 'n']}" if tag else ""
+                row.append(f"{fars[d]} ({_pct(mine.loc[d, 'auroc'])}, {_pct(mine.loc[d, 'frr'])}{n})")
         lines.append("| " + " | ".join(row) + " |")
     # the average runs over the attacks every detector was measured on, so that partial tables compare like with like
     full = [a for a, n in cells.groupby("attack")["detector"].nunique().items() if n == len(detectors)]

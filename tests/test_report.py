@@ -12,7 +12,14 @@ from backdoorbench.report import write_report
 
 
 def _run(
-    root: Path, name: str, attack: str, defense: str, far5: float, kind: str = "detector", cost: dict | None = None
+    root: Path,
+    name: str,
+    attack: str,
+    defense: str,
+    far5: float,
+    kind: str = "detector",
+    cost: dict | None = None,
+    seed: int = 0,
 ) -> None:
     d = root / name
     d.mkdir(parents=True)
@@ -27,7 +34,7 @@ def _run(
             "defense_kind": kind,
             "data": "rt",
             "model": "m",
-            "seed": 0,
+            "seed": seed,
         },
         "metrics": metrics,
         "cost": cost or {"forward_passes_per_input": 2.0, "seconds_per_100_inputs": 1.5},
@@ -53,6 +60,28 @@ def test_comparison_average_over_complete_table_bolds_lowest(tmp_path: Path) -> 
     assert "| 50.0 (90.0, 5.0) | **20.0** (90.0, 5.0) |" in comp
     assert "| **average** | | | 30.0 | **30.0** |" not in comp
     assert "| **average** | | | **30.0** | **30.0** |" in comp  # a tie (as printed) is bold on both sides
+
+
+def test_cells_averaging_different_seed_counts_show_their_n(tmp_path: Path) -> None:
+    for seed, far in ((0, 0.10), (1, 0.30), (2, 0.20)):
+        _run(tmp_path, f"dan{seed}", "badnet_rw", "dan", far, seed=seed)
+    _run(tmp_path, "rap0", "badnet_rw", "rap", 0.40)
+    write_report(tmp_path)
+    comp = (tmp_path / "comparison.md").read_text()
+    assert "which differ between cells" in comp
+    assert "| **20.0** (90.0, 5.0; n=3) | 40.0 (90.0, 5.0; n=1) |" in comp
+    rows = {r["detector"]: r for r in csv.DictReader((tmp_path / "comparison.csv").open())}
+    assert (rows["dan"]["n"], rows["rap"]["n"]) == ("3", "1")
+
+
+def test_cells_with_one_seed_count_say_it_once(tmp_path: Path) -> None:
+    for seed in (0, 1):
+        _run(tmp_path, f"dan{seed}", "badnet_rw", "dan", 0.1, seed=seed)
+        _run(tmp_path, f"rap{seed}", "badnet_rw", "rap", 0.4, seed=seed)
+    write_report(tmp_path)
+    comp = (tmp_path / "comparison.md").read_text()
+    assert "each cell is the mean of 2 runs (seeds)." in comp and "n=" not in comp
+    assert "| **10.0** (90.0, 5.0) | 40.0 (90.0, 5.0) |" in comp
 
 
 def test_comparison_table_and_roc(tmp_path: Path) -> None:
@@ -101,6 +130,7 @@ def test_repair_and_training_runs_get_their_own_table(tmp_path: Path) -> None:
             ("badnets", "rnp", "repair", (0.95, 0.5)),
             ("wanet", "nad", "repair", (0.7, 0.1)),
             ("badnets", "dbd", "training", (0.97, 0.006)),
+            ("badnets", "dbd", "training", (0.95, 0.004)),  # a second seed of one cell
         ]
     ):
         d = tmp_path / f"{i}"
@@ -113,7 +143,7 @@ def test_repair_and_training_runs_get_their_own_table(tmp_path: Path) -> None:
                 "defense_kind": kind,
                 "data": "mnist5k",
                 "model": "wrn16_1",
-                "seed": 0,
+                "seed": 1 if i == 4 else 0,
             },
             "metrics": {
                 "ba": 0.98,
@@ -128,8 +158,8 @@ def test_repair_and_training_runs_get_their_own_table(tmp_path: Path) -> None:
     md = write_report(tmp_path)
     table = (tmp_path / "defended.md").read_text()
     assert table in md and "| attack | victim BA / ASR | dbd | nad | rnp |" in table
-    assert "| badnets | 98.0 / 100.0 | 97.0 / 0.6 | 90.0 / 2.0 | 95.0 / 50.0 |" in table
-    assert "| wanet | 98.0 / 100.0 | — | 70.0 / 10.0 | — |" in table
+    assert "| badnets | 98.0 / 100.0 | 96.0 / 0.5 (n=2) | 90.0 / 2.0 (n=1) | 95.0 / 50.0 (n=1) |" in table
+    assert "| wanet | 98.0 / 100.0 | — | 70.0 / 10.0 (n=1) | — |" in table
     assert "comparison.md" not in {p.name for p in tmp_path.iterdir()}  # no detector runs, no detector table
 
 
