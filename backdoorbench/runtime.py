@@ -1,5 +1,5 @@
 """The execution settings of the run in progress: its one device, its run directory, the loader workers, the
-training logger and the inference precision.
+training logger, the inference precision and the artifact cache folder (for caches that never change results).
 
 The pipeline resolves them once per run (:func:`backdoorbench.trainer.lit.runtime_for`) and sets them for the
 duration of the run with :func:`run_scope`. The training toolkit (every ``fit_module``: victim training,
@@ -38,6 +38,7 @@ class Runtime:
     num_workers: int = 0  # loader worker processes of the loaders that allow them
     pin_memory: bool = False
     inference_precision: str = "32"  # 32 | bf16 | 16: autocast of Classifier.iter_batches
+    cache_dir: Path | None = None  # the run's artifact cache (ONION keeps its suspicions there); None: off
 
     def __post_init__(self) -> None:
         if self.inference_precision not in INFERENCE_PRECISIONS:

@@ -215,6 +215,18 @@ def test_onion_end_to_end(badnet_rw_victim, tiny_bert_dir, corpus, cache_dir, ti
             removed += len(words) - len(fixed.split())
     assert removed > 0
 
+    # the suspicions were kept in the run's cache folder: a second process (another lane of a sweep, a SLURM
+    # array job) scores nothing with the LM and gets the same results
+    assert len(list(cache_dir.glob("onion/*/*.npz"))) >= 1
+    monkeypatch.setattr(onion_mod, "_SHARED_CACHES", {})
+    monkeypatch.setattr(onion_mod, "_DISK_CACHES", {})
+    before = dict(lm_rows)
+    again, again_rows = run(cfg, tmp_path / "onion_again")
+    assert lm_rows == before  # not one LM pass
+    assert again["cost"]["cached_inputs"] == len(again_rows) and again["cost"]["lm_passes_per_input"] == 0
+    assert again["metrics"] == results["metrics"]
+    assert [r["score"] for r in again_rows] == [r["score"] for r in rows]
+
 
 # -- text attacks: AddSent, LWP, EP; then DAN on the cached victim ------------------------------------------
 def without(text: str, block: list[str]) -> tuple[int, str]:

@@ -57,8 +57,9 @@ def run_experiment(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     atomic_write_text(out / "versions.json", json.dumps(versions(), indent=2))
     log.info("device: %s", spec.device)
-    # every stage below: the run's device, training logs, loader workers, inference precision
-    with run_scope(runtime_for(spec.trainer_cfg, out, spec.device)):
+    # every stage below: the run's device, training logs, loader workers, inference precision, cache folder
+    cache_dir = ArtifactStore(spec.cache_dir).root if spec.cache_enabled else None
+    with run_scope(runtime_for(spec.trainer_cfg, out, spec.device, cache_dir)):
         return _run(spec, out, timer, t_start)
 
 

@@ -125,9 +125,12 @@ class TrainConfig:
         return out
 
 
-def runtime_for(cfg: TrainConfig, run_dir: Path | None = None, device: torch.device | None = None) -> Runtime:
+def runtime_for(
+    cfg: TrainConfig, run_dir: Path | None = None, device: torch.device | None = None, cache_dir: Path | None = None
+) -> Runtime:
     """The execution settings of a run whose victim trains with ``cfg`` (set by the pipeline with
-    :func:`backdoorbench.runtime.run_scope`); ``device``: the run's device when already resolved."""
+    :func:`backdoorbench.runtime.run_scope`); ``device``: the run's device when already resolved;
+    ``cache_dir``: the artifact cache folder when the cache is on."""
     return Runtime(
         device=device if device is not None else resolve_device(cfg),
         run_dir=Path(run_dir) if run_dir is not None else None,
@@ -135,4 +138,5 @@ def runtime_for(cfg: TrainConfig, run_dir: Path | None = None, device: torch.dev
         num_workers=cfg.num_workers,
         pin_memory=cfg.pin_memory,
         inference_precision=cfg.inference_precision,
+        cache_dir=Path(cache_dir) if cache_dir is not None else None,
     )

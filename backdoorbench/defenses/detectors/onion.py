@@ -30,6 +30,11 @@ Suspicions are cached per sentence, so ``correct`` after ``score`` on the same i
 they depend on the LM and the text only, so runs in one process that load the same LM by name (the
 attacks of a ``--multirun`` sweep) share them: the clean sentences are scored once per sweep, and
 ``cache_hits`` (reported as ``cost.cached_inputs``) counts the scored inputs that were already known.
+In a run with the artifact cache on (``cache.enabled``, the default) they are also kept on disk, under
+``<cache.dir>/onion/<key of the LM's name, dtype, length and weights>/``
+(:class:`~backdoorbench.arraycache.ArrayShards`), so separate processes — parallel sweep lanes, the jobs of
+a SLURM array, a job started again after it was killed — share them too; the values are the same as
+computed afresh, so results do not change.
 """
 
 from __future__ import annotations
@@ -37,11 +42,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from backdoorbench.arraycache import ArrayShards
 from backdoorbench.config import ConfigError
 from backdoorbench.data.base import Samples
 from backdoorbench.defenses.base import Detector, DetectorConfig
@@ -51,6 +58,7 @@ from backdoorbench.models.lm import DTYPES, CausalLM, load_causal_lm
 from backdoorbench.progress import progress
 from backdoorbench.registry import register_defense
 from backdoorbench.runtime import current
+from backdoorbench.store import cache_key
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +66,8 @@ CACHE_LIMIT = 100_000  # sentences whose suspicions are kept
 # Suspicions depend only on the LM and the text, never on the victim: runs in one process (a --multirun
 # sweep over attacks) that load the same LM share them, so clean sentences are scored once per sweep.
 _SHARED_CACHES: dict[tuple[str, str, int], dict[str, np.ndarray]] = {}
+# ... and, in a run with the artifact cache on, on disk: one shard folder per LM (name, dtype, length, weights)
+_DISK_CACHES: dict[Path, ArrayShards] = {}
 
 
 @dataclass
@@ -107,6 +117,7 @@ class ONION(Detector):
         self.lm = lm  # loaded at fit time unless given
         self.bar: float | None = None
         self._cache: dict[str, np.ndarray] = {}
+        self._disk: ArrayShards | None = None
         self.cache_hits = 0  # inputs whose suspicions were already known (this run or an earlier one)
 
     @property
@@ -124,10 +135,13 @@ class ONION(Detector):
         if self.lm is None:
             raise RuntimeError("call fit() first (it loads the language model)")
         todo = list(dict.fromkeys(t for t in texts if t not in self._cache))
-        self.cache_hits += sum(t in self._cache for t in texts)
         if len(self._cache) + len(todo) > CACHE_LIMIT:
             self._cache.clear()
             todo = list(dict.fromkeys(texts))
+        if self._disk is not None and todo:
+            self._cache.update(self._disk.lookup(todo))
+            todo = [t for t in todo if t not in self._cache]
+        self.cache_hits += sum(t in self._cache for t in texts)  # known in memory or on disk
         bs = self.cfg.batch_size
         starts = range(0, len(todo), bs)
         for start in progress(starts, desc=desc, total=len(starts)):
@@ -152,6 +166,10 @@ class ONION(Detector):
                 ppl = np.exp(values)
                 f = ppl[0] - ppl[1:]
                 self._cache[text] = np.nan_to_num(f, nan=0.0, posinf=0.0, neginf=0.0)
+                if self._disk is not None:
+                    self._disk.put(text, self._cache[text])
+        if self._disk is not None:
+            self._disk.flush()
         return [self._cache[t] for t in texts]
 
     # -- detector --------------------------------------------------------------------------------
@@ -161,6 +179,14 @@ class ONION(Detector):
             device = current().device or model.device  # the run's device (outside a run: the victim's)
             self.lm = load_causal_lm(cfg.lm, device=device, dtype=cfg.lm_dtype, max_length=cfg.lm_max_length)
             self._cache = _SHARED_CACHES.setdefault((cfg.lm, cfg.lm_dtype, cfg.lm_max_length), {})
+        root = current().cache_dir
+        if self._disk is None and root is not None:
+            spec = {"lm": cfg.lm, "dtype": cfg.lm_dtype, "max_length": self.lm.max_length,
+                    "weights": weights_fingerprint(self.lm.model)}
+            folder = Path(root) / "onion" / cache_key(spec)
+            self._disk = _DISK_CACHES.setdefault(folder, ArrayShards(folder))
+            self._disk.refresh()
+            log.info("ONION: suspicions cached in %s (%d sentences there)", folder, len(self._disk))
 
     def _fit(self, model: Classifier, clean: Samples) -> None:
         cfg = self.cfg
