@@ -20,6 +20,7 @@ RANK = {
     "registry": 1,
     "config": 2,
     "store": 3,
+    "arraycache": 3,  # on-disk arrays for caches that never change results (ONION suspicions)
     "data": 3,
     "modality": 4,
     "plots": 5,
