@@ -101,8 +101,7 @@ class ArrayShards:
         keys = list(self._pending)
         arrays = [self._pending[k] for k in keys]
         offsets = np.cumsum([0, *(len(a) for a in arrays)], dtype=np.int64)
-        dtype = np.result_type(*arrays) if arrays else np.float64
-        values = np.concatenate(arrays).astype(dtype, copy=False) if arrays else np.zeros(0)
+        values = np.concatenate(arrays)  # the arrays' common dtype
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / f"{time.time_ns()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.npz"
         with atomic_path(path) as tmp, open(tmp, "wb") as f:

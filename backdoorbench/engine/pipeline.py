@@ -58,12 +58,12 @@ def run_experiment(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     atomic_write_text(out / "versions.json", json.dumps(versions(), indent=2))
     log.info("device: %s", spec.device)
     # every stage below: the run's device, training logs, loader workers, inference precision, cache folder
-    cache_dir = ArtifactStore(spec.cache_dir).root if spec.cache_enabled else None
-    with run_scope(runtime_for(spec.trainer_cfg, out, spec.device, cache_dir)):
-        return _run(spec, out, timer, t_start)
+    store = ArtifactStore(spec.cache_dir) if spec.cache_enabled else None
+    with run_scope(runtime_for(spec.trainer_cfg, out, spec.device, store.root if store else None)):
+        return _run(spec, out, timer, t_start, store)
 
 
-def _run(spec: RunSpec, out: Path, timer: Timer, t_start: float) -> dict[str, Any]:
+def _run(spec: RunSpec, out: Path, timer: Timer, t_start: float, store: ArtifactStore | None) -> dict[str, Any]:
     with timer("data"):
         bundle: DatasetBundle = spec.dataset.obj(root=spec.data_cfg.root, **spec.data_cfg.options)
         splits = threat_model_split(bundle, spec.data_cfg, spec.seed)
@@ -71,7 +71,6 @@ def _run(spec: RunSpec, out: Path, timer: Timer, t_start: float) -> dict[str, An
     attack: Attack = spec.attack.obj(spec.attack_cfg, spec.seed)
     attack.check(bundle.num_classes)
     new_model = model_factory(spec, bundle)
-    store = ArtifactStore(spec.cache_dir) if spec.cache_enabled else None
     with timer("attack"):
         victim = obtain_victim(spec, attack, splits, bundle, new_model, store)
 
