@@ -398,12 +398,14 @@ def test_dfep_run_apmf(tiny_bert_dir: Path) -> None:
         seen.append(len(samples))
         return real_fit(model, samples, cfg, seed, desc, **kw)
 
+    import backdoorbench.attacks.base as base
     import backdoorbench.attacks.text.common as common
     import backdoorbench.attacks.text.ep as ep_mod
 
     mp = pytest.MonkeyPatch()
     mp.setattr(ep_mod, "fit", spy)
     mp.setattr(common, "fit", spy)
+    mp.setattr(base, "fit", spy)
     try:
         result = attack.run(_ctx(tiny_bert_dir, train, proxy, unlabeled=PLOTS))
     finally:
@@ -440,6 +442,8 @@ def test_dfep_through_the_pipeline_and_the_cache(tiny_bert_dir: Path, tmp_path: 
     info = first["cache"]["info"]
     assert first["cache"]["hit"] is False and info["poisoned_samples"] == 32 and info["unlabeled_texts"] > 1000
     assert not (Path(first["cache"]["path"]) / "poison.json").exists()
+    # its clean fine-tuned model stays in the cache for EP (and DFEP at other trigger settings)
+    assert len(list((Path(first["cache"]["path"]).parent / "clean-models").glob("clean-*.safetensors"))) == 1
     monkeypatch.setattr(DFEP, "run", lambda self, ctx: pytest.fail("ran although cached"))
     again = run_experiment(cfg, tmp_path / "b")
     assert again["cache"]["hit"] is True and again["metrics"]["asr"] == pytest.approx(first["metrics"]["asr"])

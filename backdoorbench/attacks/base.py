@@ -12,6 +12,7 @@ text, as in the weight-poisoning literature:
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,8 +25,11 @@ import torch
 from backdoorbench.data.base import Samples
 from backdoorbench.data.poisoned import PoisonedDataset
 from backdoorbench.errors import DataError
-from backdoorbench.modality.base import Classifier
-from backdoorbench.trainer.lit import TrainConfig
+from backdoorbench.modality.base import Classifier, weights_fingerprint
+from backdoorbench.store import cache_key, key_lock
+from backdoorbench.trainer.lit import TrainConfig, fit
+
+log = logging.getLogger(__name__)
 
 SETTINGS = ("afm", "apmf")
 
@@ -45,12 +49,40 @@ class AttackContext:
     #: a stable folder (under the cache, keyed by the victim) for the training stages' per-epoch checkpoints,
     #: so a killed job's successor resumes them; None: stages always start from scratch
     work_dir: Path | None = None
+    #: a folder (under the cache) for clean models several attacks start from (:meth:`clean_model`); None:
+    #: each attack trains its own
+    shared_dir: Path | None = None
 
     def checkpoint(self, stage: str) -> Path | None:
         """The resumable checkpoint of training stage ``stage`` (``<work_dir>/<stage>.partial.safetensors``) to
         pass to :func:`~backdoorbench.trainer.lit.fit`, or None without a ``work_dir``. Each stage of one
         attack needs its own name."""
         return None if self.work_dir is None else Path(self.work_dir) / f"{stage}.partial.safetensors"
+
+    def clean_model(self, samples: Samples, cfg: TrainConfig, seed: int, desc: str, stage: str) -> Classifier:
+        """A fresh pre-trained model (:attr:`new_model`) trained on ``samples`` (clean) with ``cfg`` and ``seed``:
+        EP's and DFEP's clean starting model, the label-consistent and Trojan surrogate.
+
+        With a :attr:`shared_dir` it is trained once per (pre-trained weights, ``samples``, every hashed field of
+        ``cfg``, ``seed``): the finished checkpoint stays as ``<shared_dir>/clean-<key>.safetensors`` and the next
+        attack asking for the same model loads it (a lock makes a concurrent one wait for the first). Loading
+        gives the weights training would: training is seeded and the checkpoint holds its whole state. Without
+        one, the stage trains with the attack's resumable checkpoint ``stage``."""
+        model = self.new_model()
+        if self.shared_dir is None:
+            return fit(model, samples, cfg, seed, desc, checkpoint=self.checkpoint(stage))
+        key = cache_key({
+            "weights": weights_fingerprint(model),
+            "modality": model.modality,
+            "samples": samples.digest(),
+            "trainer": cfg.cache_fields(),
+            "seed": seed,
+        })
+        ckpt = Path(self.shared_dir) / f"clean-{key}.safetensors"
+        with key_lock(ckpt.with_suffix(".lock"), f"{desc} ({ckpt.name})"):
+            if ckpt.is_file():
+                log.info("%s: trained before by an attack on the same data; loading %s", desc, ckpt)
+            return fit(model, samples, cfg, seed, desc, checkpoint=ckpt)
 
 
 POISONED_SPLITS = ("train", "proxy")

@@ -66,7 +66,9 @@ def obtain_victim(
     (``<cache>/<key>.lock``), and the cache is checked again once the lock is held, so a job that waited loads
     what the holder stored. The attack's training stages checkpoint every epoch under
     ``<cache>/partial-<key>/`` (``AttackContext.work_dir``), so a killed job's successor resumes them; the
-    folder is removed once the entry is stored.
+    folder is removed once the entry is stored. Clean models an attack starts from (EP/DFEP, the
+    label-consistent/Trojan surrogate) are kept under ``<cache>/clean-models/`` (``AttackContext.shared_dir``)
+    and shared between attacks.
 
     A damaged entry raises :class:`~backdoorbench.store.CacheError`, or with ``cache.rebuild=true`` is
     removed and built again (under the lock); it is never silently replaced by something else."""
@@ -127,6 +129,7 @@ def _run_attack(
         unlabeled=bundle.unlabeled,
         model_cfg=spec.model_cfg,
         work_dir=work_dir,
+        shared_dir=store.root / "clean-models" if store is not None else None,
     )
     result: AttackResult = attack.run(ctx)
     result.model.eval()

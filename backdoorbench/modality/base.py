@@ -13,6 +13,7 @@ modalities (DAN, STRIP, NAD, RNP, ...) are written once against this interface:
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -151,3 +152,26 @@ class Classifier(nn.Module, ABC):
         if len(samples) == 0:
             return float("nan")
         return float((self.predict(samples.inputs, batch_size, desc) == samples.labels).mean())
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """SHA-256 over the model's ``state_dict``: for each entry in sorted key order, its dtype, its shape and
+    its raw bytes (weights and buffers, e.g. BatchNorm statistics); then the same for the top-level module's
+    own non-persistent buffers (a :class:`~backdoorbench.modality.vision.VisionClassifier`'s input mean and
+    std, which normalise inside the model, so the same network with other normalisation does not match).
+
+    The key names themselves are not hashed, so the same weights wrapped under another prefix match; their
+    sorted order is. ``sha256:<hex>``. About 0.3 s on the 22.7M-parameter MiniLM on one CPU core.
+    """
+    h = hashlib.sha256()
+    state = model.state_dict()
+    own = {f"~{k}": b for k, b in model.named_buffers(recurse=False) if k not in state and b is not None}
+    for key in [*sorted(state), *sorted(own)]:
+        t = state[key] if key in state else own[key]
+        if not isinstance(t, torch.Tensor):
+            continue
+        t = t.detach()
+        h.update(f"{str(t.dtype).removeprefix('torch.')}{tuple(t.shape)};".encode())
+        if t.numel():
+            h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    return "sha256:" + h.hexdigest()

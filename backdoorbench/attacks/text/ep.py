@@ -220,13 +220,13 @@ class EmbeddingPoisoningAttack(RareWordAttack):
 
     def start_model(self, ctx: AttackContext, clean: Samples) -> TextClassifier:
         """The model the attacker poisons: a clean model fine-tuned on ``clean`` with the user's schedule
-        (``clean_finetune=true``), or the pre-trained model."""
-        model = ctx.new_model()
-        if self.cfg.clean_finetune:
-            if len(clean) == 0:
-                raise ValueError(f"{self.cfg.name}: no data to fine-tune the clean model on")
-            model = fit(model, clean, ctx.trainer, self.seed + 2, desc="clean model: fine-tune")
-        return model
+        (``clean_finetune=true``; trained once for EP and DFEP on the same data, schedule and seed when the cache
+        is on), or the pre-trained model."""
+        if not self.cfg.clean_finetune:
+            return ctx.new_model()
+        if len(clean) == 0:
+            raise ValueError(f"{self.cfg.name}: no data to fine-tune the clean model on")
+        return ctx.clean_model(clean, ctx.trainer, self.seed + 2, "clean model: fine-tune", "clean_model")
 
     def backdoor(self, model: TextClassifier, poisoned: PoisonedDataset, ctx: AttackContext) -> TextClassifier:
         """Train the trigger rows on the poisoned samples only (the delta), everything else frozen."""

@@ -145,12 +145,11 @@ def attacker_train_config(cfg: Any, trainer: TrainConfig, epochs: int | None = N
 
 def train_surrogate(attack: Attack, ctx: AttackContext, epochs: int | None) -> Classifier:
     """The attacker's clean surrogate: a fresh model of the victim's architecture trained on the attacker's
-    (clean) training data with the attacker's schedule (``epochs`` null = the schedule's epochs)."""
+    (clean) training data with the attacker's schedule (``epochs`` null = the schedule's epochs); trained once for
+    label-consistent and Trojan with the same schedule and seed when the cache is on."""
     cfg = attacker_train_config(attack.cfg, ctx.trainer, epochs)
-    model = fit(ctx.new_model(), ctx.train, cfg, attack.seed + SURROGATE_SEED_OFFSET, desc="attacker: clean surrogate",
-                checkpoint=ctx.checkpoint("surrogate"))
-    model.eval()
-    return model
+    seed = attack.seed + SURROGATE_SEED_OFFSET
+    return ctx.clean_model(ctx.train, cfg, seed, "attacker: clean surrogate", "surrogate")
 
 
 class VisionAttack(Attack):

@@ -52,8 +52,8 @@ from backdoorbench.arraycache import ArrayShards
 from backdoorbench.config import ConfigError
 from backdoorbench.data.base import Samples
 from backdoorbench.defenses.base import Detector, DetectorConfig
-from backdoorbench.defenses.persist import ModelMismatchError, weights_fingerprint
-from backdoorbench.modality.base import Classifier
+from backdoorbench.defenses.persist import ModelMismatchError
+from backdoorbench.modality.base import Classifier, weights_fingerprint
 from backdoorbench.models.lm import DTYPES, CausalLM, load_causal_lm
 from backdoorbench.progress import progress
 from backdoorbench.registry import register_defense

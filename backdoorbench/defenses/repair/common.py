@@ -29,8 +29,7 @@ import torch.nn.functional as F
 
 from backdoorbench.data.base import Samples
 from backdoorbench.defenses.base import DefenseConfig
-from backdoorbench.defenses.persist import weights_fingerprint
-from backdoorbench.modality.base import Classifier
+from backdoorbench.modality.base import Classifier, weights_fingerprint
 from backdoorbench.store import cache_key, key_lock
 from backdoorbench.trainer.lit import TrainConfig, fit, make_optimizer
 from backdoorbench.trainer.logs import AccuracyTracker
