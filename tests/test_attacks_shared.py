@@ -43,7 +43,7 @@ def test_a_clean_model_is_trained_once_per_key(tmp_path: Path, caplog: pytest.Lo
     folder = tmp_path / "clean-models"
     train = tiny_images()
     ctx = _shared(tiny_ctx(train), folder)
-    caplog.set_level(logging.INFO, logger="backdoorbench.attacks.base")
+    caplog.set_level(logging.INFO, logger="backdoorbench.store")
     first = ctx.clean_model(train, TRAINER, 3, "clean", "clean_model")
     assert len(list(folder.glob("clean-*.safetensors"))) == 1 and REUSED not in caplog.text
     again = ctx.clean_model(train, TRAINER, 3, "clean", "clean_model")
@@ -62,7 +62,7 @@ def test_label_consistent_and_trojan_share_their_surrogate(tmp_path: Path,
                                                             caplog: pytest.LogCaptureFixture) -> None:
     train = tiny_images()
     ctx = _shared(tiny_ctx(train), tmp_path)
-    caplog.set_level(logging.INFO, logger="backdoorbench.attacks.base")
+    caplog.set_level(logging.INFO, logger="backdoorbench.store")
     lc = train_surrogate(LabelConsistent(LabelConsistentConfig(), seed=0), ctx, None)
     assert REUSED not in caplog.text
     trojan = train_surrogate(Trojan(TrojanConfig(), seed=0), ctx, None)
@@ -77,7 +77,7 @@ def test_ep_and_dfep_start_from_the_same_clean_model(tiny_bert_dir: Path, tmp_pa
     data = tiny_text_samples(24)
     ctx = AttackContext(train=data, proxy=data, num_classes=2, new_model=lambda: _model(tiny_bert_dir),
                         trainer=TINY_TRAIN, seed=0, shared_dir=tmp_path)
-    caplog.set_level(logging.INFO, logger="backdoorbench.attacks.base")
+    caplog.set_level(logging.INFO, logger="backdoorbench.store")
     ep = EP(EPConfig(), seed=0).start_model(ctx, data)
     assert REUSED not in caplog.text
     dfep = DFEP(DFEPConfig(), seed=0).start_model(ctx, data)

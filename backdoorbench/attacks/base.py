@@ -12,7 +12,6 @@ text, as in the weight-poisoning literature:
 
 from __future__ import annotations
 
-import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,10 +25,8 @@ from backdoorbench.data.base import Samples
 from backdoorbench.data.poisoned import PoisonedDataset
 from backdoorbench.errors import DataError
 from backdoorbench.modality.base import Classifier, weights_fingerprint
-from backdoorbench.store import cache_key, key_lock
+from backdoorbench.store import cache_key, shared_checkpoint
 from backdoorbench.trainer.lit import TrainConfig, fit
-
-log = logging.getLogger(__name__)
 
 SETTINGS = ("afm", "apmf")
 
@@ -78,10 +75,7 @@ class AttackContext:
             "trainer": cfg.cache_fields(),
             "seed": seed,
         })
-        ckpt = Path(self.shared_dir) / f"clean-{key}.safetensors"
-        with key_lock(ckpt.with_suffix(".lock"), f"{desc} ({ckpt.name})"):
-            if ckpt.is_file():
-                log.info("%s: trained before by an attack on the same data; loading %s", desc, ckpt)
+        with shared_checkpoint(Path(self.shared_dir) / f"clean-{key}.safetensors", desc) as ckpt:
             return fit(model, samples, cfg, seed, desc, checkpoint=ckpt)
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,11 +29,9 @@ import torch.nn.functional as F
 from backdoorbench.data.base import Samples
 from backdoorbench.defenses.base import DefenseConfig
 from backdoorbench.modality.base import Classifier, weights_fingerprint
-from backdoorbench.store import cache_key, key_lock
+from backdoorbench.store import cache_key, shared_checkpoint
 from backdoorbench.trainer.lit import TrainConfig, fit, make_optimizer
 from backdoorbench.trainer.logs import AccuracyTracker
-
-log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("sgd", "adamw")
 #: per-modality defaults where the config says null: (optimizer, learning rate)
@@ -242,8 +239,5 @@ def shared_finetune(
     if shared_dir is None:
         return finetune(clone(model), clean, cfg, seed, epochs, desc)
     key = finetune_key(model, clean, cfg, seed, epochs)
-    ckpt = Path(shared_dir) / f"finetune-{key}.safetensors"
-    with key_lock(ckpt.with_suffix(".lock"), f"{desc} ({ckpt.name})"):
-        if ckpt.is_file():
-            log.info("%s: the same fine-tuning was run before on this victim; reusing %s", desc, ckpt)
+    with shared_checkpoint(Path(shared_dir) / f"finetune-{key}.safetensors", desc) as ckpt:
         return finetune(clone(model), clean, cfg, seed, epochs, desc, checkpoint=ckpt)
