@@ -261,11 +261,11 @@ def key_lock(path: str | Path, what: str, report_every_s: float = 60.0, poll_s: 
 def shared_checkpoint(path: str | Path, what: str) -> Iterator[Path]:
     """A training checkpoint that several jobs or stages share (``fit(..., checkpoint=path)`` inside the block),
     under its lock ``<path>.lock`` (:func:`key_lock`) for the block: the first trains into it, the next ones load the
-    finished one, and a killed one's successor resumes it. Logs when one is found."""
+    finished one, and a killed one's successor resumes it. Logs when one is found (the fit logs which of the two)."""
     path = Path(path)
     with key_lock(path.with_suffix(".lock"), f"{what} ({path.name})"):
         if path.is_file():
-            log.info("%s: trained before with the same inputs; loading %s", what, path)
+            log.info("%s: a checkpoint with the same inputs exists (loaded if finished, else resumed): %s", what, path)
         yield path
 
 

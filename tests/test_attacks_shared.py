@@ -22,7 +22,7 @@ from backdoorbench.attacks.vision.label_consistent import LabelConsistent, Label
 from backdoorbench.attacks.vision.trojan import Trojan, TrojanConfig
 from backdoorbench.modality.base import Classifier
 
-REUSED = "trained before"
+REUSED = "a checkpoint with the same inputs exists"
 
 
 def _weights(model: Classifier) -> dict[str, torch.Tensor]:

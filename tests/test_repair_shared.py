@@ -160,3 +160,40 @@ def test_finetune_and_nad_share_the_teacher_through_the_pipeline(tmp_path: Path,
     assert len(shared) == 1 and shared[0].parent.name == f"stages-{nad['cache']['key']}"
     saved = json.loads((tmp_path / "nad" / "results.json").read_text())
     assert saved["metrics"]["clean_size"] == ft["metrics"]["clean_size"] == 15
+
+
+def test_a_killed_nad_student_resumes_to_the_uninterrupted_weights(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, clean = wrn(), tiny_images()
+    cfg = NADConfig(epochs=3, teacher_epochs=1, batch_size=16)
+
+    def nad(work: str) -> NAD:
+        defense = NAD(cfg, seed=0)
+        defense.shared_dir, defense.work_dir = tmp_path / "shared", tmp_path / work
+        return defense
+
+    reference = nad("a").repair(model, clean)  # teacher (shared from now on) and an uninterrupted student
+    assert (tmp_path / "a" / "student.safetensors").is_file()
+    original = common.RepairModule.training_step
+    student_steps: list[int] = []
+
+    def killed_in_epoch_3(self, batch, batch_idx):  # noqa: ANN001, ANN202
+        if self.teacher and self.current_epoch == 2:
+            raise RuntimeError("killed")
+        student_steps.append(batch_idx)
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(common.RepairModule, "training_step", killed_in_epoch_3)
+    with pytest.raises(RuntimeError, match="killed"):
+        nad("b").repair(model, clean)
+    assert len(student_steps) == 4  # epochs 1 and 2 (2 batches each) are in the checkpoint
+    monkeypatch.setattr(common.RepairModule, "training_step", original)
+    torch.rand(7)  # another RNG state, as in a fresh process
+    monkeypatch.setattr(common.RepairModule, "training_step", lambda *a: student_steps.append(0) or original(*a))
+    resumed = nad("b").repair(model, clean)
+    assert len(student_steps) == 6  # only epoch 3 trained
+    assert_same_weights(resumed, reference)
+    again = nad("b").repair(model, clean)  # a finished student is loaded, not trained
+    assert len(student_steps) == 6
+    assert_same_weights(again, reference)

@@ -6,7 +6,8 @@
 2. **Student**: another copy of the backdoored model, fine-tuned on the same clean data with
    ``CE + Σ_k β_k · AT(A_s^k, A_t^k)``, where ``A = Σ_c |F_c|^p`` (p = 2) is the L2-normalised attention map
    of layer group ``k`` (low / middle / high, β = 500 / 1000 / 1000) and ``AT`` the mean squared
-   difference (the reference's ``at.py``). The student is the repaired model.
+   difference (the reference's ``at.py``). The student is the repaired model. In the pipeline it is
+   checkpointed after every epoch in the defense's stage folder, so a killed run resumes it.
 
 The attention map comes from the modality interface (:meth:`Classifier.attention_maps`): channel-wise
 over CNN stage outputs, token-wise over the hidden units of transformer layers (padding masked), so one
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from backdoorbench.data.base import Samples
 from backdoorbench.defenses.base import RepairDefense
@@ -82,6 +84,15 @@ class NAD(RepairDefense):
             raise ValueError(f"NAD: unknown layer(s) {unknown}; the model's layers are {names}")
         return [names.index(n) for n in self.cfg.layers]
 
+    def student_checkpoint(self) -> Path | None:
+        """The student's per-epoch resumable checkpoint in the defense's ``work_dir`` (keyed by the victim, NAD's
+        config and seed, so it implies the teacher too): a killed run's successor resumes the student where it
+        stopped, and gets the weights an uninterrupted run gets. None (no checkpoint) outside the pipeline."""
+        if self.work_dir is None:
+            return None
+        Path(self.work_dir).mkdir(parents=True, exist_ok=True)
+        return Path(self.work_dir) / "student.safetensors"
+
     def repair(self, model: Classifier, clean: Samples) -> Classifier:
         self.layer_indices = self.resolve_layers(model)
         names = model.layer_names()
@@ -104,6 +115,7 @@ class NAD(RepairDefense):
             self.cfg,
             self.seed,
             desc="NAD student",
+            checkpoint=self.student_checkpoint(),
             teacher=self.teacher,
             betas=list(self.cfg.betas),
             layers=self.layer_indices,
