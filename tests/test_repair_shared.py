@@ -188,7 +188,6 @@ def test_a_killed_nad_student_resumes_to_the_uninterrupted_weights(
     with pytest.raises(RuntimeError, match="killed"):
         nad("b").repair(model, clean)
     assert len(student_steps) == 4  # epochs 1 and 2 (2 batches each) are in the checkpoint
-    monkeypatch.setattr(common.RepairModule, "training_step", original)
     torch.rand(7)  # another RNG state, as in a fresh process
     monkeypatch.setattr(common.RepairModule, "training_step", lambda *a: student_steps.append(0) or original(*a))
     resumed = nad("b").repair(model, clean)

@@ -88,10 +88,7 @@ class NAD(RepairDefense):
         """The student's per-epoch resumable checkpoint in the defense's ``work_dir`` (keyed by the victim, NAD's
         config and seed, so it implies the teacher too): a killed run's successor resumes the student where it
         stopped, and gets the weights an uninterrupted run gets. None (no checkpoint) outside the pipeline."""
-        if self.work_dir is None:
-            return None
-        Path(self.work_dir).mkdir(parents=True, exist_ok=True)
-        return Path(self.work_dir) / "student.safetensors"
+        return None if self.work_dir is None else Path(self.work_dir) / "student.safetensors"
 
     def repair(self, model: Classifier, clean: Samples) -> Classifier:
         self.layer_indices = self.resolve_layers(model)
