@@ -312,3 +312,23 @@ def test_public_entry_points_are_lazy() -> None:
         "assert bb.Guard.__name__ == 'Guard' and issubclass(bb.ModelMismatchError, bb.DetectorLoadError)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, env=subprocess_env())
+
+
+def test_a_save_that_fails_midway_leaves_the_old_pair_loadable(dan_folder, monkeypatch: pytest.MonkeyPatch) -> None:
+    import safetensors.torch
+
+    folder, model = dan_folder
+    before = {name: (folder / name).read_bytes() for name in (META_FILE, TENSORS_FILE)}
+
+    def half_written(tensors: Any, filename: str, metadata: Any = None) -> None:
+        Path(filename).write_bytes(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", half_written)
+    det = bb.load_detector(folder, model)
+    with pytest.raises(OSError, match="disk full"):
+        det.save(folder)
+    assert sorted(os.listdir(folder)) == [META_FILE, TENSORS_FILE]  # no temporary file left
+    assert {name: (folder / name).read_bytes() for name in before} == before
+    monkeypatch.undo()
+    assert bb.load_detector(folder, model).threshold == det.threshold

@@ -9,7 +9,7 @@ A saved detector is two files, never a pickle:
   state, a format version, the library versions, the SHA-256 of the safetensors file, and the
   **fingerprint of the model's weights** (:func:`weights_fingerprint`).
 
-Each file is written to a temporary name and moved into place with :func:`os.replace` (the safetensors
+Each file is written atomically with :func:`backdoorbench.store.atomic_path` (the safetensors
 file first, the JSON last, so the JSON commits the pair); the JSON names the safetensors file's SHA-256,
 so a half-replaced or tampered pair is refused on load rather than silently mixed.
 
@@ -25,8 +25,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
-import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +32,7 @@ import numpy as np
 import torch
 
 from backdoorbench.modality.base import weights_fingerprint
+from backdoorbench.store import atomic_path, atomic_write_text
 
 if TYPE_CHECKING:
     from backdoorbench.defenses.base import Detector
@@ -99,15 +98,6 @@ def _versions() -> dict[str, str]:
     }
 
 
-def _write_atomic(path: Path, write: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save_detector(detector: Detector, folder: str | Path) -> Path:
     """Write a fitted detector to ``folder`` (created if needed); see the module docstring."""
     from safetensors.torch import save_file
@@ -142,10 +132,11 @@ def save_detector(detector: Detector, folder: str | Path) -> Path:
     }
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    _write_atomic(folder / TENSORS_FILE, lambda p: save_file(out, str(p)))
+    with atomic_path(folder / TENSORS_FILE) as tmp:
+        save_file(out, str(tmp))
     meta["tensors_sha256"] = _file_sha256(folder / TENSORS_FILE)
     text = json.dumps(meta, indent=2, allow_nan=False)
-    _write_atomic(folder / META_FILE, lambda p: p.write_text(text + "\n"))
+    atomic_write_text(folder / META_FILE, text + "\n")
     return folder
 
 

@@ -9,7 +9,7 @@ by definition. Everything backdoorbench writes goes through this module instead:
 * :func:`save_tree` / :func:`load_tree` -- any nest of dicts, lists, tuples, tensors, numpy arrays and
   JSON scalars (optimizer and LR-scheduler states, RNG states, a whole Lightning checkpoint): the tensors
   go into the safetensors body, the rest into a JSON skeleton in the file's metadata. One file, so one
-  ``os.replace`` makes the write atomic.
+  rename (:func:`backdoorbench.store.atomic_path`) makes the write atomic.
 * :class:`SafetensorsCheckpointIO` -- Lightning's checkpoint I/O on top of :func:`save_tree`, so that
   ``Trainer.save_checkpoint`` and ``Trainer.fit(ckpt_path=...)`` never pickle or unpickle
   (:func:`~backdoorbench.trainer.lit.make_trainer` installs it on every Trainer).
@@ -25,7 +25,6 @@ by definition. Everything backdoorbench writes goes through this module instead:
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 from collections.abc import Iterator
@@ -38,6 +37,7 @@ from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.plugins.io import CheckpointIO
 
 from backdoorbench.config import ConfigError
+from backdoorbench.store import atomic_path
 
 FORMAT = "backdoorbench-tree/1"  # metadata["format"] of a save_tree file
 STATE_DICT_FORMAT = "backdoorbench-state-dict/1"
@@ -70,14 +70,8 @@ def _write_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[s
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         save_file(_storable(tensors), str(tmp), metadata=metadata)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
