@@ -33,6 +33,7 @@ from backdoorbench.data.base import Samples
 from backdoorbench.modality.base import Classifier
 from backdoorbench.models import checkpoints as ckpt
 from backdoorbench.registry import REGISTRY, register_attack
+from backdoorbench.store import file_digest
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +210,7 @@ class ExternalVictim(Attack):
             info["format"] = "hf"
         else:
             checkpoint = ckpt.read_checkpoint(path)
-            info.update(format=checkpoint.format, file=str(checkpoint.path), sha256=ckpt.sha256(checkpoint.path))
+            info.update(format=checkpoint.format, file=str(checkpoint.path), sha256=file_digest(checkpoint.path))
             if checkpoint.format == "backdoorbench":
                 model = self._backdoorbench_model(checkpoint, ctx)
                 info["backdoorbench"] = checkpoint.meta

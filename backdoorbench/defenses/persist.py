@@ -22,7 +22,6 @@ that of the model as given to ``fit``, which is the model the user loads again.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -32,7 +31,7 @@ import numpy as np
 import torch
 
 from backdoorbench.modality.base import weights_fingerprint
-from backdoorbench.store import atomic_path, atomic_write_text
+from backdoorbench.store import atomic_path, atomic_write_text, file_digest
 
 if TYPE_CHECKING:
     from backdoorbench.defenses.base import Detector
@@ -53,14 +52,6 @@ class DetectorLoadError(ValueError):
 
 class ModelMismatchError(DetectorLoadError):
     """The model given to :func:`load_detector` is not the one the detector was fitted on."""
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _config_to_json(cfg: Any) -> dict[str, Any]:
@@ -134,7 +125,7 @@ def save_detector(detector: Detector, folder: str | Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     with atomic_path(folder / TENSORS_FILE) as tmp:
         save_file(out, str(tmp))
-    meta["tensors_sha256"] = _file_sha256(folder / TENSORS_FILE)
+    meta["tensors_sha256"] = file_digest(folder / TENSORS_FILE)
     text = json.dumps(meta, indent=2, allow_nan=False)
     atomic_write_text(folder / META_FILE, text + "\n")
     return folder
@@ -203,7 +194,7 @@ def load_detector(folder: str | Path, model: Classifier) -> Detector:
     tensors_path = folder / TENSORS_FILE
     if not tensors_path.is_file():
         raise DetectorLoadError(f"the saved detector in {folder} is incomplete: {TENSORS_FILE} is missing")
-    if meta.get("tensors_sha256") != _file_sha256(tensors_path):
+    if meta.get("tensors_sha256") != file_digest(tensors_path):
         raise DetectorLoadError(
             f"the saved detector in {folder} is corrupt: {TENSORS_FILE} does not match the checksum in {META_FILE}"
         )

@@ -16,7 +16,6 @@ else strictly: every tensor of the model must come from the file with its exact 
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,14 +72,6 @@ def weights_file(path: Path) -> Path:
         if (path / name).is_file():
             return path / name
     raise ConfigError(f"attack.path: no weights found in the folder {str(path)!r}. Supported: {SUPPORTED}")
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:
