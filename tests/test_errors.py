@@ -39,6 +39,21 @@ def test_garbage_cifar_batch_names_the_file(tmp_path: Path) -> None:
         cifar10_data.load_cifar10(str(tmp_path))
 
 
+@pytest.mark.parametrize("cut", [0, 100])
+def test_empty_or_truncated_cifar_batch_is_not_called_compressed(tmp_path: Path, cut: int) -> None:
+    import pickle
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    whole = pickle.dumps({b"data": np.zeros((4, 3072), np.uint8), b"labels": [0, 1, 2, 3]}, protocol=2)
+    for i in range(1, 6):
+        (folder / f"data_batch_{i}").write_bytes(whole[:cut])
+    what = "the file is empty \\(0 bytes\\)" if cut == 0 else "the pickle ends early, after 100 bytes"
+    with pytest.raises(DataError, match=rf"data file .*data_batch_1 is not a valid CIFAR-10 batch .*: {what}") as err:
+        cifar10_data.load_cifar10(str(tmp_path))
+    assert "compressed" not in str(err.value) and "\n" not in str(err.value)
+
+
 def test_garbage_idx_gz_names_the_file(tmp_path: Path) -> None:
     (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(b"this is not gzip at all" * 10)
     (tmp_path / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(b"\x00\x00\x08\x01" + b"\x00" * 8))
