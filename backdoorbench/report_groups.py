@@ -111,14 +111,17 @@ def _optional(path: Path, load: Any, coll: Collection) -> Any:
 
 
 def _failure(path: Path) -> dict[str, Any]:
-    """A ``failed.json`` read defensively: its ``error`` and ``overrides`` when it has them."""
+    """A ``failed.json`` read defensively: its ``reason`` (what ``engine.sweep.write_failed`` writes; ``error`` in
+    hand-written records) and ``overrides`` when it has them."""
     try:
         rec = _read_json(path)
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         return {"dir": str(path.parent), "error": f"unreadable failed.json ({_first_line(exc)})", "overrides": ""}
     if not isinstance(rec, dict):
         return {"dir": str(path.parent), "error": "failed.json is not a JSON object", "overrides": ""}
-    error = rec.get("error")
+    error = rec.get("reason")
+    if error in (None, ""):
+        error = rec.get("error")
     error = "no reason recorded" if error in (None, "") else str(error).strip().splitlines()[0]
     overrides = rec.get("overrides", "")
     if isinstance(overrides, list | tuple):

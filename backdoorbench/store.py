@@ -11,9 +11,13 @@ and a reader never sees half an entry.
 
 Entries are verified: ``meta.json`` records the SHA-256 and size of every file of the entry, computed
 in the temporary folder before the rename, and :meth:`ArtifactStore.lookup` checks them before the
-entry is used. A missing, truncated or changed file, or an unreadable ``meta.json``, raises
-:class:`CacheError`, naming the entry and how to rebuild it. Entries written before hashes were
-recorded are used after a presence check, with a warning (once per entry and process).
+entry is used. The metadata itself is covered too: ``meta.json`` holds ``meta_sha256``, the SHA-256 of its
+own canonical JSON (sorted keys, no whitespace) without that key, so an edit of any key or value (a renamed
+``poison_file``, a deleted ``files``) breaks it. Every file an entry names must lie inside the entry. A
+missing, truncated or changed file, a changed, unreadable or foreign ``meta.json``, or a file name that points
+outside raises :class:`CacheError`, naming the entry and how to rebuild it. The format is versioned
+(:data:`CACHE_FORMAT`): entries written before format 2 (no ``meta_sha256``) cannot be verified and are
+refused with the rebuild command, never used unverified.
 
 Entries are built under a lock: :func:`key_lock` (``<root>/<key>.lock``, a ``filelock`` lock) lets concurrent
 jobs that need the same entry build it once; the others wait and then load it. The lock is an ``flock`` on the
@@ -34,7 +38,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from backdoorbench.config import ConfigError
@@ -43,8 +47,11 @@ log = logging.getLogger(__name__)
 
 META = "meta.json"
 HASH = "sha256"
+META_DIGEST = "meta_sha256"  # the key of meta.json that holds the digest of the rest of it
+#: the on-disk format of an entry. 1: files' hashes in meta.json (or none, before that); 2: meta.json's own digest,
+#: the format number, and always the keys the victim loader needs. Entries of another format are refused.
+CACHE_FORMAT = 2
 _CHUNK = 1 << 20
-_warned_legacy: set[str] = set()
 
 
 class CacheError(ConfigError):
@@ -52,15 +59,15 @@ class CacheError(ConfigError):
 
     A :class:`ConfigError`, so the command line prints it in one line and exits with status 2."""
 
-    def __init__(self, entry: Path, problem: str) -> None:
-        self.entry, self.problem = Path(entry), problem
+    def __init__(self, entry: Path, problem: str, state: str = "is damaged") -> None:
+        self.entry, self.problem, self.state = Path(entry), problem, state
         super().__init__(
-            f"cache entry {entry} is damaged: {problem}. Rebuild it: rerun with cache.rebuild=true, "
+            f"cache entry {entry} {state}: {problem}. Rebuild it: rerun with cache.rebuild=true, "
             f"or delete the folder {entry}"
         )
 
     def __reduce__(self) -> tuple[Any, ...]:  # picklable (multirun launchers send errors between processes)
-        return (type(self), (self.entry, self.problem))
+        return (type(self), (self.entry, self.problem, self.state))
 
 
 def canonical_json(obj: Any) -> str:
@@ -90,6 +97,12 @@ def file_digest(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def meta_digest(record: dict[str, Any]) -> str:
+    """The SHA-256 (hex) of ``record``'s canonical JSON without its :data:`META_DIGEST` key."""
+    body = {k: v for k, v in record.items() if k != META_DIGEST}
+    return hashlib.sha256(canonical_json(body).encode()).hexdigest()
+
+
 def file_records(folder: Path) -> dict[str, dict[str, Any]]:
     """``{relative name: {"sha256": hex, "bytes": size}}`` for every file under ``folder`` but ``meta.json``."""
     out = {}
@@ -112,7 +125,8 @@ class ArtifactStore:
         return (self.path(key) / META).is_file()
 
     def meta(self, key: str) -> dict[str, Any]:
-        """The entry's ``meta.json``; :class:`CacheError` when it is missing or unreadable."""
+        """The entry's ``meta.json`` as written (not checked: :meth:`lookup` checks it); :class:`CacheError` when it
+        is missing or unreadable."""
         path = self.path(key) / META
         try:
             meta = json.loads(path.read_text())
@@ -125,34 +139,67 @@ class ArtifactStore:
         return meta
 
     def lookup(self, key: str, required: Iterable[str] = (), verify: bool = True) -> dict[str, Any] | None:
-        """The entry's metadata after checking its files, or None when there is no entry.
+        """The entry's metadata after checking it and its files, or None when there is no entry.
 
-        Every file recorded in ``meta.json`` must exist with its recorded size and, with ``verify``, its
-        recorded SHA-256; ``required`` names files that must exist in any case. An entry written before
-        hashes were recorded (no ``files`` in its metadata) gets the presence check only, and a warning.
-        Raises :class:`CacheError` naming the entry otherwise."""
+        Always (``verify`` or not): ``meta.json`` must match its own digest (:data:`META_DIGEST`), be of
+        :data:`CACHE_FORMAT` and belong to ``key``; every file it records must lie inside the entry, exist and have
+        its recorded size; ``required`` names files that must be among them. With ``verify``, each file's
+        SHA-256 is checked too (the only costly step). Raises :class:`CacheError` naming the entry otherwise."""
         entry = self.path(key)
         if not entry.is_dir():
             if entry.exists():
                 raise CacheError(entry, "it is not a folder")
             return None
         meta = self.meta(key)
-        files: dict[str, Any] | None = meta.get("files")
+        self._check_meta(entry, key, meta)
+        files: dict[str, Any] = meta["files"]
         for name in required:
-            if not (entry / name).is_file():
-                raise CacheError(entry, f"{name} is missing")
-        if files is None:
-            if key not in _warned_legacy:
-                _warned_legacy.add(key)
-                log.warning(
-                    "cache entry %s predates content hashes: its files are checked for presence only. "
-                    "Delete the folder to rebuild it with hashes.",
-                    entry,
-                )
-            return meta
+            self.member(key, meta, name)
         for name, rec in files.items():
             self._check_file(entry, name, rec, verify)
         return meta
+
+    def _check_meta(self, entry: Path, key: str, meta: dict[str, Any]) -> None:
+        digest = meta.get(META_DIGEST)
+        if digest is None:
+            raise CacheError(
+                entry, f"its {META} has no {META_DIGEST} (written by a backdoorbench before cache format "
+                f"{CACHE_FORMAT}, or edited), so neither it nor the files it lists can be verified",
+                state="cannot be verified",
+            )
+        if digest != meta_digest(meta):
+            raise CacheError(entry, f"{META} changed since it was written ({META_DIGEST} mismatch)")
+        if meta.get("format") != CACHE_FORMAT:
+            raise CacheError(entry, f"{META} is of cache format {meta.get('format')!r}; this backdoorbench reads "
+                             f"format {CACHE_FORMAT}", state="cannot be used")
+        if meta.get("key") != key:
+            raise CacheError(entry, f"{META} belongs to the entry {meta.get('key')!r}, not to {key!r}")
+        if not isinstance(meta.get("files"), dict):
+            raise CacheError(entry, f"{META} has no 'files' record")
+        for name in meta["files"]:
+            self._inside(entry, name)
+
+    @staticmethod
+    def _inside(entry: Path, name: Any) -> Path:
+        """``entry / name`` when ``name`` is a relative path that stays inside the entry (symbolic links
+        resolved); :class:`CacheError` naming it otherwise."""
+        if not isinstance(name, str) or not name or "\\" in name:
+            raise CacheError(entry, f"{META} names a file {name!r} that is not a relative path inside the entry")
+        parts = PurePosixPath(name).parts
+        path = entry / name
+        if PurePosixPath(name).is_absolute() or ".." in parts or not path.resolve().is_relative_to(entry.resolve()):
+            raise CacheError(entry, f"{META} names the file {name!r}, which lies outside the entry")
+        return path
+
+    def member(self, key: str, meta: dict[str, Any], name: Any) -> Path:
+        """The path of file ``name`` of entry ``key`` (whose checked metadata is ``meta``): it must lie inside the
+        entry and be one of the files ``meta.json`` records (so that its size and hash are checked);
+        :class:`CacheError` naming it otherwise."""
+        entry = self.path(key)
+        path = self._inside(entry, name)
+        if name not in meta.get("files", {}):
+            raise CacheError(entry, f"{name} is missing" if not path.exists() else f"{META} records no {name}")
+        return path
 
     def _check_file(self, entry: Path, name: str, rec: Any, verify: bool) -> None:
         path = entry / name
@@ -175,7 +222,8 @@ class ArtifactStore:
     def save(self, key: str, meta: dict[str, Any], writers: dict[str, Callable[[Path], None]]) -> Path:
         """Write an entry atomically. ``writers`` maps a file name to a function writing that file.
 
-        ``meta.json`` gets the key, the creation time and ``files``: the SHA-256 and size of each file."""
+        ``meta.json`` gets the key, the cache format, the creation time, ``files`` (the SHA-256 and size of each
+        file) and last :data:`META_DIGEST`, the digest of all the rest."""
         self.root.mkdir(parents=True, exist_ok=True)
         self.clean_stale()
         tmp = self.root / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
@@ -183,8 +231,10 @@ class ArtifactStore:
         try:
             for name, write in writers.items():
                 write(tmp / name)
-            record = {**meta, "key": key, "created": time.time(), "files": file_records(tmp)}
-            (tmp / META).write_text(json.dumps(record, indent=2, default=str))
+            record = {**meta, "key": key, "format": CACHE_FORMAT, "created": time.time(), "files": file_records(tmp)}
+            record = json.loads(json.dumps(record, default=str))  # the digest is of what a reader will see
+            record[META_DIGEST] = meta_digest(record)
+            (tmp / META).write_text(json.dumps(record, indent=2))
             final = self.path(key)
             try:
                 os.rename(tmp, final)  # atomic; fails if another run already created the entry

@@ -504,3 +504,21 @@ def test_poison_selection_streams_are_seeded() -> None:
     a = BadNets(BadNetsConfig(), seed=0).rng(SALT_POISON).integers(1 << 30)
     b = BadNets(BadNetsConfig(), seed=0).rng(SALT_POISON).integers(1 << 30)
     assert a == b
+
+
+def test_trigger_size_is_checked_against_the_images() -> None:
+    """A patch or corner trigger that cannot fit the data's images is a ConfigError (exit 2), checked before training
+    (the pipeline calls check_image_size; the CLI side is in tests/test_errors.py)."""
+    from backdoorbench.config import ConfigError
+
+    BadNets(BadNetsConfig(size=28)).check_image_size(28, 28)
+    with pytest.raises(ConfigError, match=r"attack.size=29 does not fit this dataset's 28x28 images .* at most 28"):
+        BadNets(BadNetsConfig(size=29)).check_image_size(28, 28)
+    with pytest.raises(ConfigError, match=r"at most 3 fits at attack.offset=\[1, 25\]"):
+        BadNets(BadNetsConfig(size=4, offset=[1, 25])).check_image_size(28, 28)
+    Trojan(TrojanConfig()).check_image_size(28, 28)
+    with pytest.raises(ConfigError, match=r"attack.size=null \(7% of the image area: 7 pixels\) does not fit"):
+        Trojan(TrojanConfig(margin=22)).check_image_size(28, 28)
+    LabelConsistent(LabelConsistentConfig()).check_image_size(6, 6)
+    with pytest.raises(ConfigError, match=r"attack.trigger=all_corners: .* at least 6x6, got 5x5"):
+        LabelConsistent(LabelConsistentConfig()).check_image_size(5, 5)

@@ -16,7 +16,7 @@ from backdoorbench.attacks.text.badnet_rw import BadNetRW
 from backdoorbench.cli import config_dir
 from backdoorbench.config import ConfigError
 from backdoorbench.engine.pipeline import run_experiment
-from backdoorbench.store import CacheError
+from backdoorbench.store import CacheError, file_digest, meta_digest
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("scattertext") is None,
@@ -125,12 +125,105 @@ def test_changed_truncated_or_unreadable_entry_is_an_error(tiny_bert_dir: Path, 
     with pytest.raises(CacheError, match="meta.json is unreadable") as err:
         run_experiment(_cfg(tiny_bert_dir, cache), tmp_path / "run7")
     assert str(entry) in str(err.value)
-    # an entry from before content hashes: the loader's own failure, still named as this entry's
-    del meta["files"]
+    # a file that passes the checks but does not load: the loader's own failure, still named as this entry's
+    meta["files"]["model.safetensors"] = {"sha256": file_digest(entry / "model.safetensors"), "bytes": 100}
+    meta["meta_sha256"] = meta_digest(meta)
     (entry / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(CacheError, match="model.safetensors does not load") as err:
         run_experiment(_cfg(tiny_bert_dir, cache), tmp_path / "run8")
     assert str(entry) in str(err.value)
+
+
+def _tamper(entry: Path, change, redigest: bool = False) -> None:
+    meta = json.loads((entry / "meta.json").read_text())
+    change(meta)
+    if redigest:  # as if the writer had written it so: what the checks behind the digest must catch
+        meta["meta_sha256"] = meta_digest(meta)
+    (entry / "meta.json").write_text(json.dumps(meta, indent=2))
+
+
+def _engine(cfg):
+    """What obtain_victim needs, built once (the checks below fail before any model is loaded)."""
+    from backdoorbench.data.split import threat_model_split
+    from backdoorbench.engine.pipeline import model_factory
+    from backdoorbench.engine.spec import validate
+    from backdoorbench.engine.victim import obtain_victim
+    from backdoorbench.store import ArtifactStore
+
+    spec = validate(cfg)
+    bundle = spec.dataset.obj(root=spec.data_cfg.root, **spec.data_cfg.options)
+    splits = threat_model_split(bundle, spec.data_cfg, spec.seed)
+    attack = spec.attack.obj(spec.attack_cfg, spec.seed)
+    new_model = model_factory(spec, bundle)
+    return lambda: obtain_victim(spec, attack, splits, bundle, new_model, ArtifactStore(spec.cache_dir))
+
+
+def test_tampered_metadata_is_refused(tiny_bert_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 34, item 6: every tampering of meta.json stops the run naming the entry (never a run on the clean set
+    reported as verified), with cache.verify=true and false."""
+    cache = tmp_path / "cache"
+    first = run_experiment(_cfg(tiny_bert_dir, cache), tmp_path / "run1")
+    entry = Path(first["cache"]["path"])
+    original = (entry / "meta.json").read_bytes()
+    (tmp_path / "elsewhere.safetensors").write_bytes((entry / "poison.json").read_bytes())
+    calls = _forbid_attack(monkeypatch)
+
+    # through the whole run: the poison_file key renamed (DBD would have trained on the clean set), and one byte
+    # of meta.json changed (the attack's recorded poisoned-sample count) with cache.verify=false
+    _tamper(entry, lambda m: m.update(poison_fil=m.pop("poison_file")))
+    with pytest.raises(CacheError, match=r"meta.json changed since it was written \(meta_sha256 mismatch\)") as err:
+        run_experiment(_cfg(tiny_bert_dir, cache), tmp_path / "run2")
+    assert str(entry) in str(err.value) and "cache.rebuild=true" in str(err.value)
+    text = original.decode()
+    at = text.index('"poisoned_samples": ') + len('"poisoned_samples": ')
+    (entry / "meta.json").write_text(text[:at] + str((int(text[at]) + 1) % 10) + text[at + 1 :])
+    with pytest.raises(CacheError, match=r"meta.json changed since it was written \(meta_sha256 mismatch\)"):
+        run_experiment(_cfg(tiny_bert_dir, cache, "cache.verify=false"), tmp_path / "run3")
+
+    cases = [  # (change, redigest, the error); redigest: as if written so, for the checks behind the digest
+        (lambda m: m.update(poison_fil=m.pop("poison_file")), True, r"meta.json has no key 'poison_file'"),
+        (lambda m: m.update(poison_file="../../elsewhere.safetensors"), False, "meta_sha256 mismatch"),
+        (lambda m: m.update(poison_file="../../elsewhere.safetensors"), True,
+         r"meta.json names the file '../../elsewhere.safetensors', which lies outside the entry"),
+        (lambda m: m.pop("files"), False, "meta_sha256 mismatch"),
+        (lambda m: m.pop("files"), True, "meta.json has no 'files' record"),
+        (lambda m: m.update(poisoned_split="test"), True, "meta.json's poisoned_split is 'test'"),
+        (lambda m: m.update(poison_file=None), True, "poison_file is null, but the entry holds poison.json"),
+        (lambda m: m.pop("meta_sha256"), False, "cannot be verified: its meta.json has no meta_sha256"),
+    ]
+    for verify in ("true", "false"):
+        victim = _engine(_cfg(tiny_bert_dir, cache, f"cache.verify={verify}"))
+        for change, redigest, error in cases:
+            (entry / "meta.json").write_bytes(original)
+            _tamper(entry, change, redigest)
+            with pytest.raises(CacheError, match=error) as err:
+                victim()
+            assert str(entry) in str(err.value) and "cache.rebuild=true" in str(err.value)
+    assert not calls
+    (entry / "meta.json").write_bytes(original)
+    hit = run_experiment(_cfg(tiny_bert_dir, cache), tmp_path / "run-ok")
+    assert hit["cache"]["hit"] is True and hit["cache"]["verified"] is True and hit["metrics"] == first["metrics"]
+
+
+def test_entry_of_an_older_format_is_refused_then_rebuilt(tiny_bert_dir: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """An entry as written before cache format 2 (no digest of meta.json, no format, no poison_file key when
+    unused): refused with the rebuild command; cache.rebuild=true trains the victim again, in format 2."""
+    cache = tmp_path / "cache"
+    first = run_experiment(_cfg(tiny_bert_dir, cache), tmp_path / "run1")
+    entry = Path(first["cache"]["path"])
+    _tamper(entry, lambda m: [m.pop(k) for k in ("meta_sha256", "format")])
+    real_run = BadNetRW.run
+    calls = _forbid_attack(monkeypatch)
+    with pytest.raises(CacheError, match=f"cache entry {entry} cannot be verified: .*Rebuild it: rerun with "
+                                         "cache.rebuild=true"):
+        run_experiment(_cfg(tiny_bert_dir, cache), tmp_path / "run2")
+    assert not calls
+    monkeypatch.setattr(BadNetRW, "run", real_run)
+    rebuilt = run_experiment(_cfg(tiny_bert_dir, cache, "cache.rebuild=true"), tmp_path / "run3")
+    assert rebuilt["cache"]["hit"] is False and rebuilt["metrics"] == first["metrics"]
+    meta = json.loads((entry / "meta.json").read_text())
+    assert meta["format"] == 2 and meta["meta_sha256"] == meta_digest(meta)
 
 
 def test_cache_dir_that_is_a_file_is_refused_before_any_training(tiny_bert_dir: Path, tmp_path: Path,

@@ -35,6 +35,25 @@ def test_a_crafted_ssl_checkpoint_runs_no_code(tmp_path: Path) -> None:
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("content", ["garbage", "other model"])
+def test_a_bad_ssl_checkpoint_names_the_option_and_is_never_to_be_deleted(tmp_path: Path, content: str) -> None:
+    """The user's own file: the error names defense.ssl_checkpoint, and does not tell them to delete it."""
+    from backdoorbench.trainer.checkpoint import save_state_dict
+
+    given = tmp_path / "mine.safetensors"
+    if content == "garbage":
+        given.write_bytes(b"not safetensors at all" * 4)
+        problem = "is not a readable safetensors file"
+    else:
+        save_state_dict(given, {"other.weight": torch.zeros(2, 2)})
+        problem = "does not fit this model"
+    d = _dbd(tmp_path / "work", variant="ss_sce", ssl_checkpoint=str(given))
+    with pytest.raises(CheckpointError, match=rf"^defense.ssl_checkpoint {re.escape(str(given))} {problem}") as err:
+        d.train(tiny_images(), tiny_model)
+    assert "delete" not in str(err.value) and "leave it unset to train stage 1" in str(err.value)
+    assert "\n" not in str(err.value) and given.is_file()
+
+
 def test_a_weights_only_lightning_checkpoint_is_still_accepted(tmp_path: Path) -> None:
     """An older stage1_ssl.ckpt (Lightning, saved with weights_only=True) holds tensors only: it loads."""
     trained = _dbd(tmp_path / "a", variant="ss_sce")

@@ -39,6 +39,21 @@ def test_garbage_cifar_batch_names_the_file(tmp_path: Path) -> None:
         cifar10_data.load_cifar10(str(tmp_path))
 
 
+@pytest.mark.parametrize("cut", [0, 100])
+def test_empty_or_truncated_cifar_batch_is_not_called_compressed(tmp_path: Path, cut: int) -> None:
+    import pickle
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    whole = pickle.dumps({b"data": np.zeros((4, 3072), np.uint8), b"labels": [0, 1, 2, 3]}, protocol=2)
+    for i in range(1, 6):
+        (folder / f"data_batch_{i}").write_bytes(whole[:cut])
+    what = "the file is empty \\(0 bytes\\)" if cut == 0 else "the pickle ends early, after 100 bytes"
+    with pytest.raises(DataError, match=rf"data file .*data_batch_1 is not a valid CIFAR-10 batch .*: {what}") as err:
+        cifar10_data.load_cifar10(str(tmp_path))
+    assert "compressed" not in str(err.value) and "\n" not in str(err.value)
+
+
 def test_garbage_idx_gz_names_the_file(tmp_path: Path) -> None:
     (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(b"this is not gzip at all" * 10)
     (tmp_path / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(b"\x00\x00\x08\x01" + b"\x00" * 8))
@@ -224,3 +239,35 @@ def test_epoch_lines_when_progress_is_off(tiny_text_model, caplog: pytest.LogCap
         assert line.startswith(f"victim: epoch {i}/2, train loss ")
         assert "elapsed, ETA " in line
     assert lines[-1].endswith("ETA 0m00s")
+
+
+# -- a trigger larger than the images (issue 34, item 9) ----------------------------------------------------------
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["attack=badnets", "attack.size=100"],
+         "error: attack.size=100 does not fit this dataset's 28x28 images (a 100x100 patch at (row -72, col -72) "
+         "does not fit in 28x28 images (position='bottom_right', margin=0, offset=None)); at most 28 fits with "
+         "attack.margin=0"),
+        (["attack=badnets", "attack.size=5", "attack.offset=[25,2]"],
+         "error: attack.size=5 does not fit this dataset's 28x28 images"),
+        (["attack=trojan", "attack.size=29"], "error: attack.size=29 does not fit this dataset's 28x28 images"),
+        (["attack=trojan", "attack.margin=30"],
+         "error: attack.size=null (7% of the image area: 7 pixels) does not fit this dataset's 28x28 images"),
+    ],
+)
+def test_cli_trigger_larger_than_the_images_exits_2_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, args: list[str], needle: str
+) -> None:
+    from backdoorbench.attacks.vision import common
+
+    calls: list[str] = []
+    monkeypatch.setattr(common, "fit", lambda *a, **k: calls.append("fit"))  # every vision attack trains through it
+    monkeypatch.setattr(common.VisionAttack, "run", lambda self, ctx: calls.append("run"))
+    rc = cli.main(["run", *args, "defense=none", "data.max_train=50", f"cache.dir={tmp_path / 'cache'}",
+                   f"hydra.run.dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    lines = _error_lines(err)
+    assert rc == 2, err[-2000:]
+    assert len(lines) == 1 and lines[0].startswith(needle), err[-2000:]
+    assert "Traceback" not in err and not calls

@@ -359,3 +359,24 @@ def test_mean_std_uses_finite_values_and_ddof_1() -> None:
     mean, std, n = mean_std([0.5])
     assert (mean, n) == (0.5, 1) and std != std
     assert mean_std([])[2] == 0
+
+
+def test_report_shows_the_reason_the_sweep_wrote(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Round trip: a failed.json written by the sweep's own writer is read back by report with its reason."""
+    from omegaconf import OmegaConf
+
+    from backdoorbench.cli import failure_line, main
+    from backdoorbench.config import ConfigError
+    from backdoorbench.engine.sweep import write_failed
+
+    runs = tmp_path / "sweep"
+    _full_run(runs, "0", 0, 0.8)
+    exc = ConfigError("attack.size=100 does not fit 28x28 images")
+    cfg = OmegaConf.create({"attack": {"name": "badnets", "size": 100}})
+    assert write_failed(runs / "1", exc, failure_line(exc), True, ["attack.size=100"], cfg) is not None
+    md = write_report(runs, config_dir=_defaults(tmp_path))
+    assert f"| {runs / '1'} | {failure_line(exc)} | attack.size=100 |" in md
+    assert "no reason recorded" not in md
+    assert main(["report", str(runs), "--out", str(tmp_path / "rep")]) == 0
+    summary = (tmp_path / "rep" / "summary.md").read_text()
+    assert failure_line(exc) in summary and "no reason recorded" not in summary

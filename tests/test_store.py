@@ -256,21 +256,113 @@ def test_broken_meta_is_an_error_naming_the_entry(tmp_path: Path, content: str |
     assert str(st.path(key)) in str(err.value)
 
 
-def test_entry_without_hashes_is_checked_for_presence_and_warned_once(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(store_mod, "_warned_legacy", set())
+@pytest.mark.parametrize("drop", [["meta_sha256"], ["meta_sha256", "format"], ["meta_sha256", "format", "files"]])
+def test_entry_of_an_older_format_is_refused_with_the_rebuild_command(tmp_path: Path, drop: list[str]) -> None:
+    """Entries written before meta.json had a digest (format 1, with or without files' hashes) cannot be verified:
+    refused, naming the entry and the rebuild command, never used as if verified."""
     st, key = _entry(tmp_path)
     meta = st.meta(key)
-    del meta["files"]  # as written before content hashes
+    for k in drop:
+        del meta[k]
     (st.path(key) / "meta.json").write_text(json.dumps(meta))
-    with caplog.at_level("WARNING", logger="backdoorbench.store"):
-        assert st.lookup(key, required=["model.bin"])["key"] == key
-        st.lookup(key, required=["model.bin"])
-    assert [r.getMessage().count("predates content hashes") for r in caplog.records] == [1]
-    (st.path(key) / "model.bin").unlink()
-    with pytest.raises(store_mod.CacheError, match="model.bin is missing"):
-        st.lookup(key, required=["model.bin"])
+    for verify in (True, False):
+        with pytest.raises(store_mod.CacheError, match="cannot be verified: its meta.json has no meta_sha256") as err:
+            st.lookup(key, required=["model.bin"], verify=verify)
+        assert str(st.path(key)) in str(err.value) and "cache.rebuild=true" in str(err.value)
+        assert "\n" not in str(err.value)
+
+
+def _rewrite(st: ArtifactStore, key: str, change, redigest: bool) -> None:
+    """Edit an entry's meta.json with ``change(meta)``; with ``redigest``, as if its writer had written it so (the
+    digest matches): what the checks behind the digest must catch."""
+    meta = st.meta(key)
+    change(meta)
+    if redigest:
+        meta["meta_sha256"] = store_mod.meta_digest(meta)
+    (st.path(key) / "meta.json").write_text(json.dumps(meta, indent=2))
+
+
+def test_entry_records_the_format_and_a_digest_of_its_metadata(tmp_path: Path) -> None:
+    st, key = _entry(tmp_path)
+    meta = st.meta(key)
+    assert meta["format"] == store_mod.CACHE_FORMAT == 2
+    assert meta["meta_sha256"] == store_mod.meta_digest(meta) and len(meta["meta_sha256"]) == 64
+    assert st.lookup(key, required=["model.bin", "poison.json"]) == meta
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_every_one_byte_edit_of_meta_json_is_refused(tmp_path: Path, verify: bool) -> None:
+    """Each byte of meta.json that is not formatting whitespace, replaced by another: the entry is refused, also
+    with verify=false (the digest of meta.json is always checked; only the files' hashes are skipped)."""
+    st, key = _entry(tmp_path)
+    path = st.path(key) / "meta.json"
+    original = path.read_bytes()
+    positions = [i for i, b in enumerate(original) if b not in b" \n"]
+    assert len(positions) > 300
+    for i in positions:
+        edited = bytearray(original)
+        edited[i] = ord("1") if original[i] != ord("1") else ord("2")
+        path.write_bytes(bytes(edited))
+        with pytest.raises(store_mod.CacheError, match="meta.json (changed since it was written|is unreadable|is not)"
+                                                       "|its meta.json has no meta_sha256"):  # an edit of that key
+            st.lookup(key, verify=verify)
+    path.write_bytes(original)
+    assert st.lookup(key, verify=verify) is not None
+
+
+def test_renamed_poison_file_key_or_deleted_files_is_refused(tmp_path: Path) -> None:
+    st, key = _entry(tmp_path)
+    _rewrite(st, key, lambda m: m.update(poison_fil=m.pop("poison_file")), redigest=False)
+    with pytest.raises(store_mod.CacheError, match=r"meta.json changed since it was written \(meta_sha256 mismatch\)"):
+        st.lookup(key, verify=False)
+
+    st, key = _entry(tmp_path / "b")
+    _rewrite(st, key, lambda m: m.pop("files"), redigest=False)
+    with pytest.raises(store_mod.CacheError, match="meta_sha256 mismatch"):
+        st.lookup(key)
+    _rewrite(st, key, lambda m: None, redigest=True)  # a record that lacks files even with a matching digest
+    with pytest.raises(store_mod.CacheError, match="meta.json has no 'files' record"):
+        st.lookup(key)
+
+
+@pytest.mark.parametrize("name", ["../elsewhere.bin", "../../elsewhere.bin", "/tmp/elsewhere.bin", "a/../../x.bin",
+                                  "link.bin"])
+def test_a_file_outside_the_entry_is_refused_by_name(tmp_path: Path, name: str) -> None:
+    st, key = _entry(tmp_path)
+    outside = tmp_path / "elsewhere.bin"
+    outside.write_text("w" * 64)
+    (st.path(key) / "link.bin").symlink_to(outside)  # inside by name, outside once resolved
+    rec = {"sha256": store_mod.file_digest(outside), "bytes": 64}
+    _rewrite(st, key, lambda m: m["files"].update({name: rec}), redigest=True)
+    with pytest.raises(store_mod.CacheError, match=f"meta.json names the file '{name}', which lies outside the entry"):
+        st.lookup(key, verify=False)
+
+
+def test_member_is_inside_and_recorded(tmp_path: Path) -> None:
+    st, key = _entry(tmp_path)
+    meta = st.lookup(key)
+    assert st.member(key, meta, "poison.json") == st.path(key) / "poison.json"
+    with pytest.raises(store_mod.CacheError, match="'../../elsewhere.safetensors', which lies outside the entry"):
+        st.member(key, meta, "../../elsewhere.safetensors")
+    (st.path(key) / "extra.json").write_text("{}")
+    with pytest.raises(store_mod.CacheError, match="meta.json records no extra.json"):
+        st.member(key, meta, "extra.json")  # present, but neither its size nor its hash was recorded
+    with pytest.raises(store_mod.CacheError, match="gone.json is missing"):
+        st.member(key, meta, "gone.json")
+
+
+def test_meta_of_another_entry_or_format_is_refused(tmp_path: Path) -> None:
+    import shutil
+
+    st, key = _entry(tmp_path)
+    other = "w" * 20
+    shutil.copytree(st.path(key), st.path(other))  # a whole entry copied under another key
+    with pytest.raises(store_mod.CacheError, match=f"meta.json belongs to the entry '{key}', not to '{other}'"):
+        st.lookup(other)
+    _rewrite(st, key, lambda m: m.update(format=3), redigest=True)
+    with pytest.raises(store_mod.CacheError, match="cannot be used: meta.json is of cache format 3; this backdoorbench "
+                                                   "reads format 2"):
+        st.lookup(key)
 
 
 def test_cache_error_pickles(tmp_path: Path) -> None:
@@ -279,6 +371,8 @@ def test_cache_error_pickles(tmp_path: Path) -> None:
     err = store_mod.CacheError(tmp_path / "entry", "x is missing")
     again = pickle.loads(pickle.dumps(err))
     assert str(again) == str(err) and again.entry == err.entry
+    err = store_mod.CacheError(tmp_path / "entry", "old", state="cannot be verified")
+    assert str(pickle.loads(pickle.dumps(err))) == str(err)
 
 
 # -- atomic files (issue 12, finding 3) ------------------------------------------------------------

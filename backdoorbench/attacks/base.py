@@ -165,6 +165,12 @@ class Attack(ABC):
         if not 0 <= self.target < num_classes:
             raise ConfigError(f"attack.target={self.target} is not a label of this dataset (0..{num_classes - 1})")
 
+    def check_image_size(self, height: int, width: int) -> None:
+        """Validate the config against the data's image size (vision data only; the pipeline calls it before any
+        training): a trigger that cannot fit raises :class:`~backdoorbench.config.ConfigError`. Default: no
+        size-dependent parameter, nothing to check."""
+        return None
+
     def triggered_test(self, test: Samples) -> tuple[Samples, np.ndarray]:
         """Triggered copies of the test samples whose true label is not the target (for ASR).
 

@@ -53,7 +53,15 @@ class _ArrayUnpickler(pickle.Unpickler):
 @reads_data_file("CIFAR-10 batch (python pickle)")
 def _unpickle(path: Path) -> dict[str, Any]:
     with open(path, "rb") as fh:
-        obj = _ArrayUnpickler(fh, encoding="latin1").load()  # the official files are Python 2 pickles
+        try:
+            obj = _ArrayUnpickler(fh, encoding="latin1").load()  # the official files are Python 2 pickles
+        except (EOFError, pickle.UnpicklingError) as exc:  # an uncompressed pickle: not "damaged compressed data"
+            if not isinstance(exc, EOFError) and "truncated" not in str(exc):
+                raise
+            size = Path(path).stat().st_size
+            what = "the file is empty (0 bytes)" if size == 0 else f"the pickle ends early, after {size} bytes"
+            raise DataError(f"{path}: {what}; an interrupted download or copy? Replace it with the file from "
+                            "the CIFAR-10 archive") from None
     if not isinstance(obj, dict):
         raise DataError(f"{path}: expected a pickled dict, got {type(obj).__name__}")
     return {(k.decode("latin1") if isinstance(k, bytes) else str(k)): v for k, v in obj.items()}

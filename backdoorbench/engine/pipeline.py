@@ -70,6 +70,11 @@ def _run(spec: RunSpec, out: Path, timer: Timer, t_start: float, store: Artifact
     log.info("data %s: %s", spec.dataset.name, splits.sizes())
     attack: Attack = spec.attack.obj(spec.attack_cfg, spec.seed)
     attack.check(bundle.num_classes)
+    if spec.modality == "vision":  # a trigger that cannot fit the images: a config error, before any training
+        from backdoorbench.modality.vision import image_spec
+
+        image = image_spec(bundle)
+        attack.check_image_size(image.height, image.width)
     new_model = model_factory(spec, bundle)
     with timer("attack"):
         victim = obtain_victim(spec, attack, splits, bundle, new_model, store)

@@ -24,6 +24,8 @@ from backdoorbench.store import ArtifactStore, CacheError, cache_key, key_lock
 log = logging.getLogger(__name__)
 
 SPLIT_VERSION = "1"
+#: the keys of a cache entry's meta.json the victim loader reads (the writer always writes them, null when unused)
+REQUIRED_KEYS = ("poison_file", "poisoned_split", "info")
 
 
 @dataclass
@@ -141,7 +143,8 @@ def _run_attack(
         poisoned = result.poisoned
         suffix = ".safetensors" if poisoned is not None and isinstance(poisoned.inputs, torch.Tensor) else ".json"
         writers = {"model.safetensors": lambda p: save_model(result.model, str(p))}
-        meta: dict[str, Any] = {"spec": attack_cache_spec(spec, attack), "info": info, "versions": versions()}
+        meta: dict[str, Any] = {"spec": attack_cache_spec(spec, attack), "info": info, "versions": versions(),
+                                "poison_file": None, "poisoned_split": None}  # every key _load_victim requires
         if poisoned is not None:
             writers["poison" + suffix] = poisoned.save_delta
             meta.update(poison_file="poison" + suffix, poisoned_split=result.poisoned_split)
@@ -157,7 +160,8 @@ def _load_victim(
     spec: RunSpec, attack: Attack, splits: Splits, new_model: Any, store: ArtifactStore, key: str
 ) -> Victim | None:
     """The cached victim and poisoned set, or None on a miss; :class:`CacheError` naming the entry when
-    the entry is damaged (a missing, truncated or changed file, unreadable metadata) or fails to load."""
+    the entry is damaged (a missing, truncated or changed file, changed or unreadable metadata, a file outside
+    the entry, a key the metadata lacks) or fails to load."""
     from safetensors.torch import load_model
 
     t0 = time.perf_counter()
@@ -166,9 +170,19 @@ def _load_victim(
         return None
     verify_s = round(time.perf_counter() - t0, 3)
     entry = store.path(key)
-    poison_file = meta.get("poison_file")
-    if poison_file and not (entry / poison_file).is_file():  # entries from before content hashes
-        raise CacheError(entry, f"{poison_file} is missing")
+    for required in REQUIRED_KEYS:  # never a silent default: without poison_file, DBD would train on the clean set
+        if required not in meta:
+            raise CacheError(entry, f"meta.json has no key {required!r}")
+    poison_file = meta["poison_file"]
+    stray = [n for n in meta["files"] if n.startswith("poison.")]
+    if poison_file is None and stray:
+        raise CacheError(entry, f"meta.json's poison_file is null, but the entry holds {stray[0]}")
+    if poison_file is not None:
+        store.member(key, meta, poison_file)  # inside the entry, and among the files whose hashes were checked
+        if meta["poisoned_split"] not in ("train", "proxy"):
+            raise CacheError(entry, f"meta.json's poisoned_split is {meta['poisoned_split']!r}, not train or proxy")
+    if not isinstance(meta["info"], dict):
+        raise CacheError(entry, "meta.json's info is not a record")
     name = "model.safetensors"
     try:
         model = new_model()
@@ -178,20 +192,20 @@ def _load_victim(
         poisoned, poisoned_split = None, None
         if poison_file:
             name = poison_file
-            poisoned_split = "train" if meta.get("poisoned_split") == "train" else "proxy"
+            poisoned_split = meta["poisoned_split"]
             base = splits.train if poisoned_split == "train" else splits.proxy
             poisoned = PoisonedDataset.load_delta(base, entry / poison_file)
     except Exception as exc:  # a file that passed the checks but does not load: still this entry's fault
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CacheError(entry, f"{name} does not load ({first})") from exc
-    attack.restore(meta.get("info", {}))
-    verified = "legacy" if "files" not in meta else bool(spec.cache_verify)
+    attack.restore(meta["info"])
+    verified = bool(spec.cache_verify)  # False: sizes and meta.json's digest only (store.lookup)
     log.info("attack artifacts loaded from cache %s (verified: %s, %.3f s)", entry, verified, verify_s)
     return Victim(model, poisoned, poisoned_split, {
         "key": key,
         "hit": True,
         "path": str(entry),
-        "info": meta.get("info", {}),
+        "info": meta["info"],
         "verified": verified,
         "verify_s": verify_s,
     })

@@ -25,6 +25,7 @@ from backdoorbench.attacks.vision.common import (
     VisionAttack,
     VisionAttackConfig,
     check_images,
+    check_patch_fits,
     patch_origin,
     stamp,
 )
@@ -92,6 +93,10 @@ class BadNets(VisionAttack):
 
             raise ConfigError("attack.all_to_all needs at least two classes")
         self.num_classes = num_classes
+
+    def check_image_size(self, height: int, width: int) -> None:
+        c = self.cfg
+        check_patch_fits(height, width, c.size, c.position, c.margin, c.offset)
 
     def apply_trigger(self, images: torch.Tensor, rng: np.random.Generator | None = None) -> torch.Tensor:  # type: ignore[override]
         check_images(images)

@@ -97,6 +97,27 @@ def patch_origin(
     return top, left
 
 
+def check_patch_fits(
+    height: int, width: int, size: int, position: str, margin: int, offset: list[int] | tuple[int, int] | None,
+    what: str | None = None,
+) -> None:
+    """:class:`~backdoorbench.config.ConfigError` (one line, naming ``what``, default ``attack.size=<size>``, and
+    the largest side that fits) when a square ``size`` patch at ``position``/``margin``/``offset`` does not fit
+    ``height × width`` images."""
+    try:
+        patch_origin(height, width, size, size, position, margin, offset)
+    except ValueError as exc:
+        from backdoorbench.config import ConfigError
+
+        if offset is not None:
+            room, where = min(height - int(offset[0]), width - int(offset[1])), f"at attack.offset={list(offset)}"
+        else:
+            room, where = min(height, width) - margin, f"with attack.margin={margin}"
+        fits = f"at most {room} fits {where}" if room >= 1 else f"no patch fits {where}"
+        what = what or f"attack.size={size}"
+        raise ConfigError(f"{what} does not fit this dataset's {height}x{width} images ({exc}); {fits}") from None
+
+
 def stamp(images: torch.Tensor, patch: torch.Tensor, top: int, left: int) -> torch.Tensor:
     """Copies of ``images`` with the pixels of the region replaced by ``patch`` (uint8 ``[C or 1, h, w]``)."""
     out = images.clone()

@@ -168,6 +168,14 @@ class LabelConsistent(VisionAttack):
         super().__init__(cfg, seed)
         self._info: dict[str, Any] = {}
 
+    def check_image_size(self, height: int, width: int) -> None:
+        try:
+            corner_trigger(height, width, self.cfg.trigger)
+        except ValueError as exc:
+            from backdoorbench.config import ConfigError
+
+            raise ConfigError(f"attack.trigger={self.cfg.trigger}: {exc}") from None
+
     def apply_trigger(self, images: torch.Tensor, rng: np.random.Generator | None = None) -> torch.Tensor:  # type: ignore[override]
         return add_corner_trigger(images, self.cfg.trigger, self.cfg.amplitude)
 

@@ -52,6 +52,7 @@ from backdoorbench.attacks.vision.common import (
     VisionAttack,
     VisionAttackConfig,
     check_images,
+    check_patch_fits,
     patch_origin,
     stamp,
     train_surrogate,
@@ -245,6 +246,12 @@ class Trojan(VisionAttack):
         super().__init__(cfg, seed)
         self.trigger: torch.Tensor | None = None  # uint8 [C, size, size]
         self._info: dict[str, Any] = {}
+
+    def check_image_size(self, height: int, width: int) -> None:
+        c = self.cfg
+        size = c.size if c.size is not None else default_size(height, width)
+        check_patch_fits(height, width, size, c.position, c.margin, c.offset,
+                         None if c.size is not None else f"attack.size=null (7% of the image area: {size} pixels)")
 
     def origin(self, height: int, width: int, size: int) -> tuple[int, int]:
         c = self.cfg
