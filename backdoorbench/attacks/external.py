@@ -37,7 +37,7 @@ from backdoorbench.data.base import Samples
 from backdoorbench.errors import DataError
 from backdoorbench.modality.base import Classifier
 from backdoorbench.models import checkpoints as ckpt
-from backdoorbench.registry import REGISTRY, register_attack
+from backdoorbench.registry import register_attack
 from backdoorbench.store import file_digest
 
 log = logging.getLogger(__name__)
@@ -352,28 +352,9 @@ class ExternalVictim(Attack):
             current = getattr(ctx.model_cfg, "name", "?")
             raise ConfigError(
                 f"attack.path: the weights in {checkpoint.path} do not fit model={current} ({mismatch.describe()}). "
-                + _suggest_model(checkpoint, model, ctx)
+                + ckpt.suggest_model(checkpoint, getattr(model, "image", None), current, ctx.num_classes)
             )
         ckpt.load_into(model, sd)
-
-
-def _suggest_model(checkpoint: ckpt.Checkpoint, model: Classifier, ctx: AttackContext) -> str:
-    """Which built-in model of the same modality the weights fit, if any."""
-    image = getattr(model, "image", None)
-    if image is not None:
-        for entry in REGISTRY.entries("model"):
-            if entry.name == getattr(ctx.model_cfg, "name", None) or not entry.supports("vision"):
-                continue
-            if entry.config is None or entry.name == "timm":
-                continue
-            try:
-                candidate = entry.obj(entry.config(name=entry.name), ctx.num_classes, image=image)
-            except Exception:  # a candidate that cannot be built for this data is no suggestion
-                continue
-            if not ckpt.compare(candidate, ckpt.align_keys(checkpoint.state_dict, candidate.state_dict())):
-                return f"They fit model={entry.name}."
-        return "Choose the model= that built them (e.g. resnet18, preact_resnet18, wrn16_1 or timm:<name>)."
-    return "Choose the model= that built them (model=<the HF folder or name of the base model>)."
 
 
 def _is_hf(path: Path, ctx: AttackContext) -> bool:

@@ -95,7 +95,8 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     if isinstance(obj, Mapping) and all(k in obj for k in _BACKDOORBENCH_KEYS):
         meta = {k: _plain(v) for k, v in obj.items() if k in ("model_name", "num_classes", "img_size", "clean_data")}
         return Checkpoint(_tensors(obj["model"], file), "backdoorbench", file, meta, obj.get("bd_test"))
-    return Checkpoint(_tensors(_unwrap(obj), file), "torch", file)
+    arch = obj.get("arch") if isinstance(obj, Mapping) else None  # timm's train.py names the model
+    return Checkpoint(_tensors(_unwrap(obj), file), "torch", file, {"arch": arch} if isinstance(arch, str) else {})
 
 
 def torch_load_safely(file: Path) -> Any:
@@ -247,6 +248,35 @@ def class_count_mismatch(mismatch: Mismatch, num_classes: int) -> int | None:
         return None
     outs = {a[0] for _, a, b in mismatch.shapes if b and b[0] == num_classes and a[1:] == b[1:] and a[0] != b[0]}
     return outs.pop() if len(outs) == 1 and len(mismatch.shapes) <= 2 else None
+
+
+def suggest_model(checkpoint: Checkpoint, image: Any, current: str, num_classes: int) -> str:
+    """The end of a mismatch message: which ``model=`` the weights fit, if any. Vision (``image`` given): every
+    other built-in vision model, then ``timm:<name>`` for the name ``model=`` gave (timm's resnet18 given as our
+    CIFAR ``model=resnet18``) and the checkpoint's own ``arch`` (timm's train.py)."""
+    if image is None:
+        return "Choose the model= that built them (model=<the HF folder or name of the base model>)."
+    from backdoorbench.models.vision import TIMM_PREFIX, timm_model_name
+    from backdoorbench.registry import REGISTRY
+
+    names = [e.name for e in REGISTRY.entries("model")
+             if e.supports("vision") and e.config is not None and e.name not in (current, "timm")]
+    for bare in dict.fromkeys(n for n in (str(checkpoint.meta.get("arch") or ""), timm_model_name(current)) if n):
+        names.append(TIMM_PREFIX + bare)
+    for name in dict.fromkeys(n for n in names if n != current):
+        try:
+            if name.startswith(TIMM_PREFIX):
+                import timm
+
+                if not timm.is_model(name[len(TIMM_PREFIX):]):
+                    continue
+            entry = REGISTRY.get("model", "timm" if name.startswith(TIMM_PREFIX) else name)
+            candidate = entry.obj(entry.config(name=name), num_classes, image=image)
+        except Exception:  # a candidate that cannot be built for this data is no suggestion
+            continue
+        if not compare(candidate, align_keys(checkpoint.state_dict, candidate.state_dict())):
+            return f"They fit model={name}."
+    return "Choose the model= that built them (e.g. resnet18, preact_resnet18, wrn16_1 or timm:<name>)."
 
 
 def load_into(model: nn.Module, sd: Mapping[str, torch.Tensor]) -> None:
