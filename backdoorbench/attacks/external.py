@@ -245,10 +245,11 @@ class ExternalVictim(Attack):
             if checkpoint.format == "backdoorbench":
                 model = self._backdoorbench_model(checkpoint, ctx)
                 info["backdoorbench"] = checkpoint.meta
-                info["bd_test"] = self._use_record_test(checkpoint, model, ctx.num_classes)
             else:
                 model = ctx.new_model()
             self._load_weights(model, checkpoint, ctx)
+            if checkpoint.format == "backdoorbench":  # once the weights fit: its poisoned test set
+                info["bd_test"] = self._use_record_test(checkpoint, model, ctx.num_classes)
         model.eval()
         log.info("external victim loaded from %s (%s)", self.cfg.path, info["format"])
         return AttackResult(model, None, info)
