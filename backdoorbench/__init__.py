@@ -40,6 +40,7 @@ _LAZY = {
             "wrap_image_model",
         )
     },
+    "Samples": "backdoorbench.data.base",
     "load_detector": _PERSIST,
     "DetectorLoadError": _PERSIST,
     "ModelMismatchError": _PERSIST,

@@ -35,7 +35,7 @@ class DataConfig:
     name: str = "rotten_tomatoes"
     root: str | None = None  # local copy (file or folder); null = embedded / hub default
     max_train: int | None = 2000  # the task's training set (attacker's in AFM, the user's in APMF)
-    max_test: int | None = 1000
+    max_test: int | None = 1000  # test cap: a random subset of this size, drawn with the split's seed
     holdout_size: int = 1000  # clean training samples reserved for the defender
     proxy_size: int = 1000  # attacker's proxy data (APMF)
     test_fraction: float = 0.1  # held out as test when the source has no labelled test split

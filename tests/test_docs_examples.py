@@ -36,3 +36,22 @@ def test_page_examples_run(page: str, tmp_path: Path, monkeypatch: pytest.Monkey
     finally:
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic)
+
+
+def test_the_docs_say_data_max_test_takes_a_seeded_random_subset() -> None:
+    """What the pages documenting ``data.max_test`` say is what the split does: a random subset, the same for
+    the same seed, not the first ``max_test`` test samples."""
+    import numpy as np
+
+    from backdoorbench.config import DataConfig
+    from backdoorbench.data.base import DatasetBundle, Samples
+    from backdoorbench.data.split import threat_model_split
+
+    texts = [f"t{i}" for i in range(40)]
+    bundle = DatasetBundle("toy", "text", ["a", "b"], Samples([f"x{i}" for i in range(50)], np.arange(50) % 2),
+                           Samples(texts, np.arange(40) % 2))
+    cfg = DataConfig(name="toy", max_test=10, holdout_size=5, proxy_size=0)
+    a, b, c = (threat_model_split(bundle, cfg, seed).test.inputs for seed in (0, 0, 1))
+    assert a == b and a != c and a != texts[:10] and len(a) == 10
+    for page in ("docs/threat-model.md", "docs/defend-your-model.md"):
+        assert "seeded random subset" in (REPO_ROOT / page).read_text(), page

@@ -237,6 +237,20 @@ def test_wrong_architecture_and_class_count_are_named(tmp_path: Path) -> None:
         attack.run(vision_ctx(3, "wrn16_1", size=8))
 
 
+@pytest.mark.skipif(importlib.util.find_spec("timm") is None, reason="timm missing")
+def test_timm_weights_given_a_builtin_name_are_pointed_to_timm(tmp_path: Path) -> None:
+    import timm
+
+    torch.save(timm.create_model("resnet18", num_classes=4).state_dict(), tmp_path / "resnet18.pth")
+    attack = bb.create_attack("external", path=str(tmp_path / "resnet18.pth"))
+    with pytest.raises(ConfigError, match=r"do not fit model=resnet18 \(.*\)\. They fit model=timm:resnet18\.$"):
+        attack.run(vision_ctx(4, "resnet18"))
+    net = timm.create_model("resnet10t", num_classes=4)  # timm's train.py names the model in its checkpoint
+    torch.save({"arch": "resnet10t", "state_dict": net.state_dict(), "epoch": 3}, tmp_path / "checkpoint.pth.tar")
+    with pytest.raises(ConfigError, match=r"They fit model=timm:resnet10t\.$"):
+        bb.create_attack("external", path=str(tmp_path / "checkpoint.pth.tar")).run(vision_ctx(4, "resnet18"))
+
+
 def test_bad_paths_and_triggers_are_config_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no such file or folder"):
         bb.create_attack("external", path=str(tmp_path / "missing.safetensors"))

@@ -123,6 +123,13 @@ class Attack(ABC):
         """The test-time trigger is known, so ASR can be measured (False: ``triggered_test`` is empty)."""
         return True
 
+    @property
+    def triggered_source(self) -> str | None:
+        """Where the triggered test inputs come from (``results.json`` ``run.triggered_test``): ``"trigger"``
+        (this attack's trigger applied to the test set), ``"record"`` (a BackdoorBench record's own poisoned
+        test set, attack=external) or None (no triggered inputs)."""
+        return "trigger" if self.has_trigger else None
+
     def target_labels(self, true_labels: np.ndarray) -> np.ndarray:
         """The label the backdoor should produce for triggered inputs of these true labels (all-to-one: the
         target for all; all-to-all attacks override this)."""

@@ -8,8 +8,11 @@ what the model classifies. Such a model is never stored in the artifact cache (`
 A known trigger is optional. With one (text: ``trigger_words`` or ``trigger_sentence``; vision:
 ``trigger_image`` as a patch with ``trigger_mask``, or blended with ``blend_alpha``; and ``target``), BA and
 ASR are measured as for the built-in attacks, with the same random stream (so a cached victim's own files
-reproduce that run). Without one, the test set contains no triggered inputs: detectors report their scores,
-calibrated threshold and the rejection rate on the clean inputs; repairs report BA.
+reproduce that run). Without one, a BackdoorBench record's own poisoned test set (``bd_test``, read by
+:mod:`backdoorbench.data.backdoorbench_record`) gives the triggered inputs and their backdoor labels, as
+BackdoorBench measures ASR; ``results.json`` says which was used (``run.triggered_test``). Without either,
+the test set contains no triggered inputs: detectors report their scores, calibrated threshold and the
+rejection rate on the clean inputs; repairs report BA.
 """
 
 from __future__ import annotations
@@ -29,10 +32,12 @@ from backdoorbench.attacks.text.triggers import insert_rare_words
 from backdoorbench.attacks.vision.blended import blend, image_pattern
 from backdoorbench.attacks.vision.common import check_images, round_to_uint8
 from backdoorbench.config import ConfigError
+from backdoorbench.data.backdoorbench_record import RecordTest, read_bd_test
 from backdoorbench.data.base import Samples
+from backdoorbench.errors import DataError
 from backdoorbench.modality.base import Classifier
 from backdoorbench.models import checkpoints as ckpt
-from backdoorbench.registry import REGISTRY, register_attack
+from backdoorbench.registry import register_attack
 from backdoorbench.store import file_digest
 
 log = logging.getLogger(__name__)
@@ -115,15 +120,31 @@ class ExternalVictim(Attack):
     def __init__(self, cfg: ExternalConfig, seed: int = 0) -> None:
         super().__init__(cfg, seed)
         self._trigger: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._record: RecordTest | None = None  # a BackdoorBench record's bd_test, when used for ASR
+        self._label_map: np.ndarray | None = None  # its true label -> backdoor label (-1: not poisoned)
 
     # -- trigger ----------------------------------------------------------------------------------
     @property
-    def has_trigger(self) -> bool:
+    def given_trigger(self) -> bool:
+        """The user gave the trigger (attack.trigger_words / _sentence / _image)."""
         c = self.cfg
         return c.trigger_words is not None or c.trigger_sentence is not None or c.trigger_image is not None
 
     @property
+    def has_trigger(self) -> bool:
+        return self.given_trigger or self._record is not None
+
+    @property
+    def triggered_source(self) -> str | None:
+        if self.given_trigger:
+            return "trigger"
+        return "record" if self._record is not None else None
+
+    @property
     def target(self) -> int | None:  # type: ignore[override]
+        if self._label_map is not None:  # the record's all-to-one target (None: all-to-all)
+            targets = set(self._label_map[self._label_map >= 0].tolist())
+            return targets.pop() if len(targets) == 1 else None
         return None if self.cfg.target is None else int(self.cfg.target)
 
     def check(self, num_classes: int) -> None:
@@ -133,11 +154,20 @@ class ExternalVictim(Attack):
             super().check(num_classes)
 
     def target_labels(self, true_labels: np.ndarray) -> np.ndarray:
+        if self._label_map is not None:  # the record's label transform (all-to-one or all-to-all)
+            return self._label_map[np.asarray(true_labels, dtype=np.int64)]
         if self.target is None:  # no known backdoor: no input has a target
             return np.full(len(true_labels), -1, dtype=np.int64)
         return super().target_labels(true_labels)
 
     def triggered_test(self, test: Samples) -> tuple[Samples, np.ndarray]:
+        """With a given trigger: the non-target test inputs, triggered. Else a record's ``bd_test`` (indices:
+        in the record's test set), all of it or, when the run's test set is smaller (``data.max_test``), a
+        seeded random subset of that size."""
+        if self._record is not None and not self.given_trigger:
+            rec, n = self._record, len(self._record.samples)
+            idx = np.arange(n) if n <= len(test) else np.sort(self.rng(7919).choice(n, len(test), replace=False))
+            return rec.samples.subset(idx), rec.index[idx]
         if not self.has_trigger:
             return test.subset(np.zeros(0, dtype=np.int64)), np.zeros(0, dtype=np.int64)
         is_image = self.cfg.trigger_image is not None
@@ -204,7 +234,8 @@ class ExternalVictim(Attack):
     # -- the victim ---------------------------------------------------------------------------------
     def run(self, ctx: AttackContext) -> AttackResult:
         path = Path(self.cfg.path)
-        info: dict[str, Any] = {"path": self.cfg.path, "trigger": self.has_trigger}
+        self._record = self._label_map = None
+        info: dict[str, Any] = {"path": self.cfg.path, "trigger": self.given_trigger}
         if _is_hf(path, ctx):
             model = self._load_hf(ctx)
             info["format"] = "hf"
@@ -217,6 +248,8 @@ class ExternalVictim(Attack):
             else:
                 model = ctx.new_model()
             self._load_weights(model, checkpoint, ctx)
+            if checkpoint.format == "backdoorbench":  # once the weights fit: its poisoned test set
+                info["bd_test"] = self._use_record_test(checkpoint, model, ctx.num_classes)
         model.eval()
         log.info("external victim loaded from %s (%s)", self.cfg.path, info["format"])
         return AttackResult(model, None, info)
@@ -290,6 +323,24 @@ class ExternalVictim(Attack):
             model.net, model.num_classes, image, model.stage_names, model.use_augment, model.crop_padding
         )
 
+    def _use_record_test(self, checkpoint: ckpt.Checkpoint, model: Classifier, num_classes: int) -> str:
+        """Read the record's ``bd_test`` for ASR unless a trigger was given; what happened, for ``info``."""
+        if checkpoint.bd_test is None:
+            return "absent"
+        if self.given_trigger:
+            return "not used: attack.trigger_* was given"
+        image = model.image  # type: ignore[attr-defined]
+        try:
+            shape = (image.channels, image.height, image.width)
+            rec = read_bd_test(checkpoint.bd_test, checkpoint.path.parent, shape, num_classes)
+            mapping = rec.label_map(num_classes)
+        except DataError as exc:
+            log.warning("the record's bd_test is not used, ASR is not measured: %s", exc)
+            return f"not used: {exc}"
+        self._record, self._label_map = rec, mapping
+        log.info("ASR on the record's bd_test: %d poisoned test images (%s)", len(rec.samples), rec.form)
+        return f"used: {len(rec.samples)} images, {rec.form}"
+
     def _load_weights(self, model: Classifier, checkpoint: ckpt.Checkpoint, ctx: AttackContext) -> None:
         sd = ckpt.align_keys(checkpoint.state_dict, model.state_dict())
         mismatch = ckpt.compare(model, sd)
@@ -302,28 +353,9 @@ class ExternalVictim(Attack):
             current = getattr(ctx.model_cfg, "name", "?")
             raise ConfigError(
                 f"attack.path: the weights in {checkpoint.path} do not fit model={current} ({mismatch.describe()}). "
-                + _suggest_model(checkpoint, model, ctx)
+                + ckpt.suggest_model(checkpoint, getattr(model, "image", None), current, ctx.num_classes)
             )
         ckpt.load_into(model, sd)
-
-
-def _suggest_model(checkpoint: ckpt.Checkpoint, model: Classifier, ctx: AttackContext) -> str:
-    """Which built-in model of the same modality the weights fit, if any."""
-    image = getattr(model, "image", None)
-    if image is not None:
-        for entry in REGISTRY.entries("model"):
-            if entry.name == getattr(ctx.model_cfg, "name", None) or not entry.supports("vision"):
-                continue
-            if entry.config is None or entry.name == "timm":
-                continue
-            try:
-                candidate = entry.obj(entry.config(name=entry.name), ctx.num_classes, image=image)
-            except Exception:  # a candidate that cannot be built for this data is no suggestion
-                continue
-            if not ckpt.compare(candidate, ckpt.align_keys(checkpoint.state_dict, candidate.state_dict())):
-                return f"They fit model={entry.name}."
-        return "Choose the model= that built them (e.g. resnet18, preact_resnet18, wrn16_1 or timm:<name>)."
-    return "Choose the model= that built them (model=<the HF folder or name of the base model>)."
 
 
 def _is_hf(path: Path, ctx: AttackContext) -> bool:

@@ -1,9 +1,11 @@
 """Dataset containers shared by text and vision.
 
 ``Samples`` is the one container every component passes around: the raw inputs (a list of strings
-for text, a uint8 tensor ``[N, C, H, W]`` for images) with integer labels. ``DatasetBundle`` is what a
-dataset loader returns: the labelled train split, the labelled test split (``None`` when the source
-has no labelled test split: the threat-model split then holds one out) and optional unlabelled text.
+for text, a uint8 tensor ``[N, C, H, W]`` for images) with integer labels; ``bb.Samples``, built from your
+own tensors, arrays or strings with :meth:`Samples.from_images` / :meth:`Samples.from_texts` (or
+:func:`as_samples` from an ``(inputs, labels)`` pair). ``DatasetBundle`` is what a dataset loader returns: the
+labelled train split, the labelled test split (``None`` when the source has no labelled test split: the
+threat-model split then holds one out) and optional unlabelled text.
 """
 
 from __future__ import annotations
@@ -108,6 +110,20 @@ class Samples:
             inputs = [self.inputs[i] for i in idx]
         return Samples(inputs, self.labels[idx], self.modality)
 
+    @classmethod
+    def from_images(cls, images: Any, labels: Any) -> Samples:
+        """Images from a torch tensor or numpy array: ``uint8`` (or integers) in 0..255, or float in [0, 1]
+        (rounded to the nearest of the 256 levels); ``[N, C, H, W]``, channels-last ``[N, H, W, C]`` (C = 1 or
+        3) or grey ``[N, H, W]``. Raw pixels, not normalised: the model normalises them itself."""
+        return cls(uint8_images(images), _int_labels(labels, len(images)), "vision")
+
+    @classmethod
+    def from_texts(cls, texts: Sequence[str], labels: Any) -> Samples:
+        """Texts from a list of strings (one input each)."""
+        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+            raise TypeError("Samples.from_texts: texts must be a list of strings, one per input")
+        return cls(list(texts), _int_labels(labels, len(texts)), "text")
+
     @staticmethod
     def concat(parts: Sequence[Samples]) -> Samples:
         if not parts:
@@ -117,6 +133,67 @@ class Samples:
         else:
             inputs = [x for p in parts for x in p.inputs]  # type: ignore[union-attr]
         return Samples(inputs, np.concatenate([p.labels for p in parts]), parts[0].modality)
+
+
+def as_samples(data: Any, what: str = "samples") -> Samples:
+    """``data`` as :class:`Samples`: itself, or an ``(inputs, labels)`` pair of images (a tensor / numpy array,
+    see :meth:`Samples.from_images`) or texts (a list of strings). Anything else is a ``TypeError`` saying so."""
+    if isinstance(data, Samples):
+        return data
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        inputs, labels = data
+        if isinstance(inputs, (torch.Tensor, np.ndarray)) and not (
+            isinstance(inputs, np.ndarray) and inputs.dtype.kind in "US"
+        ):
+            return Samples.from_images(inputs, labels)
+        if isinstance(inputs, (list, tuple, np.ndarray)) and all(isinstance(t, str) for t in inputs):
+            return Samples.from_texts([str(t) for t in inputs], labels)
+    raise TypeError(
+        f"{what}: expected bb.Samples or an (inputs, labels) pair (inputs: an image tensor / array or a list of "
+        f"strings), got {type(data).__name__}; build one with bb.Samples.from_images(x, y) or "
+        "bb.Samples.from_texts(texts, y)"
+    )
+
+
+def uint8_images(images: Any) -> torch.Tensor:
+    """A batch of raw images as the uint8 ``[N, C, H, W]`` tensor :class:`Samples` holds (see
+    :meth:`Samples.from_images` for what is accepted); a ``ValueError`` naming the problem otherwise."""
+    x = torch.from_numpy(np.ascontiguousarray(images)) if isinstance(images, np.ndarray) else images
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"images must be a torch tensor or numpy array, got {type(images).__name__}")
+    x = x.detach().cpu()
+    if x.dim() == 3:  # [N, H, W] grey
+        x = x[:, None]
+    if x.dim() != 4:
+        raise ValueError(f"images must be [N, C, H, W], [N, H, W, C] or [N, H, W], got shape {tuple(x.shape)}")
+    if x.shape[1] not in (1, 3) and x.shape[3] in (1, 3):  # channels last, as numpy / PIL arrays are
+        x = x.permute(0, 3, 1, 2)
+    if x.dtype == torch.uint8:
+        return x.contiguous()
+    if x.dtype == torch.bool or x.is_complex():
+        raise ValueError(f"images must be uint8 (0..255) or float (0..1) pixels, got {x.dtype}")
+    if x.numel() == 0:
+        return x.to(torch.uint8).contiguous()
+    lo, hi = float(x.min()), float(x.max())
+    if x.is_floating_point():
+        if not bool(torch.isfinite(x).all()) or lo < 0.0 or hi > 1.0:
+            raise ValueError(
+                f"float images must hold pixels in [0, 1], got values in [{lo:g}, {hi:g}]: give raw pixels, not "
+                "normalised ones (the model normalises them with its ImageSpec mean/std); 0..255 values as uint8"
+            )
+        return (x.double() * 255.0).round().to(torch.uint8).contiguous()
+    if lo < 0 or hi > 255:
+        raise ValueError(f"integer images must hold pixels in 0..255, got values in [{lo:g}, {hi:g}]")
+    return x.to(torch.uint8).contiguous()
+
+
+def _int_labels(labels: Any, n: int) -> np.ndarray:
+    y = np.asarray(labels.detach().cpu() if isinstance(labels, torch.Tensor) else labels)
+    if y.ndim != 1 or len(y) != n:
+        raise ValueError(f"labels must be one integer per input ({n}), got shape {y.shape}")
+    if y.dtype.kind not in "iu" and not (y.dtype.kind == "f" and np.array_equal(y, np.round(y))):
+        raise ValueError(f"labels must be integers, got {y.dtype}")
+    return y.astype(np.int64)
 
 
 @dataclass

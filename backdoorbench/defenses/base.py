@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from backdoorbench.data.base import Samples
+from backdoorbench.data.base import Samples, as_samples
 from backdoorbench.metrics import quantile_threshold
 from backdoorbench.modality.base import Classifier
 
@@ -146,8 +146,10 @@ class Detector(Defense):
         perm = self.rng(1).permutation(n)
         return clean.subset(np.sort(perm[n_cal:])), clean.subset(np.sort(perm[:n_cal]))
 
-    def fit(self, model: Classifier, clean: Samples) -> Detector:
-        """Fit on part of the clean data and calibrate the threshold on the rest."""
+    def fit(self, model: Classifier, clean: Samples | tuple[Any, Any]) -> Detector:
+        """Fit on part of the clean data and calibrate the threshold on the rest. ``clean``: :class:`Samples`
+        (``bb.Samples``) or an ``(inputs, labels)`` pair, converted by :func:`~backdoorbench.data.base.as_samples`."""
+        clean = as_samples(clean, f"{type(self).__name__}.fit(model, clean)")
         self.model = model
         model.eval()
         if self.calibrates_itself:

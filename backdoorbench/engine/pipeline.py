@@ -97,6 +97,7 @@ def _run(spec: RunSpec, out: Path, timer: Timer, t_start: float, store: Artifact
             "seed": spec.seed,
             "setting": getattr(spec.attack_cfg, "setting", None),
             "target": attack.target,
+            "triggered_test": attack.triggered_source,  # trigger | record (a BackdoorBench bd_test) | null
         },
         "metrics": outcome.metrics,
         "timing": timer.times,

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from backdoorbench.errors import DataError
 from backdoorbench.modality.base import Batch, Classifier
 
 
@@ -126,6 +127,12 @@ class VisionClassifier(Classifier):
         return {**batch, "pixels": random_crop_flip(batch["pixels"], self.crop_padding, self.image.flip)}
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        if pixels.dim() != 4 or pixels.shape[1] != self.mean.shape[1]:  # never broadcast 1 channel to 3
+            raise DataError(
+                f"the model takes images [N, {self.image.channels}, H, W] ({self.image.channels} channel(s), its "
+                f"ImageSpec) but got a batch of shape {list(pixels.shape)}: convert the images (grey to RGB: "
+                "x.expand(-1, 3, -1, -1)) or wrap the model with an ImageSpec of their channels"
+            )
         return (pixels - self.mean) / self.std
 
     def forward(self, batch: Batch) -> torch.Tensor:

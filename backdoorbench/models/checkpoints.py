@@ -6,9 +6,10 @@ Formats (see docs/attacks/external.md):
 * a plain torch / timm checkpoint (``.pt``, ``.pth``, ``.bin``, ``.ckpt``, ``.tar``): a state dict, possibly
   under ``state_dict`` / ``model`` / ``module`` / ``model_state_dict``, ``module.`` (DataParallel) prefixes
   stripped. Read with ``torch.load(weights_only=True)`` only: a pickle that would construct anything but
-  tensors, containers and numpy arrays is refused, never executed;
+  tensors, containers, numpy arrays / scalars and PIL images is refused, never executed;
 * a BackdoorBench ``attack_result.pt`` (``model``, ``model_name``, ``num_classes``, ``img_size``,
-  ``clean_data``, ...; SCLBD/BackdoorBench ``utils/save_load_attack.py``), read the same way.
+  ``clean_data``, ``bd_train`` / ``bd_test`` ...; SCLBD/BackdoorBench ``utils/save_load_attack.py``), read
+  the same way; its ``bd_test`` (the poisoned test set) is kept for :mod:`backdoorbench.data.backdoorbench_record`.
 
 Key names are matched tolerantly (a missing or extra wrapper prefix such as ``net.`` / ``hf.``), everything
 else strictly: every tensor of the model must come from the file with its exact shape.
@@ -59,6 +60,9 @@ class Checkpoint:
     format: str  # safetensors | torch | backdoorbench
     path: Path
     meta: dict[str, Any] = field(default_factory=dict)
+    #: BackdoorBench: the record's ``bd_test`` as stored (its poisoned test set; read by
+    #: :func:`backdoorbench.data.backdoorbench_record.read_bd_test`), None when absent
+    bd_test: Any = None
 
 
 def weights_file(path: Path) -> Path:
@@ -90,40 +94,58 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     obj = torch_load_safely(file)
     if isinstance(obj, Mapping) and all(k in obj for k in _BACKDOORBENCH_KEYS):
         meta = {k: _plain(v) for k, v in obj.items() if k in ("model_name", "num_classes", "img_size", "clean_data")}
-        return Checkpoint(_tensors(obj["model"], file), "backdoorbench", file, meta)
-    return Checkpoint(_tensors(_unwrap(obj), file), "torch", file)
+        return Checkpoint(_tensors(obj["model"], file), "backdoorbench", file, meta, obj.get("bd_test"))
+    arch = obj.get("arch") if isinstance(obj, Mapping) else None  # timm's train.py names the model
+    return Checkpoint(_tensors(_unwrap(obj), file), "torch", file, {"arch": arch} if isinstance(arch, str) else {})
 
 
 def torch_load_safely(file: Path) -> Any:
-    """``torch.load(weights_only=True)``, with numpy arrays allowed (their reconstruction runs no code); anything
-    else that needs code to build is refused with one clear error."""
-    allowed: list[Any] = [np.ndarray, np.dtype, _np_reconstruct()]
-    allowed += list({type(np.dtype(t)) for t in (np.float16, np.float32, np.float64, np.int8, np.int16,
-                                                  np.int32, np.int64, np.uint8, np.bool_)})
+    """``torch.load(weights_only=True)`` with plain data allowed beyond tensors and containers: numpy arrays,
+    scalars and dtypes (a BackdoorBench record's ``np.int64`` keys, written under numpy 1's or 2's module
+    names) and PIL images (their in-memory poisoned sets: a mode, a size and raw pixel bytes). Their
+    reconstruction runs no code from the file; any other global is refused with one clear error."""
+    allowed = safe_globals()
     try:
         with torch.serialization.safe_globals(allowed):
             return torch.load(str(file), map_location="cpu", weights_only=True)
     except Exception as exc:
         try:
-            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(file))
+            needed = torch.serialization.get_unsafe_globals_in_checkpoint(str(file))
         except Exception:
-            unsafe = []
+            needed = []
+        names = {g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__qualname__}" for g in allowed}
+        unsafe = [g for g in needed if g not in names]  # what the file needs beyond the allowed data types
         what = f" (it needs {', '.join(unsafe[:4])}{', ...' if len(unsafe) > 4 else ''})" if unsafe else ""
         raise ConfigError(
             f"attack.path: {file} cannot be loaded safely{what or f' ({_first(exc)})'}: only tensors, numbers, "
-            "strings, containers and numpy arrays are read (torch.load weights_only=True), never code. Where you trust "
-            "the file, convert it once to safetensors: `import torch, safetensors.torch as st; "
+            "strings, containers, numpy arrays and PIL images are read (torch.load weights_only=True), never code. "
+            "Where you trust the file, convert it once to safetensors: `import torch, safetensors.torch as st; "
             "st.save_file(torch.load(PATH, weights_only=False)['model'], 'model.safetensors')` (the dict key that "
             "holds the state dict), then pass attack.path=model.safetensors"
         ) from None
 
 
-def _np_reconstruct() -> Any:
+def safe_globals() -> list[Any]:
+    """The globals :func:`torch_load_safely` allows: data types whose unpickling only rebuilds values."""
     try:
-        from numpy._core.multiarray import _reconstruct  # numpy >= 2
+        from numpy._core import multiarray  # numpy >= 2
     except ImportError:  # pragma: no cover - numpy 1.x
-        from numpy.core.multiarray import _reconstruct  # type: ignore[no-redef]
-    return _reconstruct
+        from numpy.core import multiarray  # type: ignore[no-redef]
+    allowed: list[Any] = [np.ndarray, np.dtype, multiarray._reconstruct, multiarray.scalar]
+    for fn in (multiarray._reconstruct, multiarray.scalar):  # the names numpy 1.x wrote (BackdoorBench's era)
+        for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+            if fn.__module__ != module:
+                allowed.append((fn, f"{module}.{fn.__name__}"))
+    # the dtype classes of numbers, strings and dates (not object or structured dtypes)
+    allowed += sorted({type(np.dtype(t)) for t in set(np.sctypeDict.values()) if np.dtype(t).kind in "biufcUSmM"},
+                      key=str)
+    try:
+        from PIL import Image
+
+        allowed.append(Image.Image)
+    except ImportError:  # pragma: no cover - Pillow is a dependency
+        pass
+    return allowed
 
 
 def _unwrap(obj: Any) -> Any:
@@ -226,6 +248,35 @@ def class_count_mismatch(mismatch: Mismatch, num_classes: int) -> int | None:
         return None
     outs = {a[0] for _, a, b in mismatch.shapes if b and b[0] == num_classes and a[1:] == b[1:] and a[0] != b[0]}
     return outs.pop() if len(outs) == 1 and len(mismatch.shapes) <= 2 else None
+
+
+def suggest_model(checkpoint: Checkpoint, image: Any, current: str, num_classes: int) -> str:
+    """The end of a mismatch message: which ``model=`` the weights fit, if any. Vision (``image`` given): every
+    other built-in vision model, then ``timm:<name>`` for the name ``model=`` gave (timm's resnet18 given as our
+    CIFAR ``model=resnet18``) and the checkpoint's own ``arch`` (timm's train.py)."""
+    if image is None:
+        return "Choose the model= that built them (model=<the HF folder or name of the base model>)."
+    from backdoorbench.models.vision import TIMM_PREFIX, timm_model_name
+    from backdoorbench.registry import REGISTRY
+
+    names = [e.name for e in REGISTRY.entries("model")
+             if e.supports("vision") and e.config is not None and e.name not in (current, "timm")]
+    for bare in dict.fromkeys(n for n in (str(checkpoint.meta.get("arch") or ""), timm_model_name(current)) if n):
+        names.append(TIMM_PREFIX + bare)
+    for name in dict.fromkeys(n for n in names if n != current):
+        try:
+            if name.startswith(TIMM_PREFIX):
+                import timm
+
+                if not timm.is_model(name[len(TIMM_PREFIX):]):
+                    continue
+            entry = REGISTRY.get("model", "timm" if name.startswith(TIMM_PREFIX) else name)
+            candidate = entry.obj(entry.config(name=name), num_classes, image=image)
+        except Exception:  # a candidate that cannot be built for this data is no suggestion
+            continue
+        if not compare(candidate, align_keys(checkpoint.state_dict, candidate.state_dict())):
+            return f"They fit model={name}."
+    return "Choose the model= that built them (e.g. resnet18, preact_resnet18, wrn16_1 or timm:<name>)."
 
 
 def load_into(model: nn.Module, sd: Mapping[str, torch.Tensor]) -> None:
