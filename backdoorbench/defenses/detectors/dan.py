@@ -145,9 +145,9 @@ class LayerGaussian:
         device = _compute_device(x.device)
         x = x.to(device=device, dtype=torch.float64)
         present, slot = torch.unique(torch.as_tensor(np.asarray(labels), device=device), return_inverse=True)
-        sums = torch.zeros(len(present), x.shape[1], dtype=torch.float64, device=device).index_add_(0, slot, x)
-        counts = torch.bincount(slot, minlength=len(present)).to(torch.float64)
-        means = sums / counts[:, None]
+        # class sums as a matrix product (deterministic on CUDA, where index_add_ accumulates atomically)
+        onehot = (slot[None, :] == torch.arange(len(present), device=device)[:, None]).to(torch.float64)
+        means = (onehot @ x) / onehot.sum(1, keepdim=True)
         precision = pinvh(shrunk_covariance(x - means[slot], covariance, shrinkage))
         return cls(means, precision)
 
