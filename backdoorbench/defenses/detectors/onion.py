@@ -74,7 +74,8 @@ CACHE_LIMIT = 100_000  # sentences whose suspicions are kept
 # one process (a --multirun sweep over attacks) that load the same LM share them, so clean sentences are scored
 # once per sweep.
 _SHARED_CACHES: dict[tuple[str, str, int, str], dict[str, np.ndarray]] = {}
-# ... and, in a run with the artifact cache on, on disk: one shard folder per LM (name, dtype, length, weights)
+# ... and, in a run with the artifact cache on, on disk: one shard folder per LM (name, dtype, length, weights,
+# inference precision when not 32)
 _DISK_CACHES: dict[Path, ArrayShards] = {}
 
 
