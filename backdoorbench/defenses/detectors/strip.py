@@ -260,7 +260,8 @@ class STRIP(Detector):
             if isinstance(chunk, torch.Tensor):  # images: uint8 to the model's device, superimposed there
                 chunk = chunk.to(model.device, non_blocking=True)
             logits = torch.cat([model(b).float() for b in model.iter_batches(chunk, bs)])
-            copies = self.perturb(chunk, logits.argmax(1), rng)
+            preds = logits.argmax(1)  # images do not need them on the host; word pools (and subclasses) do
+            copies = self.perturb(chunk, preds if self.modality == "vision" else preds.cpu().numpy(), rng)
             ent = torch.cat([prediction_entropy(model(b).float()) for b in model.iter_batches(copies, bs)])
             scores.append(-ent.view(len(chunk), n_copies).mean(1))
             plain.append(logits)
