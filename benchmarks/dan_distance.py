@@ -159,6 +159,10 @@ def main() -> None:
     print(f"max |after - before| over the first {nb:,} inputs: {diff.max():.3g} (relative "
           f"{(diff / np.abs(before)).max():.3g}; distances {before.min():.4g} .. {before.max():.4g})")
     print(f"max |float32 - float64| over all inputs: {d32.max():.3g} (relative {(d32 / np.abs(after)).max():.3g})")
+    # DAN's score of a one-layer detector is (d - mean) / std: the score difference is the distance's over std
+    std = after.std()
+    print(f"max score difference (one layer, normalised by the distances' std {std:.4g}): "
+          f"after - before {diff.max() / std:.3g}, float32 - float64 {d32.max() / std:.3g}")
     if nb < n:
         print(f"memory ratio before/after at N={n:,}: {m_before * scale / max(m_after, 1e-9):,.0f}x; "
               f"time ratio {t_before * scale / t_after:,.1f}x")
