@@ -117,6 +117,12 @@ def pinvh(matrix: torch.Tensor) -> torch.Tensor:
     return (eigvecs * inverse) @ eigvecs.T
 
 
+def to_device(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``t`` on ``device``: asynchronous towards an accelerator, synchronous towards the CPU (a non-blocking copy
+    to the host could be read before it lands)."""
+    return t.to(device=device, dtype=dtype, non_blocking=torch.device(device).type != "cpu")
+
+
 def _compute_device(device: torch.device) -> torch.device:
     """Where float64 work runs for features on ``device``: there, except on Apple MPS (no float64)."""
     return torch.device("cpu") if device.type == "mps" else device
@@ -144,7 +150,7 @@ class LayerGaussian:
         x = torch.as_tensor(feats)
         device = _compute_device(x.device)
         x = x.to(device=device, dtype=torch.float64)
-        present, slot = torch.unique(torch.as_tensor(np.asarray(labels), device=device), return_inverse=True)
+        present, slot = torch.unique(torch.as_tensor(labels, device=device), return_inverse=True)
         # class sums as a matrix product (deterministic on CUDA, where index_add_ accumulates atomically)
         onehot = (slot[None, :] == torch.arange(len(present), device=device)[:, None]).to(torch.float64)
         means = (onehot @ x) / onehot.sum(1, keepdim=True)
@@ -156,8 +162,8 @@ class LayerGaussian:
         means minus their centre ``r`` (the mean of the class means), ``r``, and ``(μ_c − r)ᵀP(μ_c − r)``."""
         device = _compute_device(torch.device(device))
         if device not in self._placed:
-            precision = self.precision.to(device=device, dtype=torch.float64, non_blocking=True)
-            means = self.means.to(device=device, dtype=torch.float64, non_blocking=True)
+            precision = to_device(self.precision, device, torch.float64)
+            means = to_device(self.means, device, torch.float64)
             centre = means.mean(0)
             centred = means - centre
             self._placed[device] = (precision, centred, centre, ((centred @ precision) * centred).sum(1))
@@ -184,7 +190,7 @@ class LayerGaussian:
             dist = torch.addmm(mu_p_mu[None, :], xp, centred.T, alpha=-2.0)  # μPμ − 2·xPμ, [n, C]
             dist += xp.mul_(x).sum(1, keepdim=True)  # + xPx
             out[start : start + step] = dist.min(dim=1).values
-        return out.to(feats.device, non_blocking=True)
+        return to_device(out, feats.device)
 
 
 def aggregate(normalised: torch.Tensor, how: str = "max") -> torch.Tensor:
@@ -290,8 +296,8 @@ class DAN(Detector):
     def _score_from_features(self, per_layer: list[torch.Tensor]) -> np.ndarray:
         assert self.norm_mean is not None and self.norm_std is not None
         d = self._distances(per_layer)
-        mean = self.norm_mean.to(d.device, non_blocking=True)
-        std = self.norm_std.to(d.device, non_blocking=True)
+        mean = to_device(self.norm_mean, d.device)
+        std = to_device(self.norm_std, d.device)
         return aggregate((d - mean) / std, self.cfg.aggregation).cpu().numpy().astype(np.float64)
 
     def score(self, inputs: Sequence[Any] | torch.Tensor) -> np.ndarray:

@@ -80,6 +80,11 @@ def prediction_entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(1)
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``: asynchronous towards an accelerator, synchronous towards the CPU."""
+    return t.to(device, non_blocking=torch.device(device).type != "cpu")
+
+
 def superimpose_uint8(base: torch.Tensor, other: torch.Tensor, how: str = "add") -> torch.Tensor:
     """Two uint8 image batches combined pixel-wise without leaving uint8: ``add`` = ``min(a + b, 255)``
     (computed as ``a + min(b, 255 − a)``), ``average`` = ``⌈(a + b) / 2⌉`` (computed as
@@ -154,7 +159,7 @@ class STRIP(Detector):
             raise ConfigError(f"STRIP superimposes uint8 images [N, C, H, W], got {images.dtype}")
         n, device = self.num_copies, images.device
         if device not in self._placed:
-            self._placed[device] = self.backgrounds.to(device, non_blocking=True)
+            self._placed[device] = to_device(self.backgrounds, device)
         backgrounds = self._placed[device]
         idx = torch.from_numpy(rng.integers(len(backgrounds), size=len(images) * n)).to(device, non_blocking=True)
         return superimpose_uint8(images.repeat_interleave(n, dim=0), backgrounds[idx], self.cfg.superimpose)
@@ -258,7 +263,7 @@ class STRIP(Detector):
         for start in progress(starts, desc=desc, total=len(starts)):
             chunk = inputs[start : start + bs]
             if isinstance(chunk, torch.Tensor):  # images: uint8 to the model's device, superimposed there
-                chunk = chunk.to(model.device, non_blocking=True)
+                chunk = to_device(chunk, model.device)
             logits = torch.cat([model(b).float() for b in model.iter_batches(chunk, bs)])
             preds = logits.argmax(1)  # images do not need them on the host; word pools (and subclasses) do
             copies = self.perturb(chunk, preds if self.modality == "vision" else preds.cpu().numpy(), rng)
