@@ -279,18 +279,23 @@ class CausalLM:
             for (k_all, v_all), (k, v) in zip(kv, layers):
                 k_all[rows, :, : k.shape[2]] = k
                 v_all[rows, :, : v.shape[2]] = v
+            # every token NLL of the batch, and every variant's first NLL after its prefix, each gathered on the
+            # device and copied to the host once per batch (no synchronisation per sentence or per variant)
+            token_nll = (-logp[:, :-1].gather(2, input_ids[:, 1:, None])[..., 0]).double().cpu().numpy()
+            firsts = [(row, b, k, p) for row, b in enumerate(idx) for k, p in needs_first.get(b, [])]
+            if firsts:
+                at = torch.tensor([[row, p - 1, var_ids[b][k][p]] for row, b, k, p in firsts])
+                at = at.to(device, non_blocking=True)
+                first_values = (-logp[at[:, 0], at[:, 1], at[:, 2]]).double().cpu().numpy()
+                first_nll.update({(b, k): float(v) for (_, b, k, _), v in zip(firsts, first_values)})
             for row, b in enumerate(idx):
-                seq = base_ids[b]
-                n = len(seq)
+                n = len(base_ids[b])
                 if n >= 2:
-                    tok = logp[row, torch.arange(n - 1, device=device), input_ids[row, 1:n]]
-                    nll = (-tok).double().cpu().numpy()
+                    nll = token_nll[row, : n - 1]
                     prefix_sum[b] = np.concatenate([[0.0, 0.0], np.cumsum(nll)])  # [P] = sum of targets 1..P-1
                     out[b][0] = nll.mean()
                 else:
                     prefix_sum[b] = np.zeros(n + 1)
-                for k, p in needs_first.get(b, []):
-                    first_nll[(b, k)] = float(-logp[row, p - 1, var_ids[b][k][p]])
         # 2. variants: only the tokens after the shared prefix go through the LM
         suffix_sum: dict[tuple[int, int], float] = {}
         feed = [(b, k, p) for b, k, p in jobs if len(var_ids[b][k]) - p >= 2]
@@ -384,8 +389,10 @@ def load_causal_lm(
     dtype: str = "float32",
     max_length: int = 256,
     cache_dir: str | Path | None = None,
+    max_batch_tokens: int = 2048,
 ) -> CausalLM:
-    """Load ``smollm2`` (offline default), an HF causal LM name (needs a network) or a local folder."""
+    """Load ``smollm2`` (offline default), an HF causal LM name (needs a network) or a local folder;
+    ``max_batch_tokens``: the padded tokens of one LM batch (:class:`CausalLM`)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -404,4 +411,4 @@ def load_causal_lm(
         ) from exc
     if device is not None:
         model = model.to(device)
-    return CausalLM(model, tokenizer, max_length)
+    return CausalLM(model, tokenizer, max_length, max_batch_tokens)

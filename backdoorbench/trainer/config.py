@@ -138,5 +138,6 @@ def runtime_for(
         num_workers=cfg.num_workers,
         pin_memory=cfg.pin_memory,
         inference_precision=cfg.inference_precision,
+        precision=cfg.precision,
         cache_dir=Path(cache_dir) if cache_dir is not None else None,
     )

@@ -3,8 +3,8 @@ Way: A Feature-Based Efficient Defense against Textual Backdoor Attacks").
 
 For every layer ``l`` (every transformer layer, not the embeddings; every CNN stage for vision):
 
-1. fit class-conditional means ``μ_{l,c}`` and one shared covariance ``Σ_l`` (shrunk, scikit-learn
-   scikit-learn's ShrunkCovariance with shrinkage 0.1 by default, as the reference code) on 80% of the
+1. fit class-conditional means ``μ_{l,c}`` and one shared covariance ``Σ_l`` (shrunk: scikit-learn's
+   ShrunkCovariance with shrinkage 0.1 by default, as the reference code, computed in torch) on 80% of the
    defender's clean data;
 2. ``d_l(x) = min_c (h_l(x) − μ_{l,c})ᵀ Σ_l⁻¹ (h_l(x) − μ_{l,c})`` — distance to the nearest class mean;
 3. normalise with the mean and standard deviation of ``d_l`` on the other 20%:
@@ -16,6 +16,10 @@ For every layer ``l`` (every transformer layer, not the embeddings; every CNN st
 Scoring needs one forward pass per input: the same pass yields the logits, so predictions come free.
 Written once against the modality interface (``Classifier.forward_features``), so it serves text and
 vision alike.
+
+Features stay on the model's device (the run's device), and the Gaussians are fitted and the distances
+computed there, in float64 (:class:`LayerGaussian`; Apple MPS, which has no float64, falls back to the CPU).
+The distance uses the quadratic-form identity over chunks of inputs, so its memory is ``O(chunk · (C + D))``.
 """
 
 from __future__ import annotations
@@ -68,45 +72,125 @@ class DANConfig(DetectorConfig):
             )
 
 
-def covariance_estimator(kind: str, shrinkage: float = 0.1) -> Any:
-    from sklearn import covariance as skc
+#: bytes of float64 work memory per chunk of the distance (the chunk's features, ``x·P`` and the ``[n, C]``
+#: cross terms): bounds the distance's peak memory whatever the number of inputs
+CHUNK_BYTES = 64 * 2**20
 
-    if kind == "ledoit_wolf":
-        return skc.LedoitWolf(assume_centered=True)
-    if kind == "oas":
-        return skc.OAS(assume_centered=True)
-    if kind == "empirical":
-        return skc.EmpiricalCovariance(assume_centered=True)
+
+def shrunk_covariance(centred: torch.Tensor, kind: str = "shrunk", shrinkage: float = 0.1) -> torch.Tensor:
+    """The covariance ``[D, D]`` of already-centred float64 features ``[N, D]``, as scikit-learn's estimators
+    with ``assume_centered=True`` compute it (``EmpiricalCovariance``, ``ShrunkCovariance``, ``LedoitWolf``,
+    ``OAS`` of scikit-learn 1.9), in torch on the features' device. No host synchronisation: the data-driven
+    shrinkages stay tensors."""
+    if kind not in COVARIANCES:
+        raise ValueError(f"unknown covariance estimator {kind!r}; expected one of {COVARIANCES}")
+    n, d = centred.shape
+    emp = centred.T @ centred / n
+    if kind == "empirical" or (d == 1 and kind != "shrunk"):  # one feature: every shrinkage gives emp
+        return emp
+    mu = torch.trace(emp) / d
     if kind == "shrunk":
-        return skc.ShrunkCovariance(assume_centered=True, shrinkage=shrinkage)
-    raise ValueError(f"unknown covariance estimator {kind!r}; expected one of {COVARIANCES}")
+        s: torch.Tensor | float = shrinkage
+    elif kind == "ledoit_wolf":  # sklearn.covariance.ledoit_wolf_shrinkage, its block sums in closed form
+        x2 = centred**2
+        trace_terms = x2.sum(0) / n
+        beta_ = (x2.sum(1) ** 2).sum()  # sum of the entries of x2ᵀ·x2
+        delta_ = (emp**2).sum()  # sum of the squared entries of xᵀx, over n²
+        beta = (beta_ / n - delta_) / (d * n)
+        delta = (delta_ - 2.0 * mu * trace_terms.sum() + d * mu**2) / d
+        beta = torch.minimum(beta, delta)
+        s = torch.where(beta == 0, torch.zeros_like(beta), beta / delta)
+    else:  # oas: sklearn.covariance._oas
+        alpha = (emp**2).mean()
+        num = alpha + mu**2
+        den = (n + 1) * (alpha - mu**2 / d)
+        s = torch.where(den == 0, torch.ones_like(den), torch.clamp(num / den, max=1.0))
+    return (1.0 - s) * emp + (s * mu) * torch.eye(d, dtype=emp.dtype, device=emp.device)
+
+
+def pinvh(matrix: torch.Tensor) -> torch.Tensor:
+    """Pseudo-inverse of a symmetric matrix, as ``scipy.linalg.pinvh`` (scikit-learn's ``get_precision``):
+    eigenvalues at most ``max|λ| · D · eps`` count as zero."""
+    eigvals, eigvecs = torch.linalg.eigh(matrix)
+    cutoff = eigvals.abs().max() * matrix.shape[0] * torch.finfo(matrix.dtype).eps
+    inverse = torch.where(eigvals.abs() > cutoff, 1.0 / eigvals, torch.zeros_like(eigvals))
+    return (eigvecs * inverse) @ eigvecs.T
+
+
+def to_device(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``t`` on ``device``: asynchronous towards an accelerator, synchronous towards the CPU (a non-blocking copy
+    to the host could be read before it lands)."""
+    return t.to(device=device, dtype=dtype, non_blocking=torch.device(device).type != "cpu")
+
+
+def _compute_device(device: torch.device) -> torch.device:
+    """Where float64 work runs for features on ``device``: there, except on Apple MPS (no float64)."""
+    return torch.device("cpu") if device.type == "mps" else device
 
 
 @dataclass
 class LayerGaussian:
-    """Class means ``[C, D]`` and the shared precision matrix ``[D, D]`` of one layer."""
+    """Class means ``[C, D]`` and the shared precision matrix ``[D, D]`` of one layer (float64, on the device
+    of the features they were fitted on; saved detectors hold them as CPU tensors)."""
 
     means: torch.Tensor
     precision: torch.Tensor
+    #: per device: (precision, class means minus their centre, the centre, μ_cᵀPμ_c) for :meth:`distance`
+    _placed: dict[torch.device, tuple[torch.Tensor, ...]] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def fit(
-        cls, feats: np.ndarray, labels: np.ndarray, covariance: str = "shrunk", shrinkage: float = 0.1
+        cls,
+        feats: torch.Tensor | np.ndarray,
+        labels: torch.Tensor | np.ndarray,
+        covariance: str = "shrunk",
+        shrinkage: float = 0.1,
     ) -> LayerGaussian:
-        feats = np.asarray(feats, dtype=np.float64)
-        labels = np.asarray(labels)
-        present = np.unique(labels)
-        means = np.stack([feats[labels == c].mean(0) for c in present])
-        centered = feats - means[np.searchsorted(present, labels)]
-        est = covariance_estimator(covariance, shrinkage).fit(centered)
-        return cls(torch.from_numpy(means), torch.from_numpy(np.asarray(est.get_precision())))
+        """Class means and the precision of the class-centred features, in float64 on the features' device."""
+        x = torch.as_tensor(feats)
+        device = _compute_device(x.device)
+        x = x.to(device=device, dtype=torch.float64)
+        present, slot = torch.unique(torch.as_tensor(labels, device=device), return_inverse=True)
+        # class sums as a matrix product (deterministic on CUDA, where index_add_ accumulates atomically)
+        onehot = (slot[None, :] == torch.arange(len(present), device=device)[:, None]).to(torch.float64)
+        means = (onehot @ x) / onehot.sum(1, keepdim=True)
+        precision = pinvh(shrunk_covariance(x - means[slot], covariance, shrinkage))
+        return cls(means, precision)
 
-    def distance(self, feats: torch.Tensor) -> torch.Tensor:
-        """Squared Mahalanobis distance to the nearest class mean, ``[N]``."""
-        x = feats.to(self.means.dtype)
-        diff = x[:, None, :] - self.means[None, :, :]  # [N, C, D]
-        d = torch.einsum("ncd,de,nce->nc", diff, self.precision, diff)
-        return d.min(dim=1).values
+    def on(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """The distance's operands on ``device`` (computed once per device): the precision ``P``, the class
+        means minus their centre ``r`` (the mean of the class means), ``r``, and ``(μ_c − r)ᵀP(μ_c − r)``."""
+        device = _compute_device(torch.device(device))
+        if device not in self._placed:
+            precision = to_device(self.precision, device, torch.float64)
+            means = to_device(self.means, device, torch.float64)
+            centre = means.mean(0)
+            centred = means - centre
+            self._placed[device] = (precision, centred, centre, ((centred @ precision) * centred).sum(1))
+        return self._placed[device]
+
+    def distance(self, feats: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
+        """Squared Mahalanobis distance to the nearest class mean, ``[N]`` float64 on the features' device.
+
+        ``d(x, μ_c) = x'ᵀPx' − 2·x'ᵀPμ'_c + μ'_cᵀPμ'_c`` with ``x' = x − r``, ``μ'_c = μ_c − r`` and ``r`` the
+        mean of the class means (the same value as ``(x − μ_c)ᵀP(x − μ_c)``; centring keeps the terms that
+        cancel small). In float64, over chunks of ``chunk_size`` inputs (default: :data:`CHUNK_BYTES` of
+        work memory), so memory is ``O(chunk · (C + D))``, never ``N × C × D``.
+        """
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        precision, centred, centre, mu_p_mu = self.on(feats.device)
+        n, d = feats.shape[0], precision.shape[0]
+        step = chunk_size or max(1, CHUNK_BYTES // (8 * (2 * d + 2 * len(centred))))
+        out = torch.empty(n, dtype=torch.float64, device=precision.device)
+        for start in range(0, n, step):
+            x = feats[start : start + step].to(device=precision.device, dtype=torch.float64, copy=True)
+            x -= centre
+            xp = x @ precision  # [n, D]
+            dist = torch.addmm(mu_p_mu[None, :], xp, centred.T, alpha=-2.0)  # μPμ − 2·xPμ, [n, C]
+            dist += xp.mul_(x).sum(1, keepdim=True)  # + xPx
+            out[start : start + step] = dist.min(dim=1).values
+        return to_device(out, feats.device)
 
 
 def aggregate(normalised: torch.Tensor, how: str = "max") -> torch.Tensor:
@@ -146,7 +230,8 @@ class DAN(Detector):
     def features(
         self, inputs: Sequence[Any] | torch.Tensor, desc: str | None = None
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Logits ``[N, C]`` and per-layer features (selected layers) from one pass per input."""
+        """Logits ``[N, C]`` and per-layer features (selected layers) from one pass per input, float32 on the
+        model's device."""
         assert self.model is not None
         model = self.model
         model.eval()
@@ -161,8 +246,8 @@ class DAN(Detector):
             if per_layer is None:
                 per_layer = [[] for _ in self.layer_index]
             for slot, i in enumerate(self.layer_index):
-                per_layer[slot].append(feats[i].float().cpu())
-            logits.append(out.float().cpu())
+                per_layer[slot].append(feats[i].float())  # stays on the model's device
+            logits.append(out.float())
         assert per_layer is not None, "no inputs"
         return torch.cat(logits), [torch.cat(f) for f in per_layer]
 
@@ -184,13 +269,13 @@ class DAN(Detector):
         gauss_part, norm_part = clean.subset(np.sort(perm[:n_fit])), clean.subset(np.sort(perm[n_fit:]))
         _, feats = self.features(gauss_part.inputs, desc="DAN: clean features")
         self.gaussians = [
-            LayerGaussian.fit(f.numpy(), gauss_part.labels, self.cfg.covariance, self.cfg.shrinkage) for f in feats
+            LayerGaussian.fit(f, gauss_part.labels, self.cfg.covariance, self.cfg.shrinkage) for f in feats
         ]
         _, norm_feats = self.features(norm_part.inputs, desc="DAN: normaliser")
         d = self._distances(norm_feats)
         self.norm_mean = d.mean(0)
         self.norm_std = d.std(0, correction=0).clamp(min=1e-12)  # population std, as the reference
-        self.calibration_scores = self._score_from_features(norm_feats).astype(np.float64)
+        self.calibration_scores = self._score_from_features(norm_feats)
 
     def fitted_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         if self.norm_mean is None or self.norm_std is None:
@@ -210,8 +295,10 @@ class DAN(Detector):
 
     def _score_from_features(self, per_layer: list[torch.Tensor]) -> np.ndarray:
         assert self.norm_mean is not None and self.norm_std is not None
-        normalised = (self._distances(per_layer) - self.norm_mean) / self.norm_std
-        return aggregate(normalised, self.cfg.aggregation).numpy()
+        d = self._distances(per_layer)
+        mean = to_device(self.norm_mean, d.device)
+        std = to_device(self.norm_std, d.device)
+        return aggregate((d - mean) / std, self.cfg.aggregation).cpu().numpy().astype(np.float64)
 
     def score(self, inputs: Sequence[Any] | torch.Tensor) -> np.ndarray:
         _, feats = self.features(inputs)
@@ -219,4 +306,4 @@ class DAN(Detector):
 
     def score_and_classify(self, inputs: Sequence[Any] | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         logits, feats = self.features(inputs, desc="DAN: scoring")
-        return self._score_from_features(feats), logits.argmax(1).numpy()
+        return self._score_from_features(feats), logits.argmax(1).cpu().numpy()

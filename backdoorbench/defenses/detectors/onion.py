@@ -24,6 +24,13 @@ first and each deletion only feeds the tokens after the deleted word, on top of 
 keys/values (:meth:`~backdoorbench.models.lm.CausalLM.mean_nll_variants`; same values, about half the
 tokens; deleting the last word needs no pass).
 
+A batch of LM sequences holds at most ``lm_batch_size`` sequences and ``lm_batch_tokens`` padded tokens (the
+token budget: it bounds the ``[B, T, vocabulary]`` log-probabilities, 2048 tokens × SmolLM2's 49,152-word
+vocabulary ≈ 400 MB in float32). The token NLLs of a batch and the first NLL of every deletion are gathered on
+the LM's device and copied to the host once per batch, never once per word. The LM runs on the run's device
+under the run's ``trainer.inference_precision`` (autocast, as the victim's batched inference; the LM's weights
+stay in ``lm_dtype``).
+
 Cost: at most ``n + 1`` LM sequences per sentence of ``n ≥ 2`` words (none for shorter ones, which are left alone,
 as in the reference), counted in ``lm_forward_count``; 1 classifier pass per input for the prediction.
 Suspicions are cached per sentence, so ``correct`` after ``score`` on the same inputs costs no LM pass;
@@ -31,7 +38,7 @@ they depend on the LM and the text only, so runs in one process that load the sa
 attacks of a ``--multirun`` sweep) share them: the clean sentences are scored once per sweep, and
 ``cache_hits`` (reported as ``cost.cached_inputs``) counts the scored inputs that were already known.
 In a run with the artifact cache on (``cache.enabled``, the default) they are also kept on disk, under
-``<cache.dir>/onion/<key of the LM's name, dtype, length and weights>/``
+``<cache.dir>/onion/<key of the LM's name, dtype, length, weights and inference precision>/``
 (:class:`~backdoorbench.arraycache.ArrayShards`), so separate processes — parallel sweep lanes, the jobs of
 a SLURM array, a job started again after it was killed — share them too; the values are the same as
 computed afresh, so results do not change.
@@ -57,16 +64,18 @@ from backdoorbench.modality.base import Classifier, weights_fingerprint
 from backdoorbench.models.lm import DTYPES, CausalLM, load_causal_lm
 from backdoorbench.progress import progress
 from backdoorbench.registry import register_defense
-from backdoorbench.runtime import current
+from backdoorbench.runtime import autocast, current, inference_dtype
 from backdoorbench.store import cache_key
 
 log = logging.getLogger(__name__)
 
 CACHE_LIMIT = 100_000  # sentences whose suspicions are kept
-# Suspicions depend only on the LM and the text, never on the victim: runs in one process (a --multirun
-# sweep over attacks) that load the same LM share them, so clean sentences are scored once per sweep.
-_SHARED_CACHES: dict[tuple[str, str, int], dict[str, np.ndarray]] = {}
-# ... and, in a run with the artifact cache on, on disk: one shard folder per LM (name, dtype, length, weights)
+# Suspicions depend only on the LM (and its inference precision) and the text, never on the victim: runs in
+# one process (a --multirun sweep over attacks) that load the same LM share them, so clean sentences are scored
+# once per sweep.
+_SHARED_CACHES: dict[tuple[str, str, int, str], dict[str, np.ndarray]] = {}
+# ... and, in a run with the artifact cache on, on disk: one shard folder per LM (name, dtype, length, weights,
+# inference precision when not 32)
 _DISK_CACHES: dict[Path, ArrayShards] = {}
 
 
@@ -76,6 +85,7 @@ class ONIONConfig(DetectorConfig):
     lm: str = "smollm2"  # smollm2 (offline) | any HF causal LM name or local folder (gpt2 in the paper)
     lm_batch_size: int = 32  # sequences per LM forward pass
     lm_max_length: int = 256  # LM tokens per sequence (longer ones are truncated)
+    lm_batch_tokens: int = 2048  # padded LM tokens per forward pass (bounds the [B, T, vocab] log-probabilities)
     lm_dtype: str = "float32"  # float32 | float16 | bfloat16
     bar: float | None = None  # suspicion bar for correct() (perplexity units); null = calibrate
     bar_quantile: float = 0.95  # bar = this quantile of f_i over the clean fitting words
@@ -88,6 +98,8 @@ class ONIONConfig(DetectorConfig):
             raise ValueError(f"defense.lm_batch_size must be >= 1, got {self.lm_batch_size}")
         if self.lm_max_length < 2:
             raise ValueError(f"defense.lm_max_length must be >= 2, got {self.lm_max_length}")
+        if self.lm_batch_tokens < 1:
+            raise ValueError(f"defense.lm_batch_tokens must be >= 1, got {self.lm_batch_tokens}")
         if self.lm_dtype not in DTYPES:
             raise ValueError(f"defense.lm_dtype must be one of {tuple(DTYPES)}, got {self.lm_dtype!r}")
         if not 0.0 < self.bar_quantile <= 1.0:
@@ -161,7 +173,8 @@ class ONION(Detector):
             if not bases:
                 continue
             # all deletions of the chunk, batched; each deletion reuses its sentence's cached prefix
-            nll = self.lm.mean_nll_variants(bases, variants, self.cfg.lm_batch_size)
+            with autocast(self.lm.device, inference_dtype()):
+                nll = self.lm.mean_nll_variants(bases, variants, self.cfg.lm_batch_size)
             for text, values in zip(texts_done, nll):
                 ppl = np.exp(values)
                 f = ppl[0] - ppl[1:]
@@ -177,12 +190,17 @@ class ONION(Detector):
         cfg = self.cfg
         if self.lm is None:
             device = current().device or model.device  # the run's device (outside a run: the victim's)
-            self.lm = load_causal_lm(cfg.lm, device=device, dtype=cfg.lm_dtype, max_length=cfg.lm_max_length)
-            self._cache = _SHARED_CACHES.setdefault((cfg.lm, cfg.lm_dtype, cfg.lm_max_length), {})
+            self.lm = load_causal_lm(cfg.lm, device=device, dtype=cfg.lm_dtype, max_length=cfg.lm_max_length,
+                                     max_batch_tokens=cfg.lm_batch_tokens)
+            self._cache = _SHARED_CACHES.setdefault(
+                (cfg.lm, cfg.lm_dtype, cfg.lm_max_length, current().inference_precision), {}
+            )
         root = current().cache_dir
         if self._disk is None and root is not None:
             spec = {"lm": cfg.lm, "dtype": cfg.lm_dtype, "max_length": self.lm.max_length,
                     "weights": weights_fingerprint(self.lm.model)}
+            if current().inference_precision != "32":  # in the key only when set: full-precision keys stay
+                spec["inference_precision"] = current().inference_precision
             folder = Path(root) / "onion" / cache_key(spec)
             self._disk = _DISK_CACHES.setdefault(folder, ArrayShards(folder))
             self._disk.refresh()

@@ -29,6 +29,12 @@ are therefore exactly the undefended model's.
 
 Cost: 2 forward passes per scored input (plain and with the RAP trigger); ``score_and_classify`` takes the
 predictions from the plain pass.
+
+Precision: the optimisation's forward passes run under the run's ``trainer.precision`` (autocast to float16
+for ``16*``, bfloat16 for ``bf16*``, none for ``32*``; the model's weights are not cast, the trained rows, the
+probabilities, the loss and the update stay float32). Under float16 the loss is scaled by
+``FP16_LOSS_SCALE`` (a power of two, so unscaling is exact) against gradient underflow. Scoring runs under
+``trainer.inference_precision`` like every batched inference (``Classifier.iter_batches``).
 """
 
 from __future__ import annotations
@@ -48,12 +54,15 @@ from backdoorbench.data.base import Samples
 from backdoorbench.defenses.base import Detector, DetectorConfig
 from backdoorbench.modality.base import Classifier
 from backdoorbench.registry import register_defense
+from backdoorbench.runtime import autocast, current, training_dtype
 
 log = logging.getLogger(__name__)
 
 TRIGGER_SCOPES = ("inserted", "all")
 #: score of inputs not predicted as the protected label (below any −drop, which lies in [−1, 1])
 UNPROTECTED_SCORE = -2.0
+#: static loss scale of the optimisation under float16 autocast (``trainer.precision=16-mixed``)
+FP16_LOSS_SCALE = 2.0**10
 
 
 @dataclass
@@ -218,26 +227,41 @@ class RAP(Detector):
         frozen = [(p, p.requires_grad) for p in model.parameters()]
         for p, _ in frozen:
             p.requires_grad_(False)
+        dtype = training_dtype()  # trainer.precision
+        scale = FP16_LOSS_SCALE if dtype == torch.float16 else None
         self.history = []
         try:
             with self.rap_embeddings(rows):
                 for _ in range(cfg.epochs):
-                    total = 0.0
+                    losses: list[torch.Tensor] = []
+                    sizes: list[int] = []
                     for start in range(0, len(order), cfg.train_batch_size):
                         idx = order[start : start + cfg.train_batch_size]
                         (batch,) = model.iter_batches([triggered[i] for i in idx], len(idx))
-                        p_rap = torch.softmax(model(batch).float(), 1)[:, cfg.protect_label]
+                        with autocast(rows.device, dtype):
+                            logits = model(batch)
+                        p_rap = torch.softmax(logits.float(), 1)[:, cfg.protect_label]
                         drop = p_plain[torch.as_tensor(idx, device=rows.device)] - p_rap
                         loss = rap_loss(drop, cfg.drop_low, cfg.drop_high, cfg.scale_factor)
                         if not cfg.accumulate_grad:
                             rows.grad = None
-                        loss.backward()
+                        (loss if scale is None else loss * scale).backward()
                         with torch.no_grad():
                             assert rows.grad is not None
-                            rows -= cfg.lr * rows.grad
+                            rows -= cfg.lr * (rows.grad if scale is None else rows.grad / scale)
                             if cfg.keep_norm:
                                 rows *= norms / rows.norm(dim=1, keepdim=True).clamp(min=1e-12)
-                        total += float(loss.detach()) * len(idx)
+                        losses.append(loss.detach())
+                        sizes.append(len(idx))
+                    # one host synchronisation per epoch (the finiteness check and the logged mean loss)
+                    if scale is not None and not bool(torch.isfinite(rows).all()):
+                        raise ConfigError(
+                            "RAP: the trigger optimisation overflowed under trainer.precision="
+                            f"{current().precision} (float16); use bf16-mixed or 32-true"
+                        )
+                    total = 0.0  # summed in float64 on the host, in step order
+                    for value, size in zip(torch.stack(losses).double().cpu().tolist(), sizes):
+                        total += value * size
                     self.history.append(total / len(order))
         finally:
             for p, flag in frozen:

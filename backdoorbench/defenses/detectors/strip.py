@@ -21,7 +21,10 @@ prediction; the ``N`` copies of a batch of inputs go through the model together 
 Images (Gao et al. 2019, reference ``garrisongys/STRIP``): each of the ``N`` copies (default 100, the
 paper's) superimposes a random clean image of the defender's fitting data on the input, as the reference's
 ``cv2.addWeighted(x, 1, clean, 1, 0)``: pixel-wise sum saturated at 255 (``superimpose=add``);
-``superimpose=average`` blends them half and half instead. Cost ``1 + N`` passes per input, in batches.
+``superimpose=average`` blends them half and half instead (rounded up). Cost ``1 + N`` passes per input, in
+batches. The superimposition runs on the model's device, in uint8 (the images' dtype, with saturating uint8
+arithmetic: the same values as a sum in a wider integer type, clamped); the clean images are copied to that
+device once, the entropies stay there, and only the final scores come back to the host.
 
 The perturbation is one method, ``perturb(inputs, preds, rng)``, and its statistics are fitted by
 ``fit_perturbation(clean)``; both dispatch on the model's modality.
@@ -69,9 +72,26 @@ class STRIPConfig(DetectorConfig):
 
 
 def prediction_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Shannon entropy (nats) of the softmax of each row ``[N, C]`` → ``[N]``."""
+    """Shannon entropy (nats) of the softmax of each row ``[N, C]`` → ``[N]``, in float64 on the logits' device
+    (on the CPU for Apple MPS, which has no float64)."""
+    if logits.device.type == "mps":
+        logits = logits.cpu()
     logp = torch.log_softmax(logits.double(), dim=1)
     return -(logp.exp() * logp).sum(1)
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``: asynchronous towards an accelerator, synchronous towards the CPU."""
+    return t.to(device, non_blocking=torch.device(device).type != "cpu")
+
+
+def superimpose_uint8(base: torch.Tensor, other: torch.Tensor, how: str = "add") -> torch.Tensor:
+    """Two uint8 image batches combined pixel-wise without leaving uint8: ``add`` = ``min(a + b, 255)``
+    (computed as ``a + min(b, 255 − a)``), ``average`` = ``⌈(a + b) / 2⌉`` (computed as
+    ``(a >> 1) + (b >> 1) + ((a | b) & 1)``); both equal the same operations in a wider integer type."""
+    if how == "add":
+        return base + torch.minimum(other, 255 - base)
+    return (base >> 1) + (other >> 1) + ((base | other) & 1)
 
 
 def words_of(text: str) -> list[str]:
@@ -98,8 +118,9 @@ class STRIP(Detector):
         super().__init__(cfg, seed)
         #: text: per predicted label, the TF-IDF-ranked word lists of the clean samples of the other labels
         self.pools: dict[int, list[list[str]]] = {}
-        #: images: the clean images superimposed on inputs (uint8 [M, C, H, W])
+        #: images: the clean images superimposed on inputs (uint8 [M, C, H, W]), and their copy per device
         self.backgrounds: torch.Tensor | None = None
+        self._placed: dict[torch.device, torch.Tensor] = {}
         self.modality = ""
 
     @property
@@ -114,27 +135,34 @@ class STRIP(Detector):
         if model.modality == "vision":
             if not isinstance(clean.inputs, torch.Tensor) or clean.inputs.dtype != torch.uint8:
                 raise ConfigError("STRIP on images needs the defender's clean images as uint8 [N, C, H, W]")
-            self.backgrounds = clean.inputs
+            self.backgrounds, self._placed = clean.inputs, {}
             return
         self.fit_word_pools(model, clean)
 
-    def perturb(self, inputs: Sequence[Any] | torch.Tensor, preds: np.ndarray, rng: np.random.Generator) -> Any:
-        """``N`` perturbed copies of each input, grouped by input: copies ``[i*N, (i+1)*N)`` belong to input i."""
+    def perturb(
+        self, inputs: Sequence[Any] | torch.Tensor, preds: np.ndarray | torch.Tensor, rng: np.random.Generator
+    ) -> Any:
+        """``N`` perturbed copies of each input, grouped by input: copies ``[i*N, (i+1)*N)`` belong to input i.
+        Images: on the images' device (``preds`` unused); text: ``preds`` choose the replacement pools."""
         if self.modality == "vision":
             return self.superimpose(inputs, rng)  # type: ignore[arg-type]
+        if isinstance(preds, torch.Tensor):
+            preds = preds.cpu().numpy()
         return self.replace_words(inputs, preds, rng)
 
     def superimpose(self, images: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-        """Each image plus ``N`` random clean images: saturating sum (``add``) or the average."""
+        """Each image plus ``N`` random clean images: saturating sum (``add``) or the average, in uint8 on the
+        images' device."""
         if self.backgrounds is None:
             raise RuntimeError("call fit() first")
-        n = self.num_copies
-        idx = torch.from_numpy(rng.integers(len(self.backgrounds), size=len(images) * n))
-        base = images.repeat_interleave(n, dim=0).to(torch.int16)
-        other = self.backgrounds[idx].to(torch.int16)
-        if self.cfg.superimpose == "add":
-            return (base + other).clamp_(0, 255).to(torch.uint8)
-        return ((base + other + 1) // 2).to(torch.uint8)
+        if images.dtype != torch.uint8:
+            raise ConfigError(f"STRIP superimposes uint8 images [N, C, H, W], got {images.dtype}")
+        n, device = self.num_copies, images.device
+        if device not in self._placed:
+            self._placed[device] = to_device(self.backgrounds, device)
+        backgrounds = self._placed[device]
+        idx = torch.from_numpy(rng.integers(len(backgrounds), size=len(images) * n)).to(device, non_blocking=True)
+        return superimpose_uint8(images.repeat_interleave(n, dim=0), backgrounds[idx], self.cfg.superimpose)
 
     def fit_word_pools(self, model: Classifier, clean: Samples) -> None:
         """Per label ``c``: fit a TF-IDF on the clean samples whose label is not ``c`` and keep, for each of
@@ -213,7 +241,7 @@ class STRIP(Detector):
     def load_fitted_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         self.modality = str(meta["modality"])
         if self.modality == "vision":
-            self.backgrounds = tensors["backgrounds"]
+            self.backgrounds, self._placed = tensors["backgrounds"], {}
         else:
             self.pools = {int(c): [list(map(str, words)) for words in pool] for c, pool in meta["pools"].items()}
 
@@ -234,14 +262,17 @@ class STRIP(Detector):
         starts = range(0, len(inputs), bs)
         for start in progress(starts, desc=desc, total=len(starts)):
             chunk = inputs[start : start + bs]
-            logits = torch.cat([model(b).float().cpu() for b in model.iter_batches(chunk, bs)])
-            copies = self.perturb(chunk, logits.argmax(1).numpy(), rng)
-            ent = torch.cat([prediction_entropy(model(b).float().cpu()) for b in model.iter_batches(copies, bs)])
+            if isinstance(chunk, torch.Tensor):  # images: uint8 to the model's device, superimposed there
+                chunk = to_device(chunk, model.device)
+            logits = torch.cat([model(b).float() for b in model.iter_batches(chunk, bs)])
+            preds = logits.argmax(1)  # images do not need them on the host; word pools (and subclasses) do
+            copies = self.perturb(chunk, preds if self.modality == "vision" else preds.cpu().numpy(), rng)
+            ent = torch.cat([prediction_entropy(model(b).float()) for b in model.iter_batches(copies, bs)])
             scores.append(-ent.view(len(chunk), n_copies).mean(1))
             plain.append(logits)
         if not plain:
             return np.zeros(0), torch.empty(0, model.num_classes)
-        return torch.cat(scores).numpy(), torch.cat(plain)
+        return torch.cat(scores).cpu().numpy(), torch.cat(plain).cpu()
 
     def score(self, inputs: Sequence[Any] | torch.Tensor) -> np.ndarray:
         return self._score_and_logits(inputs)[0]
