@@ -1,0 +1,126 @@
+"""The data-inspection family (``defenses/training/``): the template and each method's scores and removal rule
+on planted features, against direct computations; the sample-level metrics by hand."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from backdoorbench.config import component_config
+from backdoorbench.data.base import Samples
+from backdoorbench.defenses.training.inspection import DataInspectionDefense, Inspection, extract_features
+from backdoorbench.metrics import inspection_metrics
+from backdoorbench.modality.base import Classifier
+from backdoorbench.registry import REGISTRY
+
+
+class FeatureToy(Classifier):
+    """A 'model' whose last feature layer is the input itself (planted features), and whose logits are linear."""
+
+    modality = "vision"
+
+    def __init__(self, dim: int, num_classes: int = 2) -> None:
+        super().__init__(num_classes)
+        self.head = nn.Linear(dim, num_classes)
+
+    def collate(self, inputs):
+        return {"x": torch.as_tensor(np.asarray(inputs), dtype=torch.float32)}
+
+    def forward(self, batch):
+        return self.head(batch["x"])
+
+    def forward_features(self, batch, pooling="cls"):
+        return self.head(batch["x"]), [batch["x"] * 2.0, batch["x"]]
+
+
+def make(name: str, **overrides):
+    entry = REGISTRY.get("defense", name)
+    return entry.obj(component_config(entry, overrides, "defense"), seed=0)
+
+
+def planted(n_per_class: int = 100, n_poison: int = 8, dim: int = 6, seed: int = 0):
+    """Two classes of Gaussian features; class 0 also holds ``n_poison`` samples shifted far along one axis (a
+    planted backdoor cluster). Returns features, labels, the poisoned mask."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(2 * n_per_class + n_poison, dim))
+    y = np.array([0] * n_per_class + [1] * n_per_class + [0] * n_poison)
+    x[2 * n_per_class :, 0] += 8.0
+    poisoned = np.zeros(len(y), dtype=bool)
+    poisoned[2 * n_per_class :] = True
+    return x, y, poisoned
+
+
+# -- metrics ----------------------------------------------------------------------------------------------
+def test_inspection_metrics_by_hand() -> None:
+    scores = np.array([0.9, 0.1, 0.8, 0.3, 0.2, 0.7])
+    removed = np.array([True, False, True, False, False, True])
+    poisoned = np.array([True, False, False, False, False, True])
+    m = inspection_metrics(scores, removed, poisoned)
+    assert m["removed"] == 3 and m["removed_fraction"] == 0.5
+    assert m["poisoned_samples"] == 2 and m["poison_recall"] == 1.0
+    assert m["clean_removed"] == 1 and m["clean_removed_fraction"] == 0.25
+    # AUROC: poisoned {0.9, 0.7} vs clean {0.1, 0.8, 0.3, 0.2}: pairs won 4 + 3 of 8
+    assert m["sample_auroc"] == pytest.approx(7 / 8)
+    assert set(inspection_metrics(scores, removed, None)) == {"removed", "removed_fraction"}
+
+
+def test_inspection_rejects_mismatched_shapes() -> None:
+    with pytest.raises(ValueError):
+        Inspection(np.zeros(3), np.zeros(2, dtype=bool))
+    with pytest.raises(ValueError):
+        Inspection(np.array([0.0, np.nan]), np.zeros(2, dtype=bool))
+
+
+def test_features_come_from_the_chosen_layer() -> None:
+    x = np.arange(12, dtype=np.float64).reshape(4, 3)
+    model = FeatureToy(3)
+    assert np.array_equal(extract_features(model, x.tolist(), 3, layer=-1), x)
+    assert np.array_equal(extract_features(model, x.tolist(), 3, layer=0), 2 * x)
+
+
+# -- the template -----------------------------------------------------------------------------------------
+def test_template_retrains_on_the_kept_samples_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    x, y, poisoned = planted()
+    train = Samples(x.tolist(), y, "vision")
+    defense = make("spectral", epsilon=0.05, retrain_epochs=2)
+    seen: list[tuple[int, int]] = []
+
+    def fake_fit(self, model, samples, trainer, stage, epochs=None, module_factory=None):
+        seen.append((len(samples), epochs))
+        self.fit_samples = samples
+        return model
+
+    monkeypatch.setattr(DataInspectionDefense, "fit_model", fake_fit)
+    trained = FeatureToy(6)
+    out = defense.train(train, lambda: FeatureToy(6), trained=trained)
+    assert out is not trained and defense.removed is not None and defense.sample_scores is not None
+    kept = np.flatnonzero(~defense.removed)
+    assert seen == [(len(kept), 2)]  # one fit: the retraining on the kept set (the feature model was given)
+    assert defense.fit_samples.inputs == [train.inputs[i] for i in kept]
+    # without a given model, the template trains the feature model first, on every sample
+    seen.clear()
+    make("spectral").train(train, lambda: FeatureToy(6))
+    assert [n for n, _ in seen] == [len(train), len(train) - int(np.floor(0.15 * 108)) - int(np.floor(0.15 * 100))]
+
+
+# -- Spectral Signatures ----------------------------------------------------------------------------------
+def test_spectral_scores_equal_a_direct_svd_and_remove_1_5_eps_per_class() -> None:
+    x, y, poisoned = planted()
+    train = Samples(x.tolist(), y, "vision")
+    defense = make("spectral", epsilon=0.05)
+    result = defense.inspect(FeatureToy(6), train)
+    f = x.astype(np.float32).astype(np.float64)  # the features pass through the model in float32
+    for c in (0, 1):
+        idx = np.flatnonzero(y == c)
+        r = f[idx] - f[idx].mean(axis=0)
+        # the top right singular vector = the top eigenvector of the (unnormalised) covariance r^T r
+        w, v = np.linalg.eigh(r.T @ r)
+        expected = (r @ v[:, np.argmax(w)]) ** 2
+        assert np.allclose(result.scores[idx], expected, rtol=1e-9, atol=1e-12)
+        k = int(np.floor(1.5 * 0.05 * len(idx)))  # 8 of 108, 7 of 100
+        assert result.removed[idx].sum() == k
+        assert result.scores[idx][result.removed[idx]].min() >= result.scores[idx][~result.removed[idx]].max()
+    assert result.removed[poisoned].all()  # the planted cluster dominates class 0's top direction
+    assert inspection_metrics(result.scores, result.removed, poisoned)["sample_auroc"] > 0.99
