@@ -124,3 +124,37 @@ def test_spectral_scores_equal_a_direct_svd_and_remove_1_5_eps_per_class() -> No
         assert result.scores[idx][result.removed[idx]].min() >= result.scores[idx][~result.removed[idx]].max()
     assert result.removed[poisoned].all()  # the planted cluster dominates class 0's top direction
     assert inspection_metrics(result.scores, result.removed, poisoned)["sample_auroc"] > 0.99
+
+
+# -- Activation Clustering --------------------------------------------------------------------------------
+@pytest.mark.parametrize("reduce", ["ica", "pca"])
+def test_activation_clustering_finds_the_planted_small_cluster(reduce: str) -> None:
+    x, y, poisoned = planted(n_per_class=100, n_poison=20, dim=12)
+    train = Samples(x.tolist(), y, "vision")
+    defense = make("activation_clustering", reduce=reduce)
+    result = defense.inspect(FeatureToy(12), train)
+    assert np.array_equal(result.removed, poisoned)  # class 0's 20-of-120 cluster; class 1 splits ~evenly
+    share0 = defense.class_info[0]["shares"]
+    assert sorted(share0) == pytest.approx([20 / 120, 100 / 120])
+    assert np.allclose(result.scores[poisoned], 1 - 20 / 120) and np.allclose(result.scores[y == 0][:100], 1 / 6)
+    assert min(defense.class_info[1]["shares"]) > 0.35 and not defense.class_info[1]["flagged"]
+
+
+def test_activation_clustering_silhouette_criterion() -> None:
+    x, y, poisoned = planted(n_per_class=100, n_poison=20, dim=12)
+    train = Samples(x.tolist(), y, "vision")
+    from sklearn.metrics import silhouette_score
+
+    sil = make("activation_clustering", criterion="silhouette")
+    result = sil.inspect(FeatureToy(12), train)
+    assert np.array_equal(result.removed, poisoned)  # well separated: the silhouette is high
+    assert sil.class_info[0]["silhouette"] > 0.1
+    # a threshold above the clustering's silhouette keeps everything
+    strict = make("activation_clustering", criterion="silhouette", silhouette_threshold=0.99)
+    assert not strict.inspect(FeatureToy(12), train).removed.any()
+    # the silhouette reported is scikit-learn's on the reduced features
+    from backdoorbench.defenses.training.activation_clustering import cluster_class, reduce_features
+
+    red = reduce_features(x[y == 0].astype(np.float32).astype(np.float64), "ica", 10, 0)
+    clusters, _, s = cluster_class(red, sil.cfg, 0)
+    assert s == pytest.approx(silhouette_score(red, clusters)) == pytest.approx(sil.class_info[0]["silhouette"])

