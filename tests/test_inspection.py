@@ -205,3 +205,45 @@ def test_unlearning_module_ascends_the_cross_entropy() -> None:
     batch = {"inputs": {"x": torch.randn(4, 3)}, "labels": torch.tensor([0, 1, 0, 1])}
     loss = UnlearnModule(model, TrainConfig()).loss(batch)
     assert loss.item() == pytest.approx(-F.cross_entropy(model(batch["inputs"]), batch["labels"]).item())
+
+
+# -- SPECTRE ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n", [20, 150])  # d² = 36 > n + 1 = 21: the Gram route; 36 <= 151: the dense route
+def test_spectre_fourth_moment_direction_equals_the_dense_eigenproblem(n: int) -> None:
+    from backdoorbench.defenses.training.spectre import top_fourth_moment_direction
+
+    y = np.random.default_rng(n).normal(size=(n, 6))
+    lam, quad, trace = top_fourth_moment_direction(y)
+    z = np.einsum("ni,nj->nij", y, y).reshape(n, 36)
+    eye = np.eye(6).ravel()
+    w, v = np.linalg.eigh(z.T @ z / n - np.outer(eye, eye))
+    j = int(np.argmax(np.abs(w)))
+    vm = v[:, j].reshape(6, 6)
+    assert lam == pytest.approx(w[j], rel=1e-8)
+    expected = np.einsum("ij,jk,ik->i", y, vm, y) - np.trace(vm)
+    assert np.allclose(np.abs(quad - trace), np.abs(expected), atol=1e-8)  # v up to its sign
+
+
+def test_spectre_que_score_by_hand() -> None:
+    from scipy.linalg import expm
+
+    from backdoorbench.defenses.training.spectre import que
+
+    x = np.random.default_rng(1).normal(size=(50, 4)) * np.array([1.0, 1.0, 1.0, 3.0])
+    scores, op = que(x, 4.0)
+    cov = np.cov(x, rowvar=False)
+    m = expm(4.0 * (cov - np.eye(4)) / (np.linalg.norm(cov, 2) - 1))
+    m /= np.trace(m)
+    assert np.allclose(scores, [xi @ m @ xi for xi in x])
+    assert op == pytest.approx(np.trace(cov @ m))
+
+
+def test_spectre_removes_the_planted_cluster() -> None:
+    x, y, poisoned = planted(n_per_class=100, n_poison=10, dim=8)
+    train = Samples(x.tolist(), y, "vision")
+    defense = make("spectre", epsilon=0.1)
+    result = defense.inspect(FeatureToy(8), train)
+    assert result.removed[poisoned].all()
+    assert result.removed[y == 0].sum() == round(1.5 * round(0.1 * 110))  # 1.5·m removed per class
+    assert inspection_metrics(result.scores, result.removed, poisoned)["sample_auroc"] > 0.99
+    assert set(defense.chosen_dims) == {0, 1}

@@ -27,6 +27,7 @@ TEXT = ["attack=badnet_rw", "model.max_length=32", "data.max_train=120", "data.m
 DEFENSES: dict[str, list[str]] = {
     "spectral": [],
     "activation_clustering": [],
+    "spectre": [],
     "abl": ["defense.isolation_epochs=1", "defense.unlearning_epochs=1", "defense.isolation_ratio=0.05"],
 }
 #: the stages each defense times (default: inspection on the victim's features, then retraining)
