@@ -247,3 +247,28 @@ def test_spectre_removes_the_planted_cluster() -> None:
     assert result.removed[y == 0].sum() == round(1.5 * round(0.1 * 110))  # 1.5·m removed per class
     assert inspection_metrics(result.scores, result.removed, poisoned)["sample_auroc"] > 0.99
     assert set(defense.chosen_dims) == {0, 1}
+
+
+# -- CUBE -------------------------------------------------------------------------------------------------
+def test_cube_filtering_keeps_the_majority_cluster_per_label() -> None:
+    from backdoorbench.defenses.training.cube import filter_clusters
+
+    labels = np.array([0] * 10 + [1] * 6)
+    clusters = np.array([0] * 7 + [1] * 2 + [-1] + [1] * 3 + [2] * 3)
+    removed, scores = filter_clusters(labels, clusters, 0.5)
+    # label 0: cluster 0 (7) kept; cluster 1 (2 < 5) and noise (1 < 5) removed
+    assert removed[:10].tolist() == [False] * 7 + [True] * 3
+    # label 1: two clusters of 3; the kept one is the last in the stable ascending order; 3 < 0.5·6 is false
+    assert not removed[10:].any()
+    assert np.allclose(scores[:10], [0.3] * 7 + [0.8] * 2 + [0.9]) and np.allclose(scores[10:], 0.5)
+
+
+@pytest.mark.parametrize("reduce", ["tsne", "pca"])
+def test_cube_removes_the_planted_cluster(reduce: str) -> None:
+    x, y, poisoned = planted(n_per_class=100, n_poison=20, dim=12)
+    train = Samples(x.tolist(), y, "vision")
+    defense = make("cube", reduce=reduce, min_samples=10)
+    result = defense.inspect(FeatureToy(12), train)
+    assert result.removed[poisoned].all()
+    assert result.removed[~poisoned].mean() < 0.1  # HDBSCAN's noise points may go too
+    assert inspection_metrics(result.scores, result.removed, poisoned)["sample_auroc"] > 0.95

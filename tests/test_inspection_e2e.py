@@ -28,6 +28,7 @@ DEFENSES: dict[str, list[str]] = {
     "spectral": [],
     "activation_clustering": [],
     "spectre": [],
+    "cube": ["defense.min_samples=10"],
     "abl": ["defense.isolation_epochs=1", "defense.unlearning_epochs=1", "defense.isolation_ratio=0.05"],
 }
 #: the stages each defense times (default: inspection on the victim's features, then retraining)
