@@ -315,3 +315,27 @@ def test_bki_finds_the_keyword_and_removes_its_sentences() -> None:
 def test_bki_is_text_only() -> None:
     with pytest.raises(Exception, match="text"):
         make("bki").inspect(FeatureToy(3), Samples(np.zeros((4, 3)).tolist(), np.array([0, 1, 0, 1]), "vision"))
+
+
+def test_the_add_a_defense_page_example_runs() -> None:
+    """docs/add-a-defense.md's data-inspection example: defined, registered, and it removes the planted outliers."""
+    import re
+
+    from conftest import REPO_ROOT
+
+    page = (REPO_ROOT / "docs/add-a-defense.md").read_text()
+    section = page[page.index("## A data-inspection defense") :]
+    code = re.search(r"^```python\n(.*?)^```", section, re.S | re.M).group(1)
+    import sys
+    import types
+
+    module = types.ModuleType("docs_centroid_filter")  # dataclasses look their module up in sys.modules
+    sys.modules[module.__name__] = module
+    try:
+        exec(compile(code, "add-a-defense.md", "exec"), module.__dict__)  # noqa: S102 - our own docs
+        x, y, poisoned = planted(n_per_class=100, n_poison=8)
+        result = make("centroid_filter", fraction=0.1).inspect(FeatureToy(6), Samples(x.tolist(), y, "vision"))
+        assert result.removed[poisoned].all() and result.removed.sum() == int(0.1 * 108) + int(0.1 * 100)
+    finally:
+        REGISTRY._tables["defense"].pop("centroid_filter", None)
+        sys.modules.pop(module.__name__, None)
