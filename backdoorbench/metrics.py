@@ -9,6 +9,8 @@
   clean calibration data. FRR = share of clean test inputs rejected; FAR = share of poisoned test
   inputs accepted, over triggered non-target test inputs on which the attack succeeds; AUROC with
   poisoned (successful) as the positive class.
+* Data inspection: over the training set, recall of the poisoned samples, clean samples removed (count, %),
+  AUROC of the per-sample score (poisoned positive): :func:`inspection_metrics`.
 """
 
 from __future__ import annotations
@@ -95,3 +97,29 @@ def detection_metrics(
 
 def _key(frr: float) -> str:
     return f"{frr:g}"
+
+
+# -- data inspection (training-time defenses that remove training samples) ----------------------------------
+def inspection_metrics(scores: np.ndarray, removed: np.ndarray, poisoned: np.ndarray | None) -> dict[str, float | int]:
+    """Sample-level metrics of a data-inspection defense over the training set, computed from the provenance the
+    defense never saw: ``removed`` (count) and ``removed_fraction``; with ``poisoned`` (True = the sample carries
+    the backdoor), ``poison_recall`` (poisoned samples removed / poisoned samples), ``clean_removed`` (count),
+    ``clean_removed_fraction`` (clean samples removed / clean samples) and ``sample_auroc`` (AUROC of the
+    per-sample score, poisoned positive)."""
+    s, r = np.asarray(scores, dtype=np.float64), np.asarray(removed, dtype=bool)
+    out: dict[str, float | int] = {"removed": int(r.sum()),
+                                   "removed_fraction": float(r.mean()) if len(r) else float("nan")}
+    if poisoned is None:
+        return out
+    p = np.asarray(poisoned, dtype=bool)
+    if not (s.shape == r.shape == p.shape):
+        raise ValueError(f"scores {s.shape}, removed {r.shape} and poisoned {p.shape} must have one shape")
+    clean = ~p
+    out.update(
+        poisoned_samples=int(p.sum()),
+        poison_recall=float(r[p].mean()) if p.any() else float("nan"),
+        clean_removed=int((r & clean).sum()),
+        clean_removed_fraction=float(r[clean].mean()) if clean.any() else float("nan"),
+        sample_auroc=auroc(s[clean], s[p]),
+    )
+    return out

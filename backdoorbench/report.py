@@ -62,6 +62,13 @@ def print_run_summary(results: dict[str, Any]) -> None:
         if "ba_after_correction" in m:
             t.add_row("BA after input correction", _pct(m.get("ba_after_correction")))
             t.add_row("ASR after input correction", _pct(m.get("asr_after_correction")))
+    if "removed" in m:  # a data-inspection defense: its verdict on the training samples
+        t.add_row("training samples removed", f"{m['removed']} ({_pct(m.get('removed_fraction'))}%)")
+        if "poison_recall" in m:
+            t.add_row("poisoned training samples removed (recall)", _pct(m.get("poison_recall")))
+            t.add_row("clean training samples removed",
+                      f"{m.get('clean_removed')} ({_pct(m.get('clean_removed_fraction'))}%)")
+            t.add_row("AUROC of the per-sample score", _pct(m.get("sample_auroc")))
     for key, label in (
         ("ba_after", "BA after defense"),
         ("asr_after", "ASR after defense"),
@@ -101,6 +108,9 @@ RATES = [
     "r_acc_after",
     "der",
     "labelled_poisoned_fraction",
+    "poison_recall",  # data inspection: training samples
+    "clean_removed_fraction",
+    "sample_auroc",
 ]
 COLUMNS = (
     ["attack", "setting", "defense", "data", "model", "seed", *RATES[:5]]

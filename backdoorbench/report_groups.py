@@ -27,7 +27,7 @@ log = logging.getLogger("backdoorbench.report")
 #: metrics summarised per group (those that appear in at least one run of the table)
 SUMMARY_METRICS = [
     "ba", "asr", "far", "frr", "auroc", "ba_after_rejection", "asr_after_rejection", "ba_after", "asr_after",
-    "r_acc_after", "der",
+    "r_acc_after", "der", "poison_recall", "clean_removed_fraction", "sample_auroc",
 ]
 #: versions.json keys that do not make two runs different experiments
 IGNORED_VERSION_KEYS = {"platform"}

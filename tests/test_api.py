@@ -193,6 +193,7 @@ TINY_DEFENSE = {
     "finetune": ["defense.epochs=1"],
     "nad": ["defense.epochs=1", "defense.teacher_epochs=1"],
     "rnp": ["defense.unlearn_epochs=1", "defense.recover_epochs=1"],
+    "abl": ["defense.isolation_epochs=1", "defense.unlearning_epochs=1"],
     "dbd": [
         "defense.ssl_epochs=1",
         "defense.head_epochs=1",

@@ -7,7 +7,9 @@ measured. The pipeline picks the protocol by ``defense.kind`` (:data:`PROTOCOLS`
 * ``repair`` — BA/ASR before, repair with the defender's clean data, BA/ASR/R-Acc/DER after, the curve over
   the defense's main knob (reporting only), attention maps for image models;
 * ``training`` — train a fresh model on the (possibly poisoned) training set without its provenance, BA/ASR
-  after, and the share of backdoor samples among the samples whose labels the defense kept;
+  after, and the share of backdoor samples among the samples whose labels the defense kept; for data-inspection
+  defenses also recall of the poisoned samples, clean samples removed and the per-sample AUROC
+  (``train_scores.csv``);
 * ``none`` — the victim's BA/ASR.
 """
 
@@ -24,12 +26,22 @@ import numpy as np
 
 from backdoorbench.attacks.base import Attack
 from backdoorbench.data.base import Samples
+from backdoorbench.data.poisoned import PoisonedDataset
 from backdoorbench.data.split import Splits
 from backdoorbench.defenses.base import Defense, Detector, RepairDefense, TrainingDefense, clean_count
-from backdoorbench.engine.rundir import Scored, draw, write_curve
+from backdoorbench.defenses.training.inspection import DataInspectionDefense
+from backdoorbench.engine.rundir import Scored, draw, write_curve, write_sample_scores
 from backdoorbench.engine.spec import RunSpec
 from backdoorbench.engine.victim import Victim, defense_lock, defense_work_dir, victim_shared_dir
-from backdoorbench.metrics import FRR_GRID, accuracy, attack_success_rate, der, detection_metrics, robust_accuracy
+from backdoorbench.metrics import (
+    FRR_GRID,
+    accuracy,
+    attack_success_rate,
+    der,
+    detection_metrics,
+    inspection_metrics,
+    robust_accuracy,
+)
 from backdoorbench.modality.base import Classifier
 
 log = logging.getLogger(__name__)
@@ -209,7 +221,16 @@ def train(defense: TrainingDefense, ctx: RunContext) -> Outcome:
     poisoned = ctx.victim.poisoned_training_set()
     data = poisoned.materialize() if poisoned is not None else ctx.splits.train
     provenance_withheld = Samples(data.inputs, data.labels, data.modality)
-    _, outcome = _before_after(defense, ctx, lambda: defense.train(provenance_withheld, ctx.new_model))
+    if isinstance(defense, DataInspectionDefense):  # + the model trained on this set (the victim) and trainer.*
+        trained = ctx.victim.model if poisoned is not None else None
+        run: Callable[[], Classifier] = lambda: defense.train(  # noqa: E731
+            provenance_withheld, ctx.new_model, trained=trained, trainer=ctx.spec.trainer_cfg
+        )
+    else:
+        run = lambda: defense.train(provenance_withheld, ctx.new_model)  # noqa: E731
+    _, outcome = _before_after(defense, ctx, run)
+    if isinstance(defense, DataInspectionDefense) and defense.sample_scores is not None:
+        inspection_outcome(defense, ctx, poisoned, data.labels, outcome)
     if defense.labelled_indices is not None:
         kept = np.asarray(defense.labelled_indices, dtype=np.int64)
         outcome.metrics["labelled_fraction"] = len(kept) / max(len(ctx.splits.train), 1)
@@ -218,6 +239,19 @@ def train(defense: TrainingDefense, ctx: RunContext) -> Outcome:
             outcome.metrics["labelled_poisoned_fraction"] = float(backdoor[kept].mean()) if len(kept) else float("nan")
             outcome.metrics["labelled_modified_fraction"] = float(modified[kept].mean()) if len(kept) else float("nan")
     return outcome
+
+
+def inspection_outcome(
+    defense: DataInspectionDefense, ctx: RunContext, poisoned: PoisonedDataset | None, labels: np.ndarray,
+    outcome: Outcome,
+) -> None:
+    """A data-inspection defense's sample-level metrics (``inspection_metrics``) from the provenance it never saw:
+    the positives are the samples that carry the backdoor (``Attack.backdoor_samples``); ``train_scores.csv``
+    has one row per training sample (index, training label, score, removed, poisoned)."""
+    assert defense.sample_scores is not None and defense.removed is not None
+    backdoor = ctx.attack.backdoor_samples(poisoned)[0] if poisoned is not None else None
+    outcome.metrics.update(inspection_metrics(defense.sample_scores, defense.removed, backdoor))
+    write_sample_scores(ctx.out / "train_scores.csv", labels, defense.sample_scores, defense.removed, backdoor)
 
 
 def no_defense(defense: Defense, ctx: RunContext) -> Outcome:

@@ -124,6 +124,20 @@ def write_scores(
                 )
 
 
+def write_sample_scores(
+    path: Path, labels: np.ndarray, scores: np.ndarray, removed: np.ndarray, poisoned: np.ndarray | None
+) -> None:
+    """A data-inspection defense's verdict on every training sample: ``index, label`` (the training label),
+    ``score`` (higher = more suspicious), ``removed`` (0/1) and ``poisoned`` (0/1 from the provenance, empty
+    when the training set has none)."""
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["index", "label", "score", "removed", "poisoned"])
+        for i in range(len(scores)):
+            w.writerow([i, int(labels[i]), f"{float(scores[i]):.8g}", int(removed[i]),
+                        "" if poisoned is None else int(poisoned[i])])
+
+
 def write_curve(path: Path, curve: list[dict[str, float]]) -> None:
     keys = list(dict.fromkeys(k for row in curve for k in row))
     with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
