@@ -27,7 +27,7 @@ from backdoorbench.engine.rundir import check_locations, draw, write_results, wr
 from backdoorbench.engine.spec import RunSpec, validate, versions
 from backdoorbench.engine.victim import obtain_victim
 from backdoorbench.modality.base import Classifier
-from backdoorbench.runtime import run_scope
+from backdoorbench.runtime import current, run_scope
 from backdoorbench.store import ArtifactStore, atomic_write_text
 from backdoorbench.trainer.lit import runtime_for
 
@@ -56,7 +56,8 @@ def run_experiment(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     timer = Timer()
     atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     atomic_write_text(out / "versions.json", json.dumps(versions(), indent=2))
-    log.info("device: %s", spec.device)
+    t = spec.trainer_cfg
+    log.info("device: %s, precision: %s (training), %s (inference)", spec.device, t.precision, t.inference_precision)
     # every stage below: the run's device, training logs, loader workers, inference precision, cache folder
     store = ArtifactStore(spec.cache_dir) if spec.cache_enabled else None
     with run_scope(runtime_for(spec.trainer_cfg, out, spec.device, store.root if store else None)):
@@ -100,6 +101,8 @@ def _run(spec: RunSpec, out: Path, timer: Timer, t_start: float, store: Artifact
         "cache": victim.cache,
         "out_dir": str(out),
         "frr_target": getattr(spec.defense_cfg, "frr", None),
+        # what each stage that ran really ran in (measured on its first forward pass; runtime.stage_probe)
+        "stages": dict(current().stages),
         **outcome.extra,
     }
     write_results(out / "results.json", results)

@@ -4,7 +4,9 @@ Images travel through the framework as ``uint8`` tensors ``[N, C, H, W]`` (``Sam
 poisoned datasets are stored exactly and triggers are applied in pixel space. A
 :class:`VisionClassifier` wraps any ``nn.Module`` image network (CIFAR ResNets, timm models):
 
-* ``collate`` turns uint8 images into ``{"pixels": float [B, C, H, W] in [0, 1]}``;
+* ``collate`` turns uint8 images into ``{"pixels": float [B, C, H, W] in [0, 1]}``; a training loader's batches
+  (``collate_host``) keep them uint8 until they are on the device: ``forward`` (and ``augment``, which moves
+  pixels only) take uint8 pixels as well, converted there with the very arithmetic of ``collate``;
 * ``forward`` normalises with the dataset's mean/std *inside* the model, so attacks and defenses that
   take gradients with respect to the input (label-consistent PGD, Trojan trigger optimisation) work in
   the natural [0, 1] pixel space;
@@ -120,6 +122,22 @@ class VisionClassifier(Classifier):
     def collate(self, inputs: Sequence[torch.Tensor] | torch.Tensor) -> Batch:
         return {"pixels": to_float(inputs)}
 
+    def collate_host(self, inputs: Sequence[torch.Tensor] | torch.Tensor) -> Batch:
+        """The images as they are (uint8 stays uint8: a quarter of float32's bytes to copy to the device)."""
+        return {"pixels": inputs if isinstance(inputs, torch.Tensor) else torch.stack(list(inputs))}
+
+    def finish_batch(self, batch: Batch) -> Batch:
+        return {**batch, "pixels": self.pixels(batch)}
+
+    def pixels(self, batch: Batch) -> torch.Tensor:
+        """The batch's pixels as floats in [0, 1]: uint8 pixels converted where they are (``x / 255`` as
+        :func:`to_float`, in the model's own float type when it was cast, e.g. ``bf16-true``)."""
+        x = batch["pixels"]
+        if x.dtype == torch.uint8:
+            dtype = self.mean.dtype if self.mean.dtype.is_floating_point else torch.float32
+            return x.to(dtype).div_(255.0)
+        return x
+
     def augment(self, batch: Batch) -> Batch:
         if not self.use_augment:
             return batch
@@ -129,7 +147,7 @@ class VisionClassifier(Classifier):
         return (pixels - self.mean) / self.std
 
     def forward(self, batch: Batch) -> torch.Tensor:
-        return self.net(self.normalize(batch["pixels"]))
+        return self.net(self.normalize(self.pixels(batch)))
 
     def forward_features(self, batch: Batch, pooling: str = "avg") -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Logits and every stage output of one pass: ``[B, C_l]`` (global average) or the raw maps
