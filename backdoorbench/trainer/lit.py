@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -299,6 +300,27 @@ def fit(
     return model
 
 
+@contextmanager
+def _progress_values_only(module: L.LightningModule, trainer: L.Trainer) -> Iterator[None]:
+    """The modules' ``self.log`` / ``self.log_dict`` values feed the progress bar only (``logger=False``;
+    :class:`EpochReport` writes the files). Lightning reads every progress-bar value from the device after each
+    step, so without a progress bar the calls are dropped for the fit: no host sync per step."""
+    if trainer.progress_bar_callback is not None:
+        yield
+        return
+    module.log = _no_log  # type: ignore[method-assign]
+    module.log_dict = _no_log  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        module.__dict__.pop("log", None)
+        module.__dict__.pop("log_dict", None)
+
+
+def _no_log(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
 def fit_module(
     module: L.LightningModule,
     loaders: Any,
@@ -329,7 +351,8 @@ def fit_module(
     module.train()
     trainer = make_trainer(cfg, desc, callbacks=callbacks)
     # results.json's stages: the device, weights dtype and autocast the stage's first forward really ran in
-    with runtime.stage_probe(desc or "train", module, trainer.precision, trainer.strategy.root_device):
+    with runtime.stage_probe(desc or "train", module, trainer.precision, trainer.strategy.root_device), \
+            _progress_values_only(module, trainer):
         trainer.fit(module, train_dataloaders=loaders, ckpt_path=resume)
     # Lightning's teardown moves the module to the CPU: bring it back to the device it trained on, where the
     # stage's caller (evaluation, the next stage, the detectors) uses it
