@@ -176,3 +176,23 @@ def test_uint8_pixels_are_converted_by_the_model() -> None:
     with torch.no_grad():
         assert torch.equal(model({"pixels": data.inputs}), model(model.collate(data.inputs)))
         assert torch.equal(model.predict_logits(data.inputs, 4), model(model.collate(data.inputs)))
+
+
+def test_a_finished_job_with_the_old_loader_defaults_is_the_same_job(tmp_path: Path) -> None:
+    """``num_workers`` / ``pin_memory`` became ``auto``: a sweep re-submitted over jobs that ran with 0 / false
+    still skips them (settings that never change results do not make another config)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from backdoorbench.cli import config_dir
+    from backdoorbench.engine.sweep import previous_results
+
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose("config", overrides=["attack=badnets", "defense=none"])
+    old = OmegaConf.to_container(cfg, resolve=True)
+    old["trainer"].update(num_workers=0, pin_memory=False)
+    (tmp_path / "results.json").write_text("{}")
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(old)))
+    assert previous_results(tmp_path, cfg) == []
+    cfg.trainer.precision = "bf16-mixed"
+    assert previous_results(tmp_path, cfg) == ["trainer.precision"]
