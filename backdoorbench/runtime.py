@@ -81,18 +81,23 @@ def inference_dtype() -> torch.dtype | None:
     return INFERENCE_PRECISIONS[current().inference_precision]
 
 
-def train_dtype() -> torch.dtype | None:
-    """The autocast dtype of the run's ``trainer.precision`` for hand-written loops (:data:`TRAIN_AUTOCAST`);
-    None at 32/64 bits and outside a run."""
+def train_dtype(device: torch.device | str | None = None) -> torch.dtype | None:
+    """The autocast dtype of the run's ``trainer.precision`` for hand-written loops on ``device``
+    (:data:`TRAIN_AUTOCAST`); None at 32/64 bits and outside a run. ``16-mixed`` on a CPU is bf16, as Lightning
+    makes it (CPU autocast has no fp16 AMP)."""
     precision = current().precision
-    return TRAIN_AUTOCAST.get(precision) if precision is not None else None
+    dtype = TRAIN_AUTOCAST.get(precision) if precision is not None else None
+    if dtype == torch.float16 and precision in ("16-mixed", "16") and device is not None \
+            and torch.device(device).type == "cpu":
+        return torch.bfloat16
+    return dtype
 
 
 def train_autocast(device: torch.device | str) -> contextlib.AbstractContextManager[Any]:
-    """``torch.autocast`` on ``device`` with the dtype of the run's ``trainer.precision`` (:data:`TRAIN_AUTOCAST`),
+    """``torch.autocast`` on ``device`` with the dtype of the run's ``trainer.precision`` (:func:`train_dtype`),
     for training loops written by hand (Lightning applies the precision to the others); a no-op at 32/64 bits
     and outside a run."""
-    dtype = train_dtype()
+    dtype = train_dtype(device)
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)

@@ -84,7 +84,8 @@ def test_pgd_and_the_trigger_search_run_in_the_run_precision() -> None:
     from backdoorbench.attacks.vision.trojan import optimise_trigger
 
     model, images = augmented_classifier().eval(), colour_images(6).inputs
-    for precision, dtype in (("16-mixed", "float16"), ("bf16-mixed", "bfloat16")):
+    # 16-true: fp16 autocast; 16-mixed on a CPU: bf16, as Lightning makes it
+    for precision, dtype in (("16-true", "float16"), ("16-mixed", "bfloat16"), ("bf16-mixed", "bfloat16")):
         with run_scope(Runtime(device=torch.device("cpu"), precision=precision)) as rt:
             adv = pgd_linf(model, images, np.zeros(6, dtype=np.int64), 4.0, 1.0, 2, batch_size=4)
             optimise_trigger(model, "body", [0, 1], torch.zeros(1, 3, 8, 8), (5, 5, 3), 1.0, 2, 0.1,

@@ -150,7 +150,7 @@ def _pgd_batch(
     eps: float, step_size: float, steps: int, bound: int, device: torch.device,
 ) -> None:
     """One batch of :func:`pgd_linf`, written into ``out``."""
-    scale = 1024.0 if runtime.train_dtype() == torch.float16 else 1.0
+    scale = 1024.0 if runtime.train_dtype(device) == torch.float16 else 1.0
     x0 = to_float(images[start : start + batch_size]).to(device)
     y = torch.as_tensor(labels[start : start + batch_size], dtype=torch.long, device=device)
     x = x0.clone()

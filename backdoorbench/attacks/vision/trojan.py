@@ -214,7 +214,7 @@ def optimise_trigger(
     param = torch.randn(canvas.shape[1], size, size, generator=generator).to(device).requires_grad_(True)
     opt = torch.optim.Adam([param], lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
-    scaler = torch.amp.GradScaler(device.type, enabled=runtime.train_dtype() == torch.float16)
+    scaler = torch.amp.GradScaler(device.type, enabled=runtime.train_dtype(device) == torch.float16)
     idx = torch.tensor(neurons, device=device)
     with runtime.stage_probe("attacker: trigger search", model, runtime.current().precision):
         for step in range(steps):
