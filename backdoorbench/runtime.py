@@ -56,6 +56,7 @@ class Runtime:
     inference_precision: str = "32"  # 32 | bf16 | 16: autocast of Classifier.iter_batches
     cache_dir: Path | None = None  # the run's artifact cache (ONION keeps its suspicions there); None: off
     precision: str | None = None  # trainer.precision of every training stage; None: each stage's own
+    deterministic: bool | None = None  # trainer.deterministic of every training stage; None: each stage's own
     #: what each stage ran in, filled while the run goes (results.json's ``stages``); see :func:`record_stage`
     stages: dict[str, dict[str, Any]] = field(default_factory=dict, compare=False)
 

@@ -161,11 +161,14 @@ def test_deterministic_switches_cudnn_benchmark_and_says_its_cost(caplog: pytest
         assert torch.backends.cudnn.benchmark is True
         make_trainer(TrainConfig(accelerator="cpu", deterministic=True))
         assert torch.backends.cudnn.benchmark is False
+        with run_scope(Runtime(deterministic=False)):  # the run's setting, whatever the stage's config says
+            make_trainer(TrainConfig(accelerator="cpu", deterministic=True))
+        assert torch.backends.cudnn.benchmark is True
     finally:
         torch.backends.cudnn.benchmark = before
     lit._DETERMINISTIC_NOTE["said"] = False
     with caplog.at_level(logging.INFO, logger="backdoorbench.trainer.lit"):
-        lit._note_determinism(TrainConfig(accelerator="cpu"), "gpu")
+        lit._note_determinism(True, "gpu")
     assert "cuDNN benchmark off" in caplog.text and "trainer.deterministic=false" in caplog.text
 
 

@@ -36,12 +36,15 @@ __all__ = ["run_experiment", "set_determinism", "validate"]
 log = logging.getLogger(__name__)
 
 
-def set_determinism(seed: int, threads: int | None) -> None:
+def set_determinism(seed: int, threads: int | None, deterministic: bool = True) -> None:
+    """Seed everything; deterministic kernels and cuDNN benchmark off unless ``trainer.deterministic=false``
+    (then every stage of the run lets cuDNN benchmark: faster on a GPU, not repeatable to the bit)."""
     import lightning as L
 
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     L.seed_everything(seed, workers=True, verbose=False)
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    torch.backends.cudnn.benchmark = not deterministic
     if threads:
         torch.set_num_threads(threads)
 
@@ -52,7 +55,7 @@ def run_experiment(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     out = Path(out_dir)
     spec = validate(cfg)
     check_locations(out, spec.cache_dir, spec.cache_enabled)  # before any work: unwritable folders fail now
-    set_determinism(spec.seed, spec.threads)
+    set_determinism(spec.seed, spec.threads, spec.trainer_cfg.deterministic)
     timer = Timer()
     atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     atomic_write_text(out / "versions.json", json.dumps(versions(), indent=2))

@@ -160,8 +160,8 @@ def runtime_for(
 ) -> Runtime:
     """The execution settings of a run whose victim trains with ``cfg`` (set by the pipeline with
     :func:`backdoorbench.runtime.run_scope`): its device (``device`` when already resolved), ``cfg.precision``
-    for every training stage, ``cfg.inference_precision``, the loaders (:func:`resolve_loading`);
-    ``cache_dir``: the artifact cache folder when the cache is on."""
+    and ``cfg.deterministic`` for every training stage, ``cfg.inference_precision``, the loaders
+    (:func:`resolve_loading`); ``cache_dir``: the artifact cache folder when the cache is on."""
     device = device if device is not None else resolve_device(cfg)
     workers, pin = resolve_loading(cfg, device)
     return Runtime(
@@ -173,4 +173,5 @@ def runtime_for(
         inference_precision=cfg.inference_precision,
         cache_dir=Path(cache_dir) if cache_dir is not None else None,
         precision=cfg.precision,
+        deterministic=cfg.deterministic,
     )

@@ -188,15 +188,22 @@ def stage_precision(cfg: TrainConfig) -> str:
     return runtime.current().precision or cfg.precision
 
 
+def stage_deterministic(cfg: TrainConfig) -> bool:
+    """Whether a training stage asks for deterministic kernels: the run's ``trainer.deterministic`` inside a
+    run, the stage's own ``cfg.deterministic`` outside one."""
+    rt = runtime.current()
+    return cfg.deterministic if rt.deterministic is None else rt.deterministic
+
+
 #: the cost of ``trainer.deterministic=true`` on a GPU, said once per process
 _DETERMINISTIC_NOTE = {"said": False}
 
 
-def _note_determinism(cfg: TrainConfig, accelerator: str) -> None:
+def _note_determinism(deterministic: bool, accelerator: str) -> None:
     if accelerator != "gpu" or _DETERMINISTIC_NOTE["said"]:
         return
     _DETERMINISTIC_NOTE["said"] = True
-    if cfg.deterministic:
+    if deterministic:
         log.info("trainer.deterministic=true on a GPU: deterministic kernels and cuDNN benchmark off (repeatable to "
                  "the bit, often 10-30%% slower for convolutions); trainer.deterministic=false for speed "
                  "(docs/architecture.md, 'Precision, loaders and determinism')")
@@ -217,8 +224,8 @@ def make_trainer(cfg: TrainConfig, desc: str = "", callbacks: list[Any] | None =
     ``trainer.*``; the stages of attacks and defenses build configs with one device). One logging callback,
     :class:`~backdoorbench.trainer.logs.EpochReport`: a line per epoch without progress bars, and inside a run
     with a run directory and ``trainer.logger`` other than ``none`` a row per epoch in ``<run dir>/logs/<stage>/``.
-    ``trainer.deterministic=true`` asks for deterministic kernels (on a GPU: cuDNN benchmark off, said once in
-    the log); ``false`` lets cuDNN benchmark."""
+    ``trainer.deterministic=true`` (the run's, inside a run) asks for deterministic kernels (on a GPU: cuDNN
+    benchmark off, said once in the log); ``false`` lets cuDNN benchmark."""
     from lightning.pytorch.callbacks import Checkpoint
 
     from backdoorbench.trainer.checkpoint import SafetensorsCheckpointIO
@@ -232,7 +239,8 @@ def make_trainer(cfg: TrainConfig, desc: str = "", callbacks: list[Any] | None =
     if logger is not None or not bars:
         callbacks.append(EpochReport(desc, logger, log_line=not bars))
     accelerator, devices = lightning_device(rt.device or resolve_device(cfg), cfg.devices)
-    _note_determinism(cfg, accelerator)
+    deterministic = stage_deterministic(cfg)
+    _note_determinism(deterministic, accelerator)
 
     for pattern in (
         ".*does not have many workers.*",
@@ -252,8 +260,8 @@ def make_trainer(cfg: TrainConfig, desc: str = "", callbacks: list[Any] | None =
         strategy=cfg.strategy,
         precision=stage_precision(cfg),  # type: ignore[arg-type]
         gradient_clip_val=cfg.grad_clip or None,
-        deterministic="warn" if cfg.deterministic else False,
-        benchmark=not cfg.deterministic,
+        deterministic="warn" if deterministic else False,
+        benchmark=not deterministic,
         logger=False,  # the modules' self.log values feed the progress bar; EpochReport owns the files
         # without a progress bar nothing reads the modules' self.log values: never compute them mid-epoch (each
         # computation reads them from the device)
