@@ -55,15 +55,16 @@ def take_rows(inputs: Any, index: torch.Tensor) -> Any:
 class BatchTable:
     """A dataset's inputs as a training loader reads them: :meth:`take` gives the host part of the batch of
     the rows ``index`` (``collate_host``) in one go. Subclasses prepare the inputs once (text: tokenised once,
-    :class:`~backdoorbench.modality.text.TokenTable`)."""
+    :class:`~backdoorbench.modality.text.TokenTable`) and hold no model (loader workers copy the table)."""
 
-    def __init__(self, model: Classifier, inputs: Any) -> None:
+    def __init__(self, model: Classifier | None, inputs: Any) -> None:
         self.model, self.inputs = model, inputs
 
     def __len__(self) -> int:
         return len(self.inputs)
 
     def take(self, index: torch.Tensor) -> Batch:
+        assert self.model is not None
         return self.model.collate_host(take_rows(self.inputs, index))
 
 

@@ -105,7 +105,7 @@ class TokenTable(BatchTable):
     so :meth:`TextClassifier.collate`) gives for them, without a Python loop over the batch's texts."""
 
     def __init__(self, model: TextClassifier, encoded: Sequence[dict[str, list[int]]]) -> None:
-        super().__init__(model, encoded)
+        super().__init__(None, encoded)  # no model: the ids and the padding values are all a batch needs
         self.keys = list(encoded[0]) if len(encoded) else ["input_ids", "attention_mask"]
         self.lengths = torch.tensor([len(e["input_ids"]) for e in encoded], dtype=torch.long)
         self.starts = torch.cumsum(self.lengths, 0) - self.lengths

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from backdoorbench.modality.base import Batch, Classifier
+from backdoorbench.modality.base import Batch, BatchTable, Classifier, take_rows
 
 
 @dataclass(frozen=True)
@@ -126,6 +126,10 @@ class VisionClassifier(Classifier):
         """The images as they are (uint8 stays uint8: a quarter of float32's bytes to copy to the device)."""
         return {"pixels": inputs if isinstance(inputs, torch.Tensor) else torch.stack(list(inputs))}
 
+    def batch_table(self, inputs: Sequence[torch.Tensor] | torch.Tensor) -> BatchTable:
+        """The images themselves: a batch is one gather of uint8 rows (:class:`ImageTable`)."""
+        return ImageTable(inputs)
+
     def finish_batch(self, batch: Batch) -> Batch:
         return {**batch, "pixels": self.pixels(batch)}
 
@@ -164,6 +168,18 @@ class VisionClassifier(Classifier):
         if pooling == "none":
             return logits, captured
         return logits, [f.mean(dim=(2, 3)) if f.dim() == 4 else f.flatten(1) for f in captured]
+
+
+class ImageTable(BatchTable):
+    """uint8 images (a tensor ``[N, C, H, W]``, or an array-like store that gathers an index tensor) whose
+    batches are ``{"pixels": uint8 [B, C, H, W]}``, gathered at once; no model held (workers copy the table)."""
+
+    def __init__(self, images: Sequence[torch.Tensor] | torch.Tensor) -> None:
+        super().__init__(None, images)
+
+    def take(self, index: torch.Tensor) -> Batch:
+        rows = take_rows(self.inputs, index)
+        return {"pixels": rows if isinstance(rows, torch.Tensor) else torch.stack([torch.as_tensor(r) for r in rows])}
 
 
 def _first(out: object) -> torch.Tensor:
