@@ -130,8 +130,24 @@ def prepared_overrides(args: list[str]) -> tuple[Path, list[str]]:
     ``model=<HF name, path or timm:name>`` rewritten (shared by ``run`` and :func:`backdoorbench.api.compose`)."""
     cdir = config_dir()
     REGISTRY.load()
+    refuse_retired_keys(args)
     register_plugin_configs(cdir)
     return cdir, rewrite_model_override(args, cdir)
+
+
+def refuse_retired_keys(args: list[str]) -> None:
+    """A :class:`ConfigError` for an override of a key a component's config had in earlier versions (its
+    ``RETIRED`` map, e.g. ``defense.precision``), naming the run-wide key to set instead; Hydra itself would
+    only say that the key is not in the config."""
+    from backdoorbench.config import ConfigError, retired_key_message
+
+    for arg in args:
+        key = arg.lstrip("+~").split("=", 1)[0]
+        group, _, name = key.partition(".")
+        kinds = [k for k, g in GROUP_OF_KIND.items() if g == group]
+        for entry in (e for kind in kinds for e in REGISTRY.entries(kind)):
+            if name in getattr(entry.config, "RETIRED", {}):
+                raise ConfigError(retired_key_message(entry.config, group, name))
 
 
 def cmd_run(args: list[str]) -> int:

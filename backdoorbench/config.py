@@ -58,6 +58,9 @@ def to_dataclass(schema: type[T], node: Any, where: str) -> T:
     if isinstance(node, DictConfig):
         node = OmegaConf.to_container(node, resolve=True)
     node = dict(node or {})
+    for k in node:
+        if k in getattr(schema, "RETIRED", {}):
+            raise ConfigError(retired_key_message(schema, where, k))
     valid = [f.name for f in dataclasses.fields(schema)]  # type: ignore[arg-type]
     unknown = [k for k in node if k not in valid]
     if unknown:
@@ -72,6 +75,15 @@ def to_dataclass(schema: type[T], node: Any, where: str) -> T:
         raise ConfigError(f"{where}.{key}: {_first_line(exc)}" if key else f"{where}: {_first_line(exc)}") from None
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+
+
+def retired_key_message(schema: Any, where: str, key: str) -> str:
+    """The error for ``<where>.<key>``, a key ``schema`` had in earlier versions (its ``RETIRED`` map names the
+    run-wide key that replaced it)."""
+    return (
+        f"{where}.{key} was removed: {schema.__name__} runs on the run's device and in the run's precision; set "
+        f"{schema.RETIRED[key]}=... instead (one place for run-wide settings) and drop {where}.{key}"
+    )
 
 
 def component_config(entry: Entry, node: Any, where: str, forced: Collection[str] = ()) -> Any:

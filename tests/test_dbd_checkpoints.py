@@ -105,10 +105,19 @@ def _crash_in(module: type, epoch: int, monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setattr(module, "training_step", step)
 
 
+@pytest.fixture
+def cpu_run():
+    """A run on the CPU (CUDA kernels may be nondeterministic): DBD's stages train on the run's device."""
+    from backdoorbench.runtime import Runtime, run_scope
+
+    with run_scope(Runtime(device=torch.device("cpu"))):
+        yield
+
+
 def test_resumed_stages_are_bit_identical_to_an_uninterrupted_run(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cpu_run: None
 ) -> None:
-    cfg = {"ssl_epochs": 3, "mixmatch_epochs": 3, "accelerator": "cpu"}  # CUDA kernels may be nondeterministic
+    cfg = {"ssl_epochs": 3, "mixmatch_epochs": 3}
     reference = _dbd(tmp_path / "a", **cfg).train(tiny_images(), tiny_model)
     work, run = tmp_path / "b", tmp_path / "run"
 

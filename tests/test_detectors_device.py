@@ -21,7 +21,7 @@ from backdoorbench.defenses.detectors.onion import ONION, ONIONConfig, deletions
 from backdoorbench.defenses.detectors.rap import RAP, RAPConfig
 from backdoorbench.defenses.detectors.strip import STRIP, STRIPConfig, superimpose_uint8
 from backdoorbench.models.lm import CausalLM
-from backdoorbench.runtime import Runtime, precision_dtype, run_scope
+from backdoorbench.runtime import TRAIN_AUTOCAST, Runtime, run_scope, train_dtype
 from backdoorbench.trainer.config import TrainConfig, runtime_for
 
 
@@ -187,7 +187,9 @@ def fit_rap(precision: str | None) -> tuple[RAP, list[tuple[bool, torch.dtype | 
     return det, seen
 
 
-@pytest.mark.parametrize("precision,dtype", [("bf16-mixed", torch.bfloat16), ("16-mixed", torch.float16)])
+@pytest.mark.parametrize(
+    "precision,dtype", [("bf16-mixed", torch.bfloat16), ("16-true", torch.float16), ("16-mixed", torch.bfloat16)]
+)
 def test_rap_optimisation_runs_in_the_runs_training_precision(precision: str, dtype: torch.dtype) -> None:
     full, seen_full = fit_rap(None)
     assert {d for grad, d in seen_full if grad} == {None}
@@ -212,7 +214,9 @@ def test_rap_at_full_precision_is_unchanged_by_the_runtime() -> None:
 # -- the runtime's training precision ------------------------------------------------------------------------
 def test_training_precision_reaches_the_runtime() -> None:
     assert runtime_for(TrainConfig(accelerator="cpu", precision="bf16-mixed")).precision == "bf16-mixed"
-    assert Runtime().precision == "32-true"
+    assert Runtime().precision is None  # outside a run: each stage's own
     expected = {"32-true": None, "32": None, "64-true": None, "16-mixed": torch.float16, "16-true": torch.float16,
                 "16": torch.float16, "bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "bf16": torch.bfloat16}
-    assert {p: precision_dtype(p) for p in expected} == expected
+    assert {p: TRAIN_AUTOCAST[p] for p in expected} == expected
+    with run_scope(Runtime(precision="16-mixed")):  # on a CPU Lightning makes 16-mixed bf16; so do the loops
+        assert train_dtype("cpu") == torch.bfloat16 and train_dtype("cuda") == torch.float16

@@ -27,7 +27,7 @@ from backdoorbench.engine.rundir import check_locations, draw, write_results, wr
 from backdoorbench.engine.spec import RunSpec, validate, versions
 from backdoorbench.engine.victim import obtain_victim
 from backdoorbench.modality.base import Classifier
-from backdoorbench.runtime import run_scope
+from backdoorbench.runtime import current, run_scope
 from backdoorbench.store import ArtifactStore, atomic_write_text
 from backdoorbench.trainer.lit import runtime_for
 
@@ -36,12 +36,15 @@ __all__ = ["run_experiment", "set_determinism", "validate"]
 log = logging.getLogger(__name__)
 
 
-def set_determinism(seed: int, threads: int | None) -> None:
+def set_determinism(seed: int, threads: int | None, deterministic: bool = True) -> None:
+    """Seed everything; deterministic kernels and cuDNN benchmark off unless ``trainer.deterministic=false``
+    (then every stage of the run lets cuDNN benchmark: faster on a GPU, not repeatable to the bit)."""
     import lightning as L
 
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     L.seed_everything(seed, workers=True, verbose=False)
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    torch.backends.cudnn.benchmark = not deterministic
     if threads:
         torch.set_num_threads(threads)
 
@@ -52,11 +55,12 @@ def run_experiment(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     out = Path(out_dir)
     spec = validate(cfg)
     check_locations(out, spec.cache_dir, spec.cache_enabled)  # before any work: unwritable folders fail now
-    set_determinism(spec.seed, spec.threads)
+    set_determinism(spec.seed, spec.threads, spec.trainer_cfg.deterministic)
     timer = Timer()
     atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     atomic_write_text(out / "versions.json", json.dumps(versions(), indent=2))
-    log.info("device: %s", spec.device)
+    t = spec.trainer_cfg
+    log.info("device: %s, precision: %s (training), %s (inference)", spec.device, t.precision, t.inference_precision)
     # every stage below: the run's device, training logs, loader workers, inference precision, cache folder
     store = ArtifactStore(spec.cache_dir) if spec.cache_enabled else None
     with run_scope(runtime_for(spec.trainer_cfg, out, spec.device, store.root if store else None)):
@@ -106,6 +110,8 @@ def _run(spec: RunSpec, out: Path, timer: Timer, t_start: float, store: Artifact
         "cache": victim.cache,
         "out_dir": str(out),
         "frr_target": getattr(spec.defense_cfg, "frr", None),
+        # what each stage that ran really ran in (measured on its first forward pass; runtime.stage_probe)
+        "stages": dict(current().stages),
         **outcome.extra,
     }
     write_results(out / "results.json", results)

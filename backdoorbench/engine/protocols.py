@@ -43,6 +43,7 @@ from backdoorbench.metrics import (
     robust_accuracy,
 )
 from backdoorbench.modality.base import Classifier
+from backdoorbench.runtime import inference_probe
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,10 @@ class RunContext:
     def evaluate(self, model: Classifier) -> list[Scored]:
         """``model``'s predictions on the clean and on the triggered test inputs."""
         test, trig = self.splits.test, self.triggered
+        with inference_probe("evaluation", model):
+            return self._evaluate(model, test, trig)
+
+    def _evaluate(self, model: Classifier, test: Samples, trig: Samples) -> list[Scored]:
         return [
             Scored("clean", np.arange(len(test)), test.labels, model.predict(test.inputs, self.batch, "eval: clean")),
             Scored(
@@ -130,11 +135,11 @@ def plain_metrics(scored: list[Scored], target: np.ndarray) -> dict[str, float |
 def detect(defense: Detector, ctx: RunContext) -> Outcome:
     model, test, trig, tgt, timer = ctx.victim.model, ctx.splits.test, ctx.triggered, ctx.target, ctx.timer
     clean = ctx.defender_clean()
-    with timer("defense_fit"):
+    with timer("defense_fit"), inference_probe("defense_fit", model):
         defense.fit(model, clean)
     model.reset_forward_count()
     counters0 = defense.cost_counters()
-    with timer("scoring"):
+    with timer("scoring"), inference_probe("scoring", model):
         c_scores, c_preds = defense.score_and_classify(test.inputs)
         if len(trig):
             p_scores, p_preds = defense.score_and_classify(trig.inputs)

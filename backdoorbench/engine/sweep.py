@@ -34,6 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from backdoorbench.engine.rundir import RESULTS, register_resolvers
 from backdoorbench.store import atomic_write_text
+from backdoorbench.trainer.config import NEVER_HASHED
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,12 @@ def previous_results(out: Path, cfg: DictConfig) -> list[str] | None:
         return ["<config.yaml missing or unreadable>"]
     if current is None:
         return ["<config does not resolve>"]
+    # trainer settings that never change results (loader workers, pinning, the logger; whose defaults became
+    # `auto`) do not make a finished job a different one
+    for cfg_dict in (previous, current):
+        trainer = cfg_dict.get("trainer") if isinstance(cfg_dict, dict) else None
+        for key in NEVER_HASHED if isinstance(trainer, dict) else ():
+            trainer.pop(key, None)
     return _differences(previous, current)
 
 

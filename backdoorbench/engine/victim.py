@@ -224,6 +224,9 @@ def defense_work_dir(spec: RunSpec, cache_entry: dict[str, Any], out: Path) -> P
     if victim is None:
         return out / "defense_work"
     cfg = asdict(spec.defense_cfg) if hasattr(spec.defense_cfg, "__dataclass_fields__") else spec.defense_cfg
+    # keys a config no longer has, with the values every earlier key held (DBD's accelerator / precision): the
+    # folders of earlier runs keep their keys
+    cfg = {**cfg, **getattr(spec.defense_cfg, "STAGE_KEY_COMPAT", {})} if isinstance(cfg, dict) else cfg
     key = cache_key({"victim": victim, "defense": spec.defense.name, "cfg": cfg, "seed": spec.seed})
     return Path(ArtifactStore(spec.cache_dir).path("defense-" + key))
 

@@ -3,7 +3,11 @@
 Every victim model is wrapped in a :class:`Classifier`. Defenses and attacks that make sense for both
 modalities (DAN, STRIP, NAD, RNP, ...) are written once against this interface:
 
-* ``collate(inputs)`` turns raw inputs (strings or uint8 images) into a model-ready batch;
+* ``collate(inputs)`` turns raw inputs (strings or uint8 images) into a model-ready batch; it is
+  ``finish_batch(collate_host(inputs))``: the host part (tokenise, stack uint8 images) and the part that runs on
+  the device once the batch is there (uint8 → float), so that the narrow bytes cross the bus;
+* ``batch_table(inputs)`` is what a training loader fetches whole batches from (:class:`BatchTable`: one
+  gather per batch, no per-sample Python);
 * ``forward(batch)`` returns logits;
 * ``forward_features(batch, pooling)`` returns logits *and* one pooled feature vector per layer
   (transformer hidden states after each layer; CNN stage outputs, global-average pooled), from a
@@ -30,7 +34,38 @@ Batch = dict[str, torch.Tensor]
 
 
 def to_device(batch: Batch, device: torch.device | str) -> Batch:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    """The batch's tensors on ``device``; asynchronous host-to-GPU copies (``non_blocking``) on CUDA, where a
+    pinned source lets the copy overlap the computation and a pageable one is staged by the driver."""
+    non_blocking = torch.device(device).type == "cuda"
+    return {k: v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def take_rows(inputs: Any, index: torch.Tensor) -> Any:
+    """The rows ``index`` of a dataset's inputs, fetched at once: one gather for a tensor (or an array-like
+    that takes an index array), a list for a list of strings."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs[index]
+    if isinstance(inputs, np.ndarray):
+        return torch.as_tensor(inputs[index.numpy()])
+    if isinstance(inputs, (list, tuple)):
+        return [inputs[i] for i in index.tolist()]
+    return inputs[index]  # an array-like that gathers an index tensor itself (a lazy image store)
+
+
+class BatchTable:
+    """A dataset's inputs as a training loader reads them: :meth:`take` gives the host part of the batch of
+    the rows ``index`` (``collate_host``) in one go. Subclasses prepare the inputs once (text: tokenised once,
+    :class:`~backdoorbench.modality.text.TokenTable`) and hold no model (loader workers copy the table)."""
+
+    def __init__(self, model: Classifier | None, inputs: Any) -> None:
+        self.model, self.inputs = model, inputs
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def take(self, index: torch.Tensor) -> Batch:
+        assert self.model is not None
+        return self.model.collate_host(take_rows(self.inputs, index))
 
 
 def attention_map(features: torch.Tensor, p: float = 2.0, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -83,6 +118,18 @@ class Classifier(nn.Module, ABC):
     def forward_features(self, batch: Batch, pooling: str = "cls") -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Logits and a list of per-layer pooled features ``[B, D_l]`` from one forward pass."""
 
+    def collate_host(self, inputs: Sequence[Any] | torch.Tensor) -> Batch:
+        """The part of :meth:`collate` that runs where the data is (a loader worker): default, all of it."""
+        return self.collate(inputs)
+
+    def finish_batch(self, batch: Batch) -> Batch:
+        """The rest of :meth:`collate`, on the batch's device (images: uint8 → float); default: nothing."""
+        return batch
+
+    def batch_table(self, inputs: Sequence[Any] | torch.Tensor) -> BatchTable:
+        """What a training loader fetches whole batches of ``inputs`` from (:class:`BatchTable`)."""
+        return BatchTable(self, inputs)
+
     def encode(self, inputs: Sequence[Any] | torch.Tensor) -> list[Any] | None:
         """The per-sample part of :meth:`collate`, done once for a whole dataset (a training loader encodes its
         samples once, then :meth:`collate_encoded` builds each batch); ``None`` (default) when there is nothing
@@ -115,7 +162,8 @@ class Classifier(nn.Module, ABC):
         self, inputs: Sequence[Any] | torch.Tensor, batch_size: int, desc: str | None = None
     ) -> Iterator[Batch]:
         """Collated batches of ``inputs``, on the model's device (the run's device once the pipeline placed the
-        victim). With ``trainer.inference_precision`` bf16 / 16 (opt-in), the caller's work on each batch runs
+        victim): the host part is collated here and finished there (images cross as uint8). With
+        ``trainer.inference_precision`` bf16 / 16 (opt-in), the caller's work on each batch runs
         under ``torch.autocast`` on that device type (the block is entered around each ``yield``)."""
         n = len(inputs)
         starts = range(0, n, batch_size)
@@ -124,7 +172,7 @@ class Classifier(nn.Module, ABC):
             chunk = inputs[start : start + batch_size]
             self.forward_count += len(chunk)
             device = self.device
-            batch = to_device(self.collate(chunk), device)
+            batch = self.finish_batch(to_device(self.collate_host(chunk), device))
             if dtype is None:
                 yield batch
             else:

@@ -14,9 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from backdoorbench.modality.base import Batch, Classifier
+from backdoorbench.modality.base import Batch, BatchTable, Classifier
 
-__all__ = ["POOLINGS", "TextClassifier"]
+__all__ = ["POOLINGS", "TextClassifier", "TokenTable"]
 
 POOLINGS = ("cls", "mean", "none")
 
@@ -64,6 +64,11 @@ class TextClassifier(Classifier):
             out[key] = t
         return out
 
+    def batch_table(self, inputs: Sequence[str]) -> TokenTable:  # type: ignore[override]
+        """Every text tokenised once (:meth:`encode`) into flat id arrays: a batch is one gather
+        (:class:`TokenTable`)."""
+        return TokenTable(self, self.encode(inputs))
+
     def forward(self, batch: Batch) -> torch.Tensor:
         return self.hf(**batch).logits
 
@@ -92,3 +97,34 @@ class TextClassifier(Classifier):
     def token_ids(self, word: str) -> list[int]:
         """Word-piece ids of ``word`` (without special tokens)."""
         return list(self.tokenizer(word, add_special_tokens=False)["input_ids"])
+
+
+class TokenTable(BatchTable):
+    """Tokenised texts kept as one flat id tensor per key with each text's start and length; :meth:`take` pads the
+    rows of a batch to their longest with one gather: the very tensors :meth:`TextClassifier.collate_encoded` (and
+    so :meth:`TextClassifier.collate`) gives for them, without a Python loop over the batch's texts."""
+
+    def __init__(self, model: TextClassifier, encoded: Sequence[dict[str, list[int]]]) -> None:
+        super().__init__(None, encoded)  # no model: the ids and the padding values are all a batch needs
+        self.keys = list(encoded[0]) if len(encoded) else ["input_ids", "attention_mask"]
+        self.lengths = torch.tensor([len(e["input_ids"]) for e in encoded], dtype=torch.long)
+        self.starts = torch.cumsum(self.lengths, 0) - self.lengths
+        self.flat = {k: torch.tensor([t for e in encoded for t in e[k]], dtype=torch.long) for k in self.keys}
+        tok = model.tokenizer
+        self.pads = {"input_ids": tok.pad_token_id, "attention_mask": 0, "token_type_ids": tok.pad_token_type_id}
+        self.left = getattr(tok, "padding_side", "right") == "left"
+
+    def take(self, index: torch.Tensor) -> Batch:
+        lengths = self.lengths[index]
+        width = int(lengths.max()) if len(lengths) else 0
+        cols = torch.arange(width)
+        # position j of row i holds token j (right padding) or j - (width - len) (left padding), when in range
+        offset = cols[None, :] - (width - lengths[:, None] if self.left else 0)
+        valid = (offset >= 0) & (offset < lengths[:, None])
+        src = (self.starts[index][:, None] + offset)[valid]
+        out: Batch = {}
+        for key in self.keys:
+            t = torch.full((len(index), width), int(self.pads[key]), dtype=torch.long)
+            t[valid] = self.flat[key][src]
+            out[key] = t
+        return out

@@ -4,7 +4,9 @@ Images travel through the framework as ``uint8`` tensors ``[N, C, H, W]`` (``Sam
 poisoned datasets are stored exactly and triggers are applied in pixel space. A
 :class:`VisionClassifier` wraps any ``nn.Module`` image network (CIFAR ResNets, timm models):
 
-* ``collate`` turns uint8 images into ``{"pixels": float [B, C, H, W] in [0, 1]}``;
+* ``collate`` turns uint8 images into ``{"pixels": float [B, C, H, W] in [0, 1]}``; a training loader's batches
+  (``collate_host``) keep them uint8 until they are on the device: ``forward`` (and ``augment``, which moves
+  pixels only) take uint8 pixels as well, converted there with the very arithmetic of ``collate``;
 * ``forward`` normalises with the dataset's mean/std *inside* the model, so attacks and defenses that
   take gradients with respect to the input (label-consistent PGD, Trojan trigger optimisation) work in
   the natural [0, 1] pixel space;
@@ -24,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from backdoorbench.errors import DataError
-from backdoorbench.modality.base import Batch, Classifier
+from backdoorbench.modality.base import Batch, BatchTable, Classifier, take_rows
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,26 @@ class VisionClassifier(Classifier):
     def collate(self, inputs: Sequence[torch.Tensor] | torch.Tensor) -> Batch:
         return {"pixels": to_float(inputs)}
 
+    def collate_host(self, inputs: Sequence[torch.Tensor] | torch.Tensor) -> Batch:
+        """The images as they are (uint8 stays uint8: a quarter of float32's bytes to copy to the device)."""
+        return {"pixels": inputs if isinstance(inputs, torch.Tensor) else torch.stack(list(inputs))}
+
+    def batch_table(self, inputs: Sequence[torch.Tensor] | torch.Tensor) -> BatchTable:
+        """The images themselves: a batch is one gather of uint8 rows (:class:`ImageTable`)."""
+        return ImageTable(inputs)
+
+    def finish_batch(self, batch: Batch) -> Batch:
+        return {**batch, "pixels": self.pixels(batch)}
+
+    def pixels(self, batch: Batch) -> torch.Tensor:
+        """The batch's pixels as floats in [0, 1]: uint8 pixels converted where they are (``x / 255`` as
+        :func:`to_float`, in the model's own float type when it was cast, e.g. ``bf16-true``)."""
+        x = batch["pixels"]
+        if x.dtype == torch.uint8:
+            dtype = self.mean.dtype if self.mean.dtype.is_floating_point else torch.float32
+            return x.to(dtype).div_(255.0)
+        return x
+
     def augment(self, batch: Batch) -> Batch:
         if not self.use_augment:
             return batch
@@ -136,7 +158,7 @@ class VisionClassifier(Classifier):
         return (pixels - self.mean) / self.std
 
     def forward(self, batch: Batch) -> torch.Tensor:
-        return self.net(self.normalize(batch["pixels"]))
+        return self.net(self.normalize(self.pixels(batch)))
 
     def forward_features(self, batch: Batch, pooling: str = "avg") -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Logits and every stage output of one pass: ``[B, C_l]`` (global average) or the raw maps
@@ -153,6 +175,18 @@ class VisionClassifier(Classifier):
         if pooling == "none":
             return logits, captured
         return logits, [f.mean(dim=(2, 3)) if f.dim() == 4 else f.flatten(1) for f in captured]
+
+
+class ImageTable(BatchTable):
+    """uint8 images (a tensor ``[N, C, H, W]``, or an array-like store that gathers an index tensor) whose
+    batches are ``{"pixels": uint8 [B, C, H, W]}``, gathered at once; no model held (workers copy the table)."""
+
+    def __init__(self, images: Sequence[torch.Tensor] | torch.Tensor) -> None:
+        super().__init__(None, images)
+
+    def take(self, index: torch.Tensor) -> Batch:
+        rows = take_rows(self.inputs, index)
+        return {"pixels": rows if isinstance(rows, torch.Tensor) else torch.stack([torch.as_tensor(r) for r in rows])}
 
 
 def _first(out: object) -> torch.Tensor:

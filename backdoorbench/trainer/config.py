@@ -4,6 +4,7 @@ execution settings, :class:`~backdoorbench.runtime.Runtime`). Re-exported by :mo
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,8 @@ from backdoorbench.trainer.logs import logger_problem
 from backdoorbench.trainer.schedule import SCHEDULERS
 
 PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true", "32", "16", "bf16", "64")
+#: the most loader workers ``num_workers=auto`` starts on a GPU
+AUTO_WORKERS_MAX = 8
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 
 
@@ -75,8 +78,8 @@ class TrainConfig:
     scheduler: str = "linear"  # linear | cosine | multistep (all with warmup_ratio warm-up)
     milestones: list[int] = field(default_factory=list)  # multistep: epochs at which lr *= gamma
     gamma: float = 0.1  # multistep
-    num_workers: int = 0  # loader worker processes (0: in the main process)
-    pin_memory: bool = False
+    num_workers: Any = "auto"  # loader worker processes (0: in the main process); auto: see resolve_loading
+    pin_memory: Any = "auto"  # page-locked batches for asynchronous copies to a GPU; auto: on CUDA only
     logger: str = "csv"  # csv | tensorboard | wandb | mlflow | none: per-epoch rows in <run dir>/logs/<stage>/
     inference_precision: str = "32"  # 32 | bf16 | 16: autocast of batched inference (opt-in)
 
@@ -100,7 +103,11 @@ class TrainConfig:
             (self.scheduler in SCHEDULERS, f"scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}"),
             (all(m >= 1 for m in self.milestones), "milestones must be epochs >= 1"),
             (self.gamma > 0, "gamma must be > 0"),
-            (self.num_workers >= 0, "num_workers must be >= 0"),
+            (self.num_workers == "auto" or (isinstance(self.num_workers, int) and not isinstance(self.num_workers, bool)
+                                            and self.num_workers >= 0),
+             f"num_workers must be an integer >= 0 or auto, got {self.num_workers!r}"),
+            (self.pin_memory == "auto" or isinstance(self.pin_memory, bool),
+             f"pin_memory must be true, false or auto, got {self.pin_memory!r}"),
             (self.inference_precision in INFERENCE_PRECISIONS,
              f"inference_precision must be one of {', '.join(INFERENCE_PRECISIONS)}, got {self.inference_precision!r}"),
         ]
@@ -125,19 +132,46 @@ class TrainConfig:
         return out
 
 
+def cpu_count() -> int:
+    """The CPU cores this process may use (its affinity mask where the platform has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def resolve_loading(cfg: TrainConfig, device: torch.device) -> tuple[int, bool]:
+    """``(num_workers, pin_memory)`` for training on ``device``: the configured values, and for ``auto``
+    ``min(8, usable CPU cores - 1)`` workers (at least 1) and pinned memory on CUDA, where the workers decode and
+    gather the next batches while the GPU computes and pinned batches copy asynchronously; 0 workers and no
+    pinning elsewhere, where the main process computing the step is the only consumer and both only cost."""
+    cuda = device.type == "cuda"
+    workers = cfg.num_workers
+    if workers == "auto":
+        workers = max(1, min(AUTO_WORKERS_MAX, cpu_count() - 1)) if cuda else 0
+    pin = cfg.pin_memory
+    if pin == "auto":
+        pin = cuda
+    return int(workers), bool(pin) and cuda
+
+
 def runtime_for(
     cfg: TrainConfig, run_dir: Path | None = None, device: torch.device | None = None, cache_dir: Path | None = None
 ) -> Runtime:
     """The execution settings of a run whose victim trains with ``cfg`` (set by the pipeline with
-    :func:`backdoorbench.runtime.run_scope`); ``device``: the run's device when already resolved;
-    ``cache_dir``: the artifact cache folder when the cache is on."""
+    :func:`backdoorbench.runtime.run_scope`): its device (``device`` when already resolved), ``cfg.precision``
+    and ``cfg.deterministic`` for every training stage, ``cfg.inference_precision``, the loaders
+    (:func:`resolve_loading`); ``cache_dir``: the artifact cache folder when the cache is on."""
+    device = device if device is not None else resolve_device(cfg)
+    workers, pin = resolve_loading(cfg, device)
     return Runtime(
-        device=device if device is not None else resolve_device(cfg),
+        device=device,
         run_dir=Path(run_dir) if run_dir is not None else None,
         logger=cfg.logger,
-        num_workers=cfg.num_workers,
-        pin_memory=cfg.pin_memory,
+        num_workers=workers,
+        pin_memory=pin,
         inference_precision=cfg.inference_precision,
-        precision=cfg.precision,
         cache_dir=Path(cache_dir) if cache_dir is not None else None,
+        precision=cfg.precision,
+        deterministic=cfg.deterministic,
     )

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from backdoorbench import runtime
 from backdoorbench.data.base import Samples
-from backdoorbench.modality.base import Classifier
+from backdoorbench.modality.base import BatchTable, Classifier
 from backdoorbench.progress import progress_enabled
 from backdoorbench.trainer.config import (
     ACCELERATORS,
@@ -31,11 +32,11 @@ from backdoorbench.trainer.config import (
     resolve_device,
     runtime_for,
 )
-from backdoorbench.trainer.logs import AccuracyTracker, EpochLog, EpochMetrics, make_logger, stage_dir
+from backdoorbench.trainer.logs import AccuracyTracker, EpochReport, make_logger, stage_dir
 from backdoorbench.trainer.schedule import make_scheduler
 
 __all__ = [
-    "ACCELERATORS", "HASHED_WHEN_SET", "NEVER_HASHED", "PRECISIONS", "ClassifierModule", "EpochLog", "TrainConfig",
+    "ACCELERATORS", "HASHED_WHEN_SET", "NEVER_HASHED", "PRECISIONS", "ClassifierModule", "EpochReport", "TrainConfig",
     "accelerator_problem", "fit", "fit_module", "make_loader", "make_optimizer", "make_trainer", "resolve_device",
     "runtime_for", "seeded_loader",
 ]
@@ -44,16 +45,28 @@ log = logging.getLogger(__name__)
 
 
 class SamplesDataset(Dataset):
-    """Index-preserving torch view of :class:`Samples` (returns ``(input, label, index)``)."""
+    """Index-preserving torch view of :class:`Samples` whose batches are fetched whole: the DataLoader hands
+    :meth:`__getitems__` a batch's indices and gets ``{"inputs", "labels", "index"}`` back (the inputs from the
+    model's :class:`~backdoorbench.modality.base.BatchTable`: one gather, no per-sample Python)."""
 
-    def __init__(self, samples: Samples) -> None:
-        self.samples = samples
+    def __init__(self, table: BatchTable, labels: np.ndarray) -> None:
+        self.table = table
+        self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.labels)
 
-    def __getitem__(self, i: int) -> tuple[Any, int, int]:
-        return self.samples.inputs[i], int(self.samples.labels[i]), i
+    def __getitems__(self, indices: list[int]) -> dict[str, Any]:
+        index = torch.as_tensor(indices, dtype=torch.long)
+        return {"inputs": self.table.take(index), "labels": self.labels[index], "index": index}
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.__getitems__([i])
+
+
+def whole_batch(batch: dict[str, Any]) -> dict[str, Any]:
+    """The collate function of a dataset that fetches whole batches (``__getitems__``): nothing left to do."""
+    return batch
 
 
 def seeded_loader(
@@ -114,36 +127,16 @@ def make_optimizer(
 
 
 def make_loader(model: Classifier, samples: Samples, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
-    """Batches ``{"inputs": model.collate(...), "labels", "index"}`` of ``samples``.
+    """Batches ``{"inputs": model.collate_host(...), "labels", "index"}`` of ``samples``, each fetched at once
+    (:class:`SamplesDataset`).
 
-    The inputs are encoded once (:meth:`Classifier.encode`: texts are tokenised here, without padding) and each
-    batch is padded by :meth:`Classifier.collate_encoded`, which gives the very tensors ``model.collate`` would
-    give for the batch's raw inputs (dynamic, per-batch padding), without tokenising every batch of every
-    epoch again."""
-    encoded = model.encode(samples.inputs)
-    stack = isinstance(samples.inputs, torch.Tensor)
-    dataset = SamplesDataset(samples if encoded is None else Samples(encoded, samples.labels))
-    return seeded_loader(dataset, batch_size, _Collate(model, stack, encoded is not None), seed, shuffle=shuffle,
-                         workers=True)
-
-
-class _Collate:
-    """``make_loader``'s collate function (a plain object: picklable where workers are spawned)."""
-
-    def __init__(self, model: Classifier, stack: bool, encoded: bool) -> None:
-        self.model, self.stack, self.encoded = model, stack, encoded
-
-    def __call__(self, items: list[tuple[Any, int, int]]) -> dict[str, Any]:
-        inputs: Any = [it[0] for it in items]
-        if self.encoded:
-            batch = self.model.collate_encoded(inputs)
-        else:
-            batch = self.model.collate(torch.stack(inputs) if self.stack else inputs)
-        return {
-            "inputs": batch,
-            "labels": torch.tensor([it[1] for it in items], dtype=torch.long),
-            "index": torch.tensor([it[2] for it in items], dtype=torch.long),
-        }
+    The inputs are prepared once (:meth:`Classifier.batch_table`: texts are tokenised here, without padding, and
+    each batch is padded to its longest text with one gather; images are gathered as uint8, converted to
+    float by the model on the device). Every batch holds the very tensors ``model.collate`` would give for the
+    batch's raw inputs (images: before the uint8 → float step), in the same order as before batches were
+    fetched whole, so training is unchanged to the bit on the CPU."""
+    dataset = SamplesDataset(model.batch_table(samples.inputs), samples.labels)
+    return seeded_loader(dataset, batch_size, whole_batch, seed, shuffle=shuffle, workers=True)
 
 
 class ClassifierModule(AccuracyTracker, L.LightningModule):
@@ -165,7 +158,7 @@ class ClassifierModule(AccuracyTracker, L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self.loss(batch)
-        self.log("train_loss", loss, prog_bar=True, batch_size=len(batch["labels"]))
+        self.log("train_loss", loss, prog_bar=True, batch_size=len(batch["labels"]))  # read by a progress bar only
         return loss
 
     def configure_optimizers(self) -> Any:
@@ -189,31 +182,65 @@ def lightning_device(device: torch.device, devices: Any = 1) -> tuple[str, Any]:
     return device.type, 1
 
 
+def stage_precision(cfg: TrainConfig) -> str:
+    """The precision a training stage runs in: the run's ``trainer.precision`` inside a run (every stage: the
+    victim, the attacks', the defenses'), the stage's own ``cfg.precision`` outside one."""
+    return runtime.current().precision or cfg.precision
+
+
+def stage_deterministic(cfg: TrainConfig) -> bool:
+    """Whether a training stage asks for deterministic kernels: the run's ``trainer.deterministic`` inside a
+    run, the stage's own ``cfg.deterministic`` outside one."""
+    rt = runtime.current()
+    return cfg.deterministic if rt.deterministic is None else rt.deterministic
+
+
+#: the cost of ``trainer.deterministic=true`` on a GPU, said once per process
+_DETERMINISTIC_NOTE = {"said": False}
+
+
+def _note_determinism(deterministic: bool, accelerator: str) -> None:
+    if accelerator != "gpu" or _DETERMINISTIC_NOTE["said"]:
+        return
+    _DETERMINISTIC_NOTE["said"] = True
+    if deterministic:
+        log.info("trainer.deterministic=true on a GPU: deterministic kernels and cuDNN benchmark off (repeatable to "
+                 "the bit, often 10-30%% slower for convolutions); trainer.deterministic=false for speed "
+                 "(docs/architecture.md, 'Precision, loaders and determinism')")
+    else:
+        log.info("trainer.deterministic=false: cuDNN picks the fastest kernels; reruns may differ in the last bits")
+
+
 def make_trainer(cfg: TrainConfig, desc: str = "", callbacks: list[Any] | None = None) -> L.Trainer:
     """The one Trainer recipe (quiet, deterministic by config); ``callbacks`` (e.g. a
     :class:`~backdoorbench.trainer.checkpoint.ResumableCheckpoint` for stages that resume) switch Lightning's
     checkpointing on. Checkpoints are written and read as safetensors + JSON
     (:class:`~backdoorbench.trainer.checkpoint.SafetensorsCheckpointIO`), never pickled, so
-    ``fit(ckpt_path=...)`` cannot run code from a checkpoint file. Without progress bars an :class:`EpochLog`
-    logs one line per epoch.
+    ``fit(ckpt_path=...)`` cannot run code from a checkpoint file.
 
-    The device: inside a run, the run's one device (:func:`backdoorbench.runtime.current`), whatever the stage's
-    own ``accelerator`` says; outside a run, :func:`resolve_device` of ``cfg``. ``cfg.devices`` /
-    ``cfg.strategy`` are the stage's own (the victim's training gets ``trainer.*``; the stages of attacks and
-    defenses build configs with one device). Inside a run with a run directory and ``trainer.logger`` other
-    than ``none``, an :class:`~backdoorbench.trainer.logs.EpochMetrics` writes one row per epoch into
-    ``<run dir>/logs/<stage>/``."""
+    The device and the precision: inside a run, the run's (:func:`backdoorbench.runtime.current`), whatever the
+    stage's own ``accelerator`` / ``precision`` say; outside a run, :func:`resolve_device` of ``cfg`` and
+    ``cfg.precision``. ``cfg.devices`` / ``cfg.strategy`` are the stage's own (the victim's training gets
+    ``trainer.*``; the stages of attacks and defenses build configs with one device). One logging callback,
+    :class:`~backdoorbench.trainer.logs.EpochReport`: a line per epoch without progress bars, and inside a run
+    with a run directory and ``trainer.logger`` other than ``none`` a row per epoch in ``<run dir>/logs/<stage>/``.
+    ``trainer.deterministic=true`` (the run's, inside a run) asks for deterministic kernels (on a GPU: cuDNN
+    benchmark off, said once in the log); ``false`` lets cuDNN benchmark."""
     from lightning.pytorch.callbacks import Checkpoint
 
     from backdoorbench.trainer.checkpoint import SafetensorsCheckpointIO
 
     rt = runtime.current()
     callbacks = list(callbacks or [])
-    if not progress_enabled():
-        callbacks.append(EpochLog(desc))
+    bars = progress_enabled()
+    logger = None
     if rt.run_dir is not None and rt.logger != "none":
-        callbacks.append(EpochMetrics(make_logger(rt.logger, stage_dir(rt.run_dir, desc or "train"))))
+        logger = make_logger(rt.logger, stage_dir(rt.run_dir, desc or "train"))
+    if logger is not None or not bars:
+        callbacks.append(EpochReport(desc, logger, log_line=not bars))
     accelerator, devices = lightning_device(rt.device or resolve_device(cfg), cfg.devices)
+    deterministic = stage_deterministic(cfg)
+    _note_determinism(deterministic, accelerator)
 
     for pattern in (
         ".*does not have many workers.*",
@@ -231,15 +258,19 @@ def make_trainer(cfg: TrainConfig, desc: str = "", callbacks: list[Any] | None =
         accelerator=accelerator,
         devices=devices,
         strategy=cfg.strategy,
-        precision=cfg.precision,  # type: ignore[arg-type]
+        precision=stage_precision(cfg),  # type: ignore[arg-type]
         gradient_clip_val=cfg.grad_clip or None,
-        deterministic="warn" if cfg.deterministic else False,
-        logger=False,  # the modules' self.log values feed the progress bar; EpochMetrics owns the files
+        deterministic="warn" if deterministic else False,
+        benchmark=not deterministic,
+        logger=False,  # the modules' self.log values feed the progress bar; EpochReport owns the files
+        # without a progress bar nothing reads the modules' self.log values: never compute them mid-epoch (each
+        # computation reads them from the device)
+        log_every_n_steps=50 if bars else 2**31 - 1,
         callbacks=callbacks,
         enable_checkpointing=any(isinstance(c, Checkpoint) for c in callbacks),
         plugins=[SafetensorsCheckpointIO()],
         enable_model_summary=False,
-        enable_progress_bar=progress_enabled(),
+        enable_progress_bar=bars,
         num_sanity_val_steps=0,
     )
 
@@ -277,6 +308,27 @@ def fit(
     return model
 
 
+@contextmanager
+def _progress_values_only(module: L.LightningModule, trainer: L.Trainer) -> Iterator[None]:
+    """The modules' ``self.log`` / ``self.log_dict`` values feed the progress bar only (``logger=False``;
+    :class:`EpochReport` writes the files). Lightning reads every progress-bar value from the device after each
+    step, so without a progress bar the calls are dropped for the fit: no host sync per step."""
+    if trainer.progress_bar_callback is not None:
+        yield
+        return
+    module.log = _no_log  # type: ignore[method-assign]
+    module.log_dict = _no_log  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        module.__dict__.pop("log", None)
+        module.__dict__.pop("log_dict", None)
+
+
+def _no_log(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
 def fit_module(
     module: L.LightningModule,
     loaders: Any,
@@ -306,7 +358,10 @@ def fit_module(
             log.info("%s: resuming from %s (%s)", desc, resume, checkpoint_progress(resume))
     module.train()
     trainer = make_trainer(cfg, desc, callbacks=callbacks)
-    trainer.fit(module, train_dataloaders=loaders, ckpt_path=resume)
+    # results.json's stages: the device, weights dtype and autocast the stage's first forward really ran in
+    with runtime.stage_probe(desc or "train", module, trainer.precision, trainer.strategy.root_device), \
+            _progress_values_only(module, trainer):
+        trainer.fit(module, train_dataloaders=loaders, ckpt_path=resume)
     # Lightning's teardown moves the module to the CPU: bring it back to the device it trained on, where the
     # stage's caller (evaluation, the next stage, the detectors) uses it
     module.to(trainer.strategy.root_device)

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from backdoorbench import runtime
 from backdoorbench.data.base import Samples
 from backdoorbench.modality.base import Classifier, to_device
 from backdoorbench.trainer.lit import ClassifierModule, TrainConfig, make_loader
@@ -87,7 +88,8 @@ def clean_anchors(model: Classifier, clean: Samples, pooling: str, batch_size: i
     model.eval()
     sums: list[torch.Tensor] | None = None
     for batch in make_loader(model, clean, batch_size, shuffle=False):
-        _, feats = model.forward_features(to_device(batch["inputs"], model.device), pooling)
+        with runtime.train_autocast(model.device):  # the precision its training runs in (trainer.precision)
+            _, feats = model.forward_features(to_device(batch["inputs"], model.device), pooling)
         part = [f.double().sum(dim=0) for f in feats]
         sums = part if sums is None else [s + p for s, p in zip(sums, part)]
     model.train(was_training)

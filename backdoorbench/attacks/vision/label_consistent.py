@@ -41,6 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from backdoorbench import runtime
 from backdoorbench.attacks.base import AttackContext
 from backdoorbench.attacks.vision.common import (
     SALT_POISON,
@@ -128,27 +129,42 @@ def pgd_linf(
     batch_size: int = 256,
 ) -> torch.Tensor:
     """Untargeted L∞ PGD (maximise cross-entropy of ``labels``; no random start) on uint8 images; ``eps`` and
-    ``step_size`` in 0-255 units. Returns uint8 images within ``floor(eps)`` grey levels of the originals."""
+    ``step_size`` in 0-255 units. Returns uint8 images within ``floor(eps)`` grey levels of the originals.
+
+    The forward passes run in the run's ``trainer.precision`` (:func:`backdoorbench.runtime.train_autocast`); at
+    16-bit float the loss is scaled by 2^10 before the gradient (its sign is all PGD uses; the scale keeps small
+    gradients from flushing to zero)."""
     check_images(images)
     model.eval()
     device = model.device
     bound = math.floor(eps + 1e-9)
     out = torch.empty_like(images)
-    for start in range(0, len(images), batch_size):
-        x0 = to_float(images[start : start + batch_size]).to(device)
-        y = torch.as_tensor(labels[start : start + batch_size], dtype=torch.long, device=device)
-        x = x0.clone()
-        for _ in range(steps):
-            x.requires_grad_(True)
-            loss = F.cross_entropy(model({"pixels": x}), y)
-            (grad,) = torch.autograd.grad(loss, x)
-            with torch.no_grad():
-                x = x + step_size / 255.0 * grad.sign()
-                x = torch.clamp(x0 + torch.clamp(x - x0, -eps / 255.0, eps / 255.0), 0.0, 1.0)
-        adv = round_to_uint8(x.detach().cpu() * 255.0).to(torch.int16)
-        orig = images[start : start + batch_size].to(torch.int16)
-        out[start : start + batch_size] = torch.clamp(adv, orig - bound, orig + bound).clamp(0, 255).to(torch.uint8)
+    with runtime.stage_probe("attacker: PGD", model, runtime.current().precision):
+        for start in range(0, len(images), batch_size):
+            _pgd_batch(model, images, labels, out, start, batch_size, eps, step_size, steps, bound, device)
     return out
+
+
+def _pgd_batch(
+    model: Classifier, images: torch.Tensor, labels: np.ndarray, out: torch.Tensor, start: int, batch_size: int,
+    eps: float, step_size: float, steps: int, bound: int, device: torch.device,
+) -> None:
+    """One batch of :func:`pgd_linf`, written into ``out``."""
+    scale = 1024.0 if runtime.train_dtype(device) == torch.float16 else 1.0
+    x0 = to_float(images[start : start + batch_size]).to(device)
+    y = torch.as_tensor(labels[start : start + batch_size], dtype=torch.long, device=device)
+    x = x0.clone()
+    for _ in range(steps):
+        x.requires_grad_(True)
+        with runtime.train_autocast(device):
+            loss = F.cross_entropy(model({"pixels": x}).float(), y)
+        (grad,) = torch.autograd.grad(loss * scale if scale != 1.0 else loss, x)
+        with torch.no_grad():
+            x = x + step_size / 255.0 * grad.sign()
+            x = torch.clamp(x0 + torch.clamp(x - x0, -eps / 255.0, eps / 255.0), 0.0, 1.0)
+    adv = round_to_uint8(x.detach().cpu() * 255.0).to(torch.int16)
+    orig = images[start : start + batch_size].to(torch.int16)
+    out[start : start + batch_size] = torch.clamp(adv, orig - bound, orig + bound).clamp(0, 255).to(torch.uint8)
 
 
 @register_attack(

@@ -45,6 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from backdoorbench import runtime
 from backdoorbench.attacks.base import AttackContext, AttackResult
 from backdoorbench.attacks.vision.common import (
     CORNERS,
@@ -205,7 +206,8 @@ def optimise_trigger(
 ) -> torch.Tensor:
     """Optimise the pixels of the patch ``box = (top, left, size)`` stamped on ``canvas`` (float ``[B, C, H, W]``
     in [0, 1]) so that the mean activations of ``neurons`` in ``layer`` (averaged over the canvas images) approach
-    ``target_value``; returns the float patch ``[C, size, size]`` in [0, 1]."""
+    ``target_value``; returns the float patch ``[C, size, size]`` in [0, 1]. The surrogate's passes run in the run's
+    ``trainer.precision`` (:func:`backdoorbench.runtime.train_autocast`; a gradient scaler at 16-bit float)."""
     model.eval()
     top, left, size = box
     device = model.device
@@ -213,19 +215,23 @@ def optimise_trigger(
     param = torch.randn(canvas.shape[1], size, size, generator=generator).to(device).requires_grad_(True)
     opt = torch.optim.Adam([param], lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
+    scaler = torch.amp.GradScaler(device.type, enabled=runtime.train_dtype(device) == torch.float16)
     idx = torch.tensor(neurons, device=device)
-    for step in range(steps):
-        patch = (torch.tanh(param) + 1) / 2
-        x = canvas.clone()
-        x[:, :, top : top + size, left : left + size] = patch
-        act = layer_activation(model, layer, x)[:, idx].mean(0)
-        loss = ((act - target_value) ** 2).sum()
-        opt.zero_grad()
-        loss.backward(inputs=[param])
-        opt.step()
-        sched.step()
-        if on_step is not None:
-            on_step(step, loss.item())
+    with runtime.stage_probe("attacker: trigger search", model, runtime.current().precision):
+        for step in range(steps):
+            patch = (torch.tanh(param) + 1) / 2
+            x = canvas.clone()
+            x[:, :, top : top + size, left : left + size] = patch
+            with runtime.train_autocast(device):
+                act = layer_activation(model, layer, x)[:, idx].float().mean(0)
+            loss = ((act - target_value) ** 2).sum()
+            opt.zero_grad()
+            scaler.scale(loss).backward(inputs=[param])
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            if on_step is not None:
+                on_step(step, loss.item())
     return ((torch.tanh(param) + 1) / 2).detach().cpu()
 
 

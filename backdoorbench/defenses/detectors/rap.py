@@ -54,7 +54,7 @@ from backdoorbench.data.base import Samples
 from backdoorbench.defenses.base import Detector, DetectorConfig
 from backdoorbench.modality.base import Classifier
 from backdoorbench.registry import register_defense
-from backdoorbench.runtime import autocast, current, training_dtype
+from backdoorbench.runtime import autocast, current, train_dtype
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +227,7 @@ class RAP(Detector):
         frozen = [(p, p.requires_grad) for p in model.parameters()]
         for p, _ in frozen:
             p.requires_grad_(False)
-        dtype = training_dtype()  # trainer.precision
+        dtype = train_dtype(rows.device)  # trainer.precision (16-mixed on a CPU: bf16, as Lightning)
         scale = FP16_LOSS_SCALE if dtype == torch.float16 else None
         self.history = []
         try:

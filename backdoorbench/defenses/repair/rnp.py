@@ -188,22 +188,24 @@ class UnlearnModule(L.LightningModule):
         inputs = self.model.augment(batch["inputs"]) if self.cfg.augment else batch["inputs"]
         logits = self.model(inputs)
         loss = F.cross_entropy(logits, batch["labels"])
-        right = int((logits.argmax(1) == batch["labels"]).sum())
-        self.correct += right
+        hits = (logits.argmax(1) == batch["labels"]).sum()
+        self.correct = self.correct + hits  # on the device; read once per epoch (unlearn_stop=epoch)
         self.seen += len(batch["labels"])
         self.steps += 1
         self.log("clean_ce", loss, prog_bar=True, batch_size=len(batch["labels"]))
         # unlearn_stop=step: this batch's accuracy (before its update), as the epoch check uses the accuracy
         # accumulated over the epoch's batches; Lightning stops after this step
-        if self.cfg.unlearn_stop == "step" and right / len(batch["labels"]) <= self.cfg.clean_threshold:
-            self.history.append(right / len(batch["labels"]))
-            self.trainer.should_stop = True
+        if self.cfg.unlearn_stop == "step":  # this batch's accuracy decides: one host read per step, by design
+            right = int(hits)
+            if right / len(batch["labels"]) <= self.cfg.clean_threshold:
+                self.history.append(right / len(batch["labels"]))
+                self.trainer.should_stop = True
         return -loss
 
     def on_train_epoch_end(self) -> None:
         if self.trainer.should_stop and self.cfg.unlearn_stop == "step":
             return  # stopped by a batch; its accuracy is the last of the history
-        acc = self.correct / max(self.seen, 1)
+        acc = int(self.correct) / max(self.seen, 1)
         self.history.append(acc)
         self.correct = self.seen = 0
         if acc <= self.cfg.clean_threshold:

@@ -144,9 +144,7 @@ class DBD(TrainingDefense):
         from it when an earlier run was interrupted; then save the model's weights as
         ``<stage>.safetensors`` and drop the partial checkpoint."""
         partial = self._dir() / f"{stage}{PARTIAL}"
-        cfg = TrainConfig(
-            max_epochs=epochs, accelerator=self.cfg.accelerator, precision=self.cfg.precision, grad_clip=0.0
-        )
+        cfg = TrainConfig(max_epochs=epochs, grad_clip=0.0)  # in a run: the run's device and trainer.precision
         self.stage_status[stage] = "resumed" if partial.is_file() else "trained"  # known before a crash, too
         fit_module(module, loaders, cfg, self.seed, f"DBD {stage}", checkpoint=partial)
         save_state_dict(self._dir() / f"{stage}{FINAL}", module.model.state_dict(), {"stage": stage})

@@ -9,24 +9,30 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, ClassVar
 
 from backdoorbench.defenses.base import DefenseConfig
 from backdoorbench.defenses.training.ssl import SOLO_INSTALL, SSL_BACKENDS, SSL_METHODS, solo_available
-from backdoorbench.trainer.config import ACCELERATORS
 
 VARIANTS = ("dbd", "ss_sce", "ss_ce", "no_ss")
-PRECISIONS = ("32-true", "32", "16-mixed", "bf16-mixed")  # the subset of trainer.config.PRECISIONS DBD supports
 
 
 @dataclass
 class DBDConfig(DefenseConfig):
-    """``defense=dbd``; defaults are the embedded (2-core CPU, MNIST-5k) schedule, ``dbd_full`` the paper's."""
+    """``defense=dbd``; defaults are the embedded (2-core CPU, MNIST-5k) schedule, ``dbd_full`` the paper's. The
+    three stages run on the run's device and in its ``trainer.precision`` (the keys ``defense.accelerator`` /
+    ``defense.precision`` of earlier versions are refused with a message naming the run-wide key)."""
+
+    #: keys of earlier versions → the run-wide key that replaces them (a ConfigError names it)
+    RETIRED: ClassVar[dict[str, str]] = {"accelerator": "trainer.accelerator", "precision": "trainer.precision"}
+    #: what the stage-folder key of every DBD run before their removal held for them (their defaults): kept in the
+    #: key (``engine.victim.defense_work_dir``) so that existing stage checkpoints stay valid; the run's precision
+    #: is in the key through the victim's (trainer.precision is part of the attack cache key)
+    STAGE_KEY_COMPAT: ClassVar[dict[str, Any]] = {"accelerator": "auto", "precision": "32-true"}
 
     name: str = "dbd"
     variant: str = "dbd"  # dbd (SS+SCE+tuning) | ss_sce | ss_ce | no_ss (the paper's ablations)
     batch_size: int = 256  # inference batch (loss records, evaluation)
-    accelerator: str = "auto"
-    precision: str = "32-true"
     # -- stage 1: self-supervised backbone
     ssl: str = "simclr"  # simclr | byol | barlow_twins | vicreg
     ssl_backend: str = "lightly"  # lightly | solo (solo-learn's loss functions)
@@ -79,8 +85,6 @@ class DBDConfig(DefenseConfig):
             self.ssl_backend in SSL_BACKENDS,
             f"ssl_backend must be one of {', '.join(SSL_BACKENDS)}, got {self.ssl_backend!r}",
         )
-        need(self.accelerator in ACCELERATORS, f"accelerator must be one of {ACCELERATORS}, got {self.accelerator!r}")
-        need(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         for key in (
             "batch_size",
             "ssl_epochs",
