@@ -2,6 +2,8 @@
 
 The API reference: one generated page per public module of ``backdoorbench`` under ``reference/``, rendered by
 mkdocstrings from the docstrings (read statically, nothing imported); new modules get their page by themselves.
+The docstrings are written with reST roles (``:class:`~x.Y```) and ``::`` literal blocks; :class:`RestRoles`
+(a griffe extension, mkdocs.yml ``extensions:``) turns those into Markdown code spans and paragraphs.
 
 The pages link to files elsewhere in the repository (``../../datasets/cifar10.md``, the README links into
 ``docs/``). Such a file joins the site under ``repo/<its path>``, read in place (no copy in the repository), and
@@ -17,6 +19,7 @@ import posixpath
 import re
 from typing import Any
 
+import griffe
 from mkdocs.structure.files import File, Files
 
 PREFIX = "repo"
@@ -25,6 +28,21 @@ LINK = re.compile(r"\]\((?P<target>[^)\s#]+)(?P<anchor>#[^)\s]*)?\)")
 #: fenced code blocks (links inside them are text, not links)
 FENCE = re.compile(r"^(```|~~~).*?^\1", re.S | re.M)
 SKIP = (".git", ".tox", "venv", "site")
+
+#: reST cross-reference roles: :class:`~a.b.C` -> `C`, :func:`run` -> `run`
+ROLE = re.compile(r":(?:py:)?(?:class|func|meth|attr|mod|data|obj|exc|const|ref):`(~?)([^`]+)`")
+LITERAL = re.compile(r"(?<=\S)::$", re.M)  # "... back::" before an indented block -> "... back:"
+
+
+class RestRoles(griffe.Extension):
+    """Docstrings: reST roles to Markdown code spans, ``text::`` to ``text:`` (the indented block after it is
+    a code block in Markdown already)."""
+
+    def on_instance(self, *, obj: griffe.Object, **kwargs: Any) -> None:
+        if obj.docstring is not None:
+            text = ROLE.sub(lambda m: f"`{m[2].rsplit('.', 1)[-1] if m[1] else m[2]}`", obj.docstring.value)
+            obj.docstring.value = LITERAL.sub(":", text)
+
 
 _joined: dict[str, str] = {}  # absolute path -> site src_uri (repo/... or a folder's listing), rebuilt on each build
 
