@@ -6,8 +6,8 @@ The docstrings are written with reST roles (``:class:`~x.Y```) and ``::`` litera
 (a griffe extension, mkdocs.yml ``extensions:``) turns those into Markdown code spans and paragraphs.
 
 The pages link to files elsewhere in the repository (``../../datasets/cifar10.md``, the README links into
-``docs/``). Such a file joins the site under ``repo/<its path>``, read in place (no copy in the repository), and
-the links to it, and the links inside it, are rewritten to site paths. The files linked from a joined Markdown
+``docs/``). Such a file joins the site under ``repository/<its path>``, read in place (no copy in the repository),
+and the links to it, and the links inside it, are rewritten to site paths. The files linked from a joined Markdown
 file join too. A link to a folder under docs/ (the kept run records, ``runs/``) gets a generated page listing the
 folder's files. A link to a file that exists nowhere is left as written, so ``mkdocs build --strict`` fails on it.
 """
@@ -22,7 +22,7 @@ from typing import Any
 import griffe
 from mkdocs.structure.files import File, Files
 
-PREFIX = "repo"
+PREFIX = "repository"
 #: inline Markdown links and images: ](target) or ](target#anchor)
 LINK = re.compile(r"\]\((?P<target>[^)\s#]+)(?P<anchor>#[^)\s]*)?\)")
 #: fenced code blocks (links inside them are text, not links)
@@ -44,7 +44,8 @@ class RestRoles(griffe.Extension):
             obj.docstring.value = LITERAL.sub(":", text)
 
 
-_joined: dict[str, str] = {}  # absolute path -> site src_uri (repo/... or a folder's listing), rebuilt on each build
+#: absolute path -> site src_uri (repository/... or a folder's listing), rebuilt on each build
+_joined: dict[str, str] = {}
 
 
 def _relative_targets(text: str) -> list[str]:
@@ -72,7 +73,8 @@ def on_files(files: Files, config: Any) -> Files:
             targets = _relative_targets(fh.read())
         for target in targets:
             path = os.path.normpath(os.path.join(os.path.dirname(source), target))
-            if os.path.isdir(path) and _inside(path, docs) and path != docs and path not in _joined:
+            has_index = any(os.path.exists(os.path.join(path, n)) for n in ("index.md", "README.md"))
+            if os.path.isdir(path) and _inside(path, docs) and path != docs and not has_index and path not in _joined:
                 _joined[path] = _listing(files, config, path, docs)
                 continue
             if _inside(path, docs) or not _inside(path, root) or not os.path.isfile(path) or path in _joined:
