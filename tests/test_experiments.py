@@ -126,11 +126,37 @@ def test_preset_values_reach_the_config(sweep_forced_keys) -> None:
     from backdoorbench.api import compose
 
     cfg = compose(["+experiment=rnp_cifar10", "attack=badnets"])
-    assert (cfg.data.name, cfg.model.name, cfg.trainer.max_epochs, cfg.trainer.lr) == ("cifar10", "resnet18", 60, 0.1)
+    assert (cfg.data.name, cfg.model.name, cfg.trainer.max_epochs, cfg.trainer.lr) == ("cifar10", "resnet18", 61, 0.1)
     assert cfg.defense.clean_size == 500 and cfg.data.holdout_size == 500
     cfg = compose(["+experiment=rnp_cifar10", "trainer.max_epochs=2", "data=mnist5k"])
     assert (cfg.trainer.max_epochs, cfg.data.name) == (2, "mnist5k")
     assert compose(["attack=badnets"]).data.name == "mnist5k"  # the embedded defaults are unchanged
+
+
+def test_presets_follow_the_reference_code(sweep_forced_keys) -> None:
+    """The values review checked against the reference code (issue 38 item 5; each preset's YAML cites the file)."""
+    from backdoorbench.api import compose
+
+    # bboylyg/RNP train_backdoor.py: range(0, args.epochs + 1) with --epochs 60 = 61 epochs
+    assert compose(["+experiment=rnp_cifar10"]).trainer.max_epochs == 61
+    # SCLBD/BackdoorBench argparser_opt_scheduler: plain SGD, wd 5e-4 for FT and NAD (not NAD's 1e-4 + Nesterov)
+    params = sweep_params("backdoorbench_cifar10")
+    assert params["++defense.weight_decay"] == "0.0005" and params["++defense.nesterov"] == "False"
+    sweep_forced_keys(params)
+    for defense in ("finetune", "nad"):
+        cfg = compose(["+experiment=backdoorbench_cifar10", f"defense={defense}",
+                       "++defense.weight_decay=5.0e-04", "++defense.nesterov=false"])
+        assert (cfg.defense.weight_decay, cfg.defense.nesterov) == (5.0e-04, False), defense
+    assert compose(["defense=nad"]).defense.nesterov is True  # the NAD paper's default is unchanged
+    # lancopku/DAN evaluate_dan.py: --token_pooling default avg (= pooling mean), not the embedded default cls
+    params = sweep_params("dan_sst2")
+    assert params["++defense.pooling"] == "mean"
+    assert compose(["defense=dan"]).defense.pooling == "cls"
+    # the declared deviations stay declared on the pages
+    pages = REPO_ROOT / "docs" / "experiments"
+    assert "shuffle=False" in (pages / "nad_cifar10.md").read_text()
+    assert "trainer.milestones=[100]" in (pages / "backdoorbench_cifar10.md").read_text()
+    assert "--token_pooling avg" in (pages / "dan_sst2.md").read_text()
 
 
 def test_cli_cfg_job_prints_the_preset(tmp_path: Path) -> None:
