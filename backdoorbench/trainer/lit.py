@@ -121,7 +121,7 @@ def make_loader(model: Classifier, samples: Samples, batch_size: int, shuffle: b
     give for the batch's raw inputs (dynamic, per-batch padding), without tokenising every batch of every
     epoch again."""
     encoded = model.encode(samples.inputs)
-    stack = isinstance(samples.inputs, torch.Tensor)
+    stack = not isinstance(samples.inputs, list)  # image tensors and lazy ImageArrays: stack the items
     dataset = SamplesDataset(samples if encoded is None else Samples(encoded, samples.labels))
     return seeded_loader(dataset, batch_size, _Collate(model, stack, encoded is not None), seed, shuffle=shuffle,
                          workers=True)
