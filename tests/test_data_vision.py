@@ -25,9 +25,9 @@ from PIL import Image
 from backdoorbench import assets
 from backdoorbench.data import cifar10 as C
 from backdoorbench.data import imagenet as I
-from backdoorbench.data.images import ImageArray
 from backdoorbench.data import vision as V
 from backdoorbench.data.base import DatasetBundle
+from backdoorbench.data.images import ImageArray
 from backdoorbench.errors import DataError
 from backdoorbench.modality.vision import image_spec
 from backdoorbench.registry import REGISTRY
