@@ -6,8 +6,9 @@ data=imagenet_subset attack=badnets defense=none`` on it through the real pipeli
 (``data.max_train`` = 2 batches, one epoch), in a child process, and prints the child's peak RSS
 (``ru_maxrss``) and its peak anonymous memory (``RssAnon``, sampled every 50 ms) next to the decoded dataset
 size (N x 3 x 224 x 224 bytes). The same command on a small folder (160 images) gives the process's own
-footprint (Python, torch, the model); the difference is what the dataset costs. The big folder is run twice:
-cold (the images are decoded into the store in the cache) and warm (the store is reused).
+footprint (Python, torch, the model, the activations of a batch); the difference is what the dataset costs.
+Every run has ``cache.enabled=false``: it trains its own victim (no cache hit) and decodes the images into an
+anonymous temporary store, so each figure is a whole cold run.
 
 Then the small folder is run with ``data.options.in_memory=true`` (every image decoded into one tensor, the old
 path) and with the store, and their metrics (BA, ASR) must be equal. ``--in-memory-big`` also runs the big folder
@@ -61,13 +62,13 @@ def _rss_anon_kb(pid: int) -> int:
     return 0
 
 
-def run(root: Path, run_dir: Path, cache: Path, size: int, batch: int, in_memory: bool) -> dict:
+def run(root: Path, run_dir: Path, size: int, batch: int, in_memory: bool) -> dict:
     """One pipeline run in a child process: its peak RSS, peak anonymous memory, wall time and metrics."""
     cmd = [
         sys.executable, "-m", "backdoorbench", "run", "attack=badnets", "defense=none", "data=imagenet_subset",
         f"data.root={root}", f"data.options.image_size={size}", f"data.options.in_memory={str(in_memory).lower()}",
         f"data.max_train={2 * batch}", "data.max_test=64", "data.holdout_size=32", "trainer.max_epochs=1",
-        f"trainer.batch_size={batch}", f"cache.dir={cache}", f"hydra.run.dir={run_dir}",
+        f"trainer.batch_size={batch}", "cache.enabled=false", f"hydra.run.dir={run_dir}",
     ]
     env = {**os.environ, "BACKDOORBENCH_PROGRESS": "0", "PYTHONHASHSEED": "0"}
     t0 = time.perf_counter()
@@ -114,12 +115,11 @@ def main() -> None:
         print(f"wrote {n} + {n_small} JPEGs at {args.size} px in {time.perf_counter() - t0:.0f} s ({tmp})")
         decoded = n * 3 * args.size * args.size
         rows = {}
-        rows["small, store"] = run(tmp / "small", tmp / "r-small-store", tmp / "cache", args.size, args.batch, False)
-        rows["small, in memory"] = run(tmp / "small", tmp / "r-small-mem", tmp / "cache", args.size, args.batch, True)
-        rows["big, store (cold)"] = run(tmp / "big", tmp / "r-big-cold", tmp / "cache", args.size, args.batch, False)
-        rows["big, store (warm)"] = run(tmp / "big", tmp / "r-big-warm", tmp / "cache", args.size, args.batch, False)
+        rows["small, store"] = run(tmp / "small", tmp / "r-small-store", args.size, args.batch, False)
+        rows["small, in memory"] = run(tmp / "small", tmp / "r-small-mem", args.size, args.batch, True)
+        rows["big, store"] = run(tmp / "big", tmp / "r-big-store", args.size, args.batch, False)
         if args.in_memory_big:
-            rows["big, in memory"] = run(tmp / "big", tmp / "r-big-mem", tmp / "cache", args.size, args.batch, True)
+            rows["big, in memory"] = run(tmp / "big", tmp / "r-big-mem", args.size, args.batch, True)
         base = rows["small, store"]
         print(f"\nbig folder: {n} images, decoded size {gb(decoded)}; two training steps of batch {args.batch}, "
               f"defense=none\n")
@@ -129,8 +129,8 @@ def main() -> None:
             ratio = f"{extra / decoded:.3f}" if name.startswith("big") else ""
             print(f"{name:20} {gb(r['peak_rss']):>11} {gb(r['peak_anon']):>11} {gb(extra):>13} {ratio:>10} "
                   f"{r['wall_s']:6.0f}s")
-        big = rows["big, store (warm)"]
-        print(f"\npeak RSS / decoded size (warm store run): {big['peak_rss'] / decoded:.3f}; "
+        big = rows["big, store"]
+        print(f"\npeak RSS / decoded size (store): {big['peak_rss'] / decoded:.3f}; "
               f"anonymous memory above the small-folder run / decoded size: "
               f"{(big['peak_anon'] - base['peak_anon']) / decoded:.3f}")
         a, b = rows["small, store"]["metrics"], rows["small, in memory"]["metrics"]
