@@ -161,3 +161,23 @@ def test_a_damaged_image_exits_2_naming_the_file(
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert rc == 2, err[-2000:]
     assert len(lines) == 1 and str(bad) in lines[0] and "unexpected" not in lines[0], err[-2000:]
+
+
+def test_in_memory_is_not_part_of_the_attack_cache_key(tmp_path: Path) -> None:
+    from hydra import compose, initialize_config_dir
+
+    from backdoorbench.cli import config_dir
+    from backdoorbench.engine.spec import validate
+    from backdoorbench.engine.victim import attack_cache_spec
+
+    def key(*extra: str) -> dict:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            cfg = compose("config", overrides=["attack=badnets", "data=imagenet_subset", f"data.root={tmp_path}",
+                                               *extra])
+        spec = validate(cfg)
+        return attack_cache_spec(spec, spec.attack.obj(spec.attack_cfg, spec.seed))
+
+    default = key()
+    assert "in_memory" not in default["data"]["options"] and default["data"]["options"]["image_size"] == 64
+    assert key("data.options.in_memory=true") == default
+    assert key("data.options.image_size=32") != default  # what changes the pixels stays in the key
