@@ -3,7 +3,8 @@
 Writes a synthetic ImageNet-style folder (``train/<class>/*.JPEG``; default 100 classes x 100 images at 224 px,
 random-ish textures tinted per class) into a temporary folder, then runs ``python -m backdoorbench run
 data=imagenet_subset attack=badnets defense=none`` on it through the real pipeline, two training steps
-(``data.max_train`` = 2 batches, one epoch), in a child process, and prints the child's peak RSS
+(``data.max_train`` = 2 batches, one epoch; ``data.max_test=16`` on both folders, so that evaluation runs the
+same batch shapes), in a child process, and prints the child's peak RSS
 (``ru_maxrss``) and its peak anonymous memory (``RssAnon``, sampled every 50 ms) next to the decoded dataset
 size (N x 3 x 224 x 224 bytes). The same command on a small folder (160 images) gives the process's own
 footprint (Python, torch, the model, the activations of a batch); the difference is what the dataset costs.
@@ -67,7 +68,7 @@ def run(root: Path, run_dir: Path, size: int, batch: int, in_memory: bool) -> di
     cmd = [
         sys.executable, "-m", "backdoorbench", "run", "attack=badnets", "defense=none", "data=imagenet_subset",
         f"data.root={root}", f"data.options.image_size={size}", f"data.options.in_memory={str(in_memory).lower()}",
-        f"data.max_train={2 * batch}", "data.max_test=64", "data.holdout_size=32", "trainer.max_epochs=1",
+        f"data.max_train={2 * batch}", "data.max_test=16", "data.holdout_size=32", "trainer.max_epochs=1",
         f"trainer.batch_size={batch}", "cache.enabled=false", f"hydra.run.dir={run_dir}",
     ]
     env = {**os.environ, "BACKDOORBENCH_PROGRESS": "0", "PYTHONHASHSEED": "0"}
