@@ -181,3 +181,24 @@ def test_in_memory_is_not_part_of_the_attack_cache_key(tmp_path: Path) -> None:
     assert "in_memory" not in default["data"]["options"] and default["data"]["options"]["image_size"] == 64
     assert key("data.options.in_memory=true") == default
     assert key("data.options.image_size=32") != default  # what changes the pixels stays in the key
+
+
+def test_a_run_on_the_store_equals_the_in_memory_run(tmp_path: Path) -> None:
+    from hydra import compose, initialize_config_dir
+
+    from backdoorbench.cli import config_dir
+    from backdoorbench.engine.pipeline import run_experiment
+
+    root = _folder(tmp_path / "folder", per_class=16, val=4)
+    results = {}
+    for in_memory in (True, False):
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            cfg = compose("config", overrides=[
+                "attack=badnets", "defense=none", "data=imagenet_subset", f"data.root={root}",
+                "data.options.image_size=12", f"data.options.in_memory={str(in_memory).lower()}",
+                "data.holdout_size=6", "attack.size=3", "attack.poison_rate=0.2", "trainer.max_epochs=2",
+                "trainer.batch_size=16", "cache.enabled=false",
+            ])
+        out = tmp_path / f"run-{in_memory}"
+        results[in_memory] = (run_experiment(cfg, out)["metrics"], (out / "scores.csv").read_text())
+    assert results[True] == results[False]  # BA, ASR and every per-sample prediction
