@@ -27,6 +27,7 @@ from backdoorbench.data import cifar10 as C
 from backdoorbench.data import imagenet as I
 from backdoorbench.data import vision as V
 from backdoorbench.data.base import DatasetBundle
+from backdoorbench.data.images import ImageArray
 from backdoorbench.errors import DataError
 from backdoorbench.modality.vision import image_spec
 from backdoorbench.registry import REGISTRY
@@ -39,7 +40,7 @@ def _check_images(b: DatasetBundle, shape: tuple[int, ...]) -> None:
     for split in (b.train, b.test):
         if split is None:
             continue
-        x = split.inputs
+        x = split.inputs.to_tensor() if isinstance(split.inputs, ImageArray) else split.inputs
         assert isinstance(x, torch.Tensor)
         assert x.dtype == torch.uint8 and x.is_contiguous()
         assert tuple(x.shape[1:]) == shape

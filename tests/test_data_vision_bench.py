@@ -25,6 +25,7 @@ from backdoorbench.config import DataConfig, to_dataclass
 from backdoorbench.data import gtsrb as G
 from backdoorbench.data import vision_bench as VB
 from backdoorbench.data.base import DatasetBundle
+from backdoorbench.data.images import image_tensor
 from backdoorbench.errors import DataError
 from backdoorbench.modality.vision import image_spec
 from backdoorbench.registry import REGISTRY
@@ -35,8 +36,9 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "data"
 def _check(b: DatasetBundle, shape: tuple[int, ...], flip: bool) -> None:
     for split in (b.train, b.test):
         if split is not None:
-            assert isinstance(split.inputs, torch.Tensor) and split.inputs.dtype == torch.uint8
-            assert split.inputs.is_contiguous() and tuple(split.inputs.shape[1:]) == shape
+            x = image_tensor(split.inputs)  # image folders: a lazy ImageArray, read here
+            assert isinstance(x, torch.Tensor) and x.dtype == torch.uint8
+            assert x.is_contiguous() and tuple(x.shape[1:]) == shape
             assert split.labels.dtype == np.int64 and split.modality == "vision"
     assert b.modality == "vision" and b.info["flip"] is flip
     assert len(b.info["mean"]) == len(b.info["std"]) == 3

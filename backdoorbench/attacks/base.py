@@ -184,7 +184,7 @@ class Attack(ABC):
         Returns the triggered samples (with their *true* labels) and their indices in ``test``.
         """
         idx = self.non_target_indices(test)
-        base = test.subset(idx)
+        base = test.subset(idx).loaded()
         return Samples(self.apply_trigger(base.inputs, self.rng(7919)), base.labels, base.modality), idx
 
     def non_target_indices(self, test: Samples) -> np.ndarray:
@@ -205,6 +205,6 @@ class Attack(ABC):
         """Dirty-label data poisoning: trigger ``rate`` of the samples and relabel them to the target."""
         n = int(round(rate * len(samples)))
         idx = np.sort(rng.choice(len(samples), size=n, replace=False)) if n else np.zeros(0, dtype=np.int64)
-        chosen = samples.subset(idx)
+        chosen = samples.subset(idx).loaded()
         inputs = self.apply_trigger(chosen.inputs, rng)
         return PoisonedDataset(samples, idx, inputs, np.full(n, self.target), self.target)

@@ -171,7 +171,7 @@ class ExternalVictim(Attack):
         if not self.has_trigger:
             return test.subset(np.zeros(0, dtype=np.int64)), np.zeros(0, dtype=np.int64)
         is_image = self.cfg.trigger_image is not None
-        if is_image != isinstance(test.inputs, torch.Tensor):
+        if is_image != (test.modality == "vision"):
             kind = "an image trigger (trigger_image)" if is_image else "a text trigger (trigger_words/_sentence)"
             raise ConfigError(f"attack: {kind} does not apply to {test.modality} data (data=)")
         return super().triggered_test(test)

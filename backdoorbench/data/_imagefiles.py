@@ -10,7 +10,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from backdoorbench import runtime
 from backdoorbench.data.base import Samples, data_file
+from backdoorbench.data.images import ImageArray, decode_to_store
 from backdoorbench.errors import DataError
 
 
@@ -24,6 +26,30 @@ def to_samples(images: np.ndarray, labels: np.ndarray, num_classes: int, where: 
         raise DataError(f"{where}: label {int(bad[0])} out of range 0..{num_classes - 1}")
     images = np.require(images, requirements=["C_CONTIGUOUS", "WRITEABLE"])  # copies read-only / strided input
     return Samples(torch.from_numpy(images), labels, "vision")
+
+
+def folder_samples(
+    files: Sequence[Path],
+    labels: Sequence[int] | np.ndarray,
+    num_classes: int,
+    decode: Callable[[Path], np.ndarray],
+    settings: dict,
+    where: str,
+    in_memory: bool = False,
+) -> Samples:
+    """Vision ``Samples`` of image files, each decoded by ``decode(path)`` → ``uint8 [C, H, W]``.
+
+    By default the images are decoded once into a uint8 store in the run's cache (an anonymous temporary file
+    without one) and read per index (:func:`~backdoorbench.data.images.decode_to_store`): the decoded set is never
+    held in memory. ``in_memory=True`` decodes them into one in-memory tensor instead (same pixels)."""
+    labels = np.asarray(labels, dtype=np.int64)
+    if in_memory:
+        return to_samples(stack_images([decode(p) for p in files], where), labels, num_classes, where)
+    bad = labels[(labels < 0) | (labels >= num_classes)]
+    if bad.size:
+        raise DataError(f"{where}: label {int(bad[0])} out of range 0..{num_classes - 1}")
+    images: ImageArray = decode_to_store(list(files), decode, settings, where, runtime.current().cache_dir)
+    return Samples(images, labels, "vision")
 
 
 def vision_info(source: Path | str, fmt: str, licence: str, mean: list[float], std: list[float], flip: bool) -> dict:

@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
+from backdoorbench.data.images import ImageArray, image_tensor
 from backdoorbench.errors import DataError
 
 Modality = str  # "text" | "vision"
@@ -71,9 +72,13 @@ def reads_data_file(fmt: str) -> Callable[[F], F]:
 
 @dataclass
 class Samples:
-    """Raw inputs with integer labels. Indexing with an integer array returns a new ``Samples``."""
+    """Raw inputs with integer labels. Indexing with an integer array returns a new ``Samples``.
 
-    inputs: list[str] | torch.Tensor
+    Images are a uint8 tensor ``[N, C, H, W]`` in memory (the small embedded sets) or an
+    :class:`~backdoorbench.data.images.ImageArray` (image folders: decoded once into a file, read per index);
+    ``subset`` of an ``ImageArray`` is an index view that copies no pixels."""
+
+    inputs: list[str] | torch.Tensor | ImageArray
     labels: np.ndarray
     modality: Modality = "text"
 
@@ -92,7 +97,10 @@ class Samples:
         bytes): equal for equal samples in the same order, so it can key what was computed from them."""
         h = hashlib.sha256(f"{self.modality}:{len(self)}:".encode())
         h.update(self.labels.astype(np.int64).tobytes())
-        if isinstance(self.inputs, torch.Tensor):
+        if isinstance(self.inputs, ImageArray):  # the same bytes as the materialised tensor, read in chunks
+            h.update(f"{self.inputs.dtype}:{tuple(self.inputs.shape)}:".encode())
+            self.inputs.digest_into(h)
+        elif isinstance(self.inputs, torch.Tensor):
             x = self.inputs.detach().cpu().contiguous()
             h.update(f"{x.dtype}:{tuple(x.shape)}:".encode())
             h.update(x.reshape(-1).view(torch.uint8).numpy().tobytes())
@@ -104,8 +112,10 @@ class Samples:
 
     def subset(self, indices: Sequence[int] | np.ndarray) -> Samples:
         idx = np.asarray(indices, dtype=np.int64)
-        if isinstance(self.inputs, torch.Tensor):
-            inputs: list[str] | torch.Tensor = self.inputs[torch.from_numpy(idx)]
+        if isinstance(self.inputs, ImageArray):
+            inputs: list[str] | torch.Tensor | ImageArray = self.inputs.select(idx)  # a view: no pixels copied
+        elif isinstance(self.inputs, torch.Tensor):
+            inputs = self.inputs[torch.from_numpy(idx)]
         else:
             inputs = [self.inputs[i] for i in idx]
         return Samples(inputs, self.labels[idx], self.modality)
@@ -124,12 +134,19 @@ class Samples:
             raise TypeError("Samples.from_texts: texts must be a list of strings, one per input")
         return cls(list(texts), _int_labels(labels, len(texts)), "text")
 
+    def loaded(self) -> Samples:
+        """These samples with lazy images (an ``ImageArray`` view) read into one in-memory tensor; other samples
+        are returned as they are. For the small sets that tensor code works on (poisoned rows, triggered tests)."""
+        if isinstance(self.inputs, ImageArray):
+            return Samples(self.inputs.to_tensor(), self.labels, self.modality)
+        return self
+
     @staticmethod
     def concat(parts: Sequence[Samples]) -> Samples:
         if not parts:
             raise ValueError("nothing to concatenate")
-        if isinstance(parts[0].inputs, torch.Tensor):
-            inputs: list[str] | torch.Tensor = torch.cat([p.inputs for p in parts])  # type: ignore[misc]
+        if isinstance(parts[0].inputs, (torch.Tensor, ImageArray)):
+            inputs: list[str] | torch.Tensor = torch.cat([image_tensor(p.inputs) for p in parts])
         else:
             inputs = [x for p in parts for x in p.inputs]  # type: ignore[union-attr]
         return Samples(inputs, np.concatenate([p.labels for p in parts]), parts[0].modality)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from backdoorbench.data._imagefiles import decode_rgb, download_into, stack_images, to_samples, vision_info
+from backdoorbench.data._imagefiles import decode_rgb, download_into, folder_samples, vision_info
 from backdoorbench.data.base import DatasetBundle, reads_data_file
 from backdoorbench.errors import DataError
 from backdoorbench.registry import register_dataset
@@ -68,15 +68,26 @@ def _read_gtsrb_csv(path: Path) -> list[tuple[str, tuple[int, int, int, int], in
     return rows
 
 
-def _gtsrb_images(folder: Path, rows: list, csv_path: Path, size: int, crop_roi: bool) -> tuple[list, list]:
-    images, labels = [], []
+def _gtsrb_files(folder: Path, rows: list, csv_path: Path) -> tuple[list, list, list]:
+    paths, boxes, labels = [], [], []
     for name, box, label in rows:
         path = folder / name
         if not path.is_file():
             raise DataError(f"{csv_path} lists {name}, which is not in {folder}")
-        images.append(decode_rgb(path, "GTSRB image (PPM)", size, box if crop_roi else None))
+        paths.append(path)
+        boxes.append(tuple(box))
         labels.append(label)
-    return images, labels
+    return paths, boxes, labels
+
+
+def _gtsrb_samples(paths: list, boxes: list, labels: list, size: int, crop_roi: bool, where: str, in_memory: bool):
+    box_of = dict(zip(paths, boxes))
+
+    def decode(path: Path) -> np.ndarray:
+        return decode_rgb(path, "GTSRB image (PPM)", size, box_of[path] if crop_roi else None)
+
+    settings = {"loader": "gtsrb", "size": size, "crop_roi": crop_roi, "boxes": boxes if crop_roi else None}
+    return folder_samples(paths, labels, 43, decode, settings, where, in_memory)
 
 
 def _gtsrb_train_dir(base: Path) -> Path | None:
@@ -112,7 +123,12 @@ def _download_gtsrb(root: str) -> None:
     description="GTSRB traffic signs (Stallkamp et al. 2012), 43 classes, 39,209/12,630 resized to 3x32x32; local",
 )
 def load_gtsrb(
-    root: str | None = None, *, download: bool = False, image_size: int = 32, crop_roi: bool = False
+    root: str | None = None,
+    *,
+    download: bool = False,
+    image_size: int = 32,
+    crop_roi: bool = False,
+    in_memory: bool = False,
 ) -> DatasetBundle:
     """GTSRB from the official archives: ``Final_Training/Images/<class>/*.ppm`` with ``GT-<class>.csv``.
 
@@ -122,7 +138,8 @@ def load_gtsrb(
     BackdoorBench's (``Train/<class>``, ``Test/``) are found too. A class folder without its CSV is
     read as ``*.ppm`` labelled by the folder name. Every image is resized (bilinear) to
     ``image_size`` x ``image_size``, as BackdoorBench does; ``crop_roi`` first crops it to the sign's
-    ROI box from the CSV. No horizontal flip (traffic signs are not mirror-symmetric).
+    ROI box from the CSV. No horizontal flip (traffic signs are not mirror-symmetric). The images are decoded
+    once into a uint8 store in the run's cache (``in_memory=True``: into memory), see ``data/images.py``.
     """
     base = Path(root).expanduser() if root is not None else None
     train_dir = _gtsrb_train_dir(base) if base is not None else None
@@ -140,7 +157,8 @@ def load_gtsrb(
         )
     if image_size < 1:
         raise DataError(f"dataset 'gtsrb': image_size must be >= 1, got {image_size}")
-    images: list[np.ndarray] = []
+    paths: list[Path] = []
+    boxes: list[tuple] = []
     labels: list[int] = []
     for class_dir in sorted(p for p in train_dir.iterdir() if p.is_dir() and _CLASS_DIR.match(p.name)):
         csv_path = class_dir / f"GT-{class_dir.name}.csv"
@@ -153,16 +171,17 @@ def load_gtsrb(
             rows = [(p.name, (0, 0, 0, 0), label) for p in sorted(class_dir.glob("*.ppm"))]
             if crop_roi:
                 raise DataError(f"dataset 'gtsrb': crop_roi needs the ROI boxes of {csv_path}, which is missing")
-        part = _gtsrb_images(class_dir, rows, csv_path, image_size, crop_roi)
-        images += part[0]
-        labels += part[1]
-    train = to_samples(stack_images(images, str(train_dir)), np.asarray(labels), 43, str(train_dir))
+        part = _gtsrb_files(class_dir, rows, csv_path)
+        paths += part[0]
+        boxes += part[1]
+        labels += part[2]
+    train = _gtsrb_samples(paths, boxes, labels, image_size, crop_roi, str(train_dir), in_memory)
     test = None
     found = _gtsrb_test(base)
     if found is not None:
         test_dir, gt = found
-        test_images, test_labels = _gtsrb_images(test_dir, _read_gtsrb_csv(gt), gt, image_size, crop_roi)
-        test = to_samples(stack_images(test_images, str(gt)), np.asarray(test_labels), 43, str(gt))
+        t_paths, t_boxes, t_labels = _gtsrb_files(test_dir, _read_gtsrb_csv(gt), gt)
+        test = _gtsrb_samples(t_paths, t_boxes, t_labels, image_size, crop_roi, str(gt), in_memory)
     info = vision_info(
         train_dir,
         f"GTSRB PPM images + GT CSVs, {'ROI crop, ' if crop_roi else ''}resized to {image_size}x{image_size}",

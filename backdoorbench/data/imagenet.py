@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from backdoorbench.data._imagefiles import load_rgb, stack_images, to_samples, vision_info
-from backdoorbench.data.base import DatasetBundle, Samples
+from backdoorbench.data._imagefiles import folder_samples, load_rgb, vision_info
+from backdoorbench.data.base import DatasetBundle, Samples, data_file
 from backdoorbench.errors import DataError
 from backdoorbench.registry import register_dataset
 
@@ -64,17 +64,24 @@ def _select_classes(
     return names
 
 
-def _read_image_folder(split_dir: Path, names: list[str], resize: int, crop: int, max_per_class: int | None) -> Samples:
-    arrays: list[np.ndarray] = []
+def _read_image_folder(
+    split_dir: Path, names: list[str], resize: int, crop: int, max_per_class: int | None, in_memory: bool
+) -> Samples:
+    paths: list[Path] = []
     labels: list[int] = []
     for label, name in enumerate(names):
         files = sorted(p for p in (split_dir / name).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise DataError(f"dataset 'imagenet_subset': no images in {split_dir / name}")
-        for path in files[:max_per_class]:
-            arrays.append(load_rgb(path, resize, crop))
-            labels.append(label)
-    return to_samples(stack_images(arrays, str(split_dir)), np.asarray(labels), len(names), str(split_dir))
+        paths += files[:max_per_class]
+        labels += [label] * len(files[:max_per_class])
+
+    def decode(path: Path) -> np.ndarray:
+        with data_file(path, "image (PIL cannot decode it)"):
+            return load_rgb(path, resize, crop)
+
+    settings = {"loader": "imagenet_subset", "resize": resize, "crop": crop}
+    return folder_samples(paths, labels, len(names), decode, settings, str(split_dir), in_memory)
 
 
 @register_dataset(
@@ -92,6 +99,7 @@ def load_imagenet_subset(
     image_size: int = 64,
     resize: int | None = None,
     max_per_class: int | None = None,
+    in_memory: bool = False,
 ) -> DatasetBundle:
     """An ImageFolder-style subset of ImageNet: ``root/train/<class>/*`` and optionally ``root/val/<class>/*``.
 
@@ -102,6 +110,8 @@ def load_imagenet_subset(
     ``round(image_size * 8 / 7)``, the usual 256/224 ratio), then center-cropped to ``image_size``.
     ``max_per_class`` caps the images read per class in each split (files in sorted order).
     ``val/`` (or ``test/``) becomes the test split; every selected class must have a folder there.
+    The images are decoded once into a uint8 store in the run's cache and read per index (never all held in
+    memory); ``in_memory=True`` decodes them into one in-memory tensor instead (same pixels, same results).
     """
     if root is None:
         raise FileNotFoundError(
@@ -128,7 +138,7 @@ def load_imagenet_subset(
     if not available:
         raise FileNotFoundError(f"dataset 'imagenet_subset': {train_dir} has no class folders")
     names = _select_classes(available, classes, num_classes, train_dir)
-    train = _read_image_folder(train_dir, names, resize, image_size, max_per_class)
+    train = _read_image_folder(train_dir, names, resize, image_size, max_per_class, in_memory)
     test = None
     test_dir = next((base / s for s in ("val", "test") if (base / s).is_dir()), None)
     if test_dir is not None:
@@ -138,7 +148,7 @@ def load_imagenet_subset(
                 f"dataset 'imagenet_subset': {test_dir} has no folder for class(es) {missing}; its class folders "
                 f"are: {', '.join(_class_dirs(test_dir))}"
             )
-        test = _read_image_folder(test_dir, names, resize, image_size, max_per_class)
+        test = _read_image_folder(test_dir, names, resize, image_size, max_per_class, in_memory)
     info = vision_info(
         base,
         f"ImageFolder (train/<class>, {test_dir.name if test_dir else 'no test'} split), "

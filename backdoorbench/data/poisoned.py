@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from backdoorbench.data.base import Samples
+from backdoorbench.data.images import ImageArray, image_tensor
 
 
 @dataclass
@@ -28,6 +29,7 @@ class PoisonedDataset:
 
     def __post_init__(self) -> None:
         self.indices = np.asarray(self.indices, dtype=np.int64)
+        self.inputs = image_tensor(self.inputs)  # the delta's own rows live in memory (they are few)
         self.labels = np.asarray(self.labels, dtype=np.int64)
         if len(self.indices) != len(self.inputs) or len(self.indices) != len(self.labels):
             raise ValueError("indices, inputs and labels of a poison delta must have equal length")
@@ -44,11 +46,15 @@ class PoisonedDataset:
         return len(self.indices) / max(len(self.clean), 1)
 
     def materialize(self) -> Samples:
-        """The training set the victim sees: the clean set with the delta applied."""
+        """The training set the victim sees: the clean set with the delta applied. Images read from a file
+        (:class:`~backdoorbench.data.images.ImageArray`) stay a view with the delta applied per index: the
+        poisoned set costs the poisoned rows, not a second copy of the clean ones."""
         labels = self.clean.labels.copy()
         labels[self.indices] = self.labels
-        if isinstance(self.clean.inputs, torch.Tensor):
-            inputs: list[str] | torch.Tensor = self.clean.inputs.clone()
+        if isinstance(self.clean.inputs, ImageArray):
+            inputs: list[str] | torch.Tensor | ImageArray = self.clean.inputs.with_patch(self.indices, self.inputs)
+        elif isinstance(self.clean.inputs, torch.Tensor):
+            inputs = self.clean.inputs.clone()
             if len(self.indices):
                 inputs[torch.from_numpy(self.indices)] = self.inputs  # type: ignore[index]
         else:

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from backdoorbench.data._imagefiles import decode_rgb, download_into, to_samples, vision_info
+from backdoorbench.data._imagefiles import decode_rgb, download_into, folder_samples, to_samples, vision_info
 from backdoorbench.data.base import DatasetBundle, data_file, reads_data_file
 from backdoorbench.data.cifar10 import _ArrayUnpickler
 from backdoorbench.errors import DataError
@@ -194,14 +194,20 @@ def _download_tiny(root: str) -> None:
     description="Tiny-ImageNet (CS231n), 200 classes, 100k/10k (val as test) 3x64x64; local tiny-imagenet-200/",
 )
 def load_tiny_imagenet(
-    root: str | None = None, *, download: bool = False, num_classes: int | None = None, max_per_class: int | None = None
+    root: str | None = None,
+    *,
+    download: bool = False,
+    num_classes: int | None = None,
+    max_per_class: int | None = None,
+    in_memory: bool = False,
 ) -> DatasetBundle:
     """Tiny-ImageNet from ``tiny-imagenet-200/``: ``train/<wnid>/images/*.JPEG`` and ``val/`` as the test split.
 
     Classes are the wnids of ``wnids.txt`` in sorted order (torchvision ImageFolder's, as BackdoorBench
     uses), named by the first synonym in ``words.txt`` (the wnid if absent). The val labels come from
     ``val/val_annotations.txt``; ``test/`` is unlabelled and ignored. ``num_classes`` keeps the first k
-    classes; ``max_per_class`` caps the images read per class and split (files in sorted order).
+    classes; ``max_per_class`` caps the images read per class and split (files in sorted order). The images are
+    decoded once into a uint8 store in the run's cache (``in_memory=True``: into memory), see ``data/images.py``.
     """
     folder = _tiny_folder(root)
     if folder is None and download:
@@ -230,33 +236,35 @@ def load_tiny_imagenet(
     words = _read_words(folder / "words.txt") if (folder / "words.txt").is_file() else {}
     names = [words.get(w) or w for w in wnids]
     names = [f"{n} ({w})" if names.count(n) > 1 else n for n, w in zip(names, wnids)]
-    images: list[np.ndarray] = []
+    paths: list[Path] = []
     labels: list[int] = []
+    settings = {"loader": "tiny_imagenet"}
     for label, wnid in enumerate(wnids):
         class_dir = folder / "train" / wnid / "images"
         files = sorted(class_dir.glob("*.JPEG")) if class_dir.is_dir() else []
         if not files:
             raise DataError(f"dataset 'tiny_imagenet': no images in {class_dir} (class {wnid} of wnids.txt)")
-        images += [_tiny_image(p) for p in files[:max_per_class]]
+        paths += files[:max_per_class]
         labels += [label] * len(files[:max_per_class])
-    train = to_samples(np.stack(images), np.asarray(labels), len(wnids), str(folder / "train"))
+    train = folder_samples(paths, labels, len(wnids), _tiny_image, settings, str(folder / "train"), in_memory)
     test = None
     annotations = folder / "val" / "val_annotations.txt"
     if annotations.is_file():
         index = {w: i for i, w in enumerate(wnids)}
         counts = [0] * len(wnids)
-        test_images, test_labels = [], []
+        test_paths, test_labels = [], []
         for name, wnid in _read_val_annotations(annotations):
             if wnid not in index or (max_per_class is not None and counts[index[wnid]] >= max_per_class):
                 continue
             path = folder / "val" / "images" / name
             if not path.is_file():
                 raise DataError(f"{annotations} lists {name}, which is not in {path.parent}")
-            test_images.append(_tiny_image(path))
+            test_paths.append(path)
             test_labels.append(index[wnid])
             counts[index[wnid]] += 1
-        if test_images:
-            test = to_samples(np.stack(test_images), np.asarray(test_labels), len(wnids), str(annotations))
+        if test_paths:
+            test = folder_samples(test_paths, test_labels, len(wnids), _tiny_image, settings, str(annotations),
+                                  in_memory)
     info = vision_info(
         folder,
         "Tiny-ImageNet-200 (train/<wnid>/images, val/ as test), 64x64 JPEG",

@@ -42,6 +42,14 @@ class Victim:
         return self.poisoned if self.poisoned_split == "train" else None
 
 
+def _data_key(spec: RunSpec) -> dict[str, Any]:
+    """The data config without ``options.in_memory`` (where decoded images live never changes them)."""
+    data = asdict(spec.data_cfg)
+    if isinstance(data.get("options"), dict) and "in_memory" in data["options"]:
+        data["options"] = {k: v for k, v in data["options"].items() if k != "in_memory"}
+    return data
+
+
 def attack_cache_spec(spec: RunSpec, attack: Attack) -> dict[str, Any]:
     """What the attack cache key hashes. The trainer part is ``TrainConfig.cache_fields()``: execution-only
     settings (workers, logger) never, settings added later (devices, strategy, scheduler, ...) only when
@@ -50,7 +58,7 @@ def attack_cache_spec(spec: RunSpec, attack: Attack) -> dict[str, Any]:
         "attack": asdict(spec.attack_cfg) if hasattr(spec.attack_cfg, "__dataclass_fields__") else spec.attack_cfg,
         "attack_version": attack.version,
         "attack_class": f"{type(attack).__module__}.{type(attack).__qualname__}",
-        "data": asdict(spec.data_cfg),
+        "data": _data_key(spec),
         "model": asdict(spec.model_cfg) if hasattr(spec.model_cfg, "__dataclass_fields__") else spec.model_cfg,
         "trainer": spec.trainer_cfg.cache_fields(),
         "seed": spec.seed,

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from backdoorbench.data.images import ImageArray
 from backdoorbench.errors import DataError
 from backdoorbench.modality.base import Batch, BatchTable, Classifier, take_rows
 
@@ -199,7 +200,7 @@ def image_spec(bundle: object) -> ImageSpec:
     """The :class:`ImageSpec` of a vision :class:`~backdoorbench.data.base.DatasetBundle`: shape from its
     images, ``mean``/``std``/``flip`` from ``bundle.info`` (defaults 0.5 / 0.5 / True)."""
     images = bundle.train.inputs  # type: ignore[attr-defined]
-    if not isinstance(images, torch.Tensor) or images.dim() != 4:
+    if not isinstance(images, (torch.Tensor, ImageArray)) or images.dim() != 4:
         raise ValueError("a vision dataset holds uint8 images [N, C, H, W]")
     _, c, h, w = images.shape
     info = getattr(bundle, "info", {}) or {}

@@ -119,7 +119,7 @@ class BadNets(VisionAttack):
         if not self.cfg.all_to_all:
             return super().triggered_test(test)
         idx = np.arange(len(test))
-        return Samples(self.apply_trigger(test.inputs, self.rng(7919)), test.labels.copy(), test.modality), idx
+        return Samples(self.apply_trigger(test.loaded().inputs, self.rng(7919)), test.labels.copy(), test.modality), idx
 
     def run(self, ctx: AttackContext) -> AttackResult:
         self.num_classes = ctx.num_classes

@@ -16,6 +16,7 @@ import torch
 
 from backdoorbench.attacks.base import Attack, AttackContext, AttackResult
 from backdoorbench.data.base import Samples
+from backdoorbench.data.images import ImageArray
 from backdoorbench.data.poisoned import PoisonedDataset
 from backdoorbench.modality.base import Classifier
 from backdoorbench.trainer.lit import TrainConfig, fit
@@ -62,8 +63,8 @@ class VisionAttackConfig:
 
 
 def check_images(images: Any, where: str = "images") -> torch.Tensor:
-    """``images`` must be a uint8 tensor ``[N, C, H, W]``; returns it."""
-    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
+    """``images`` must be a uint8 tensor ``[N, C, H, W]`` (or a lazy :class:`ImageArray` of them); returns it."""
+    if not isinstance(images, (torch.Tensor, ImageArray)) or images.dtype != torch.uint8 or images.dim() != 4:
         got = f"{type(images).__name__}" + (
             f" {images.dtype} {tuple(images.shape)}" if isinstance(images, torch.Tensor) else ""
         )
@@ -186,7 +187,7 @@ class VisionAttack(Attack):
         ``target_labels`` of their true labels (the target for all-to-one attacks)."""
         check_images(samples.inputs, "training set")
         idx = choose_dirty(len(samples), rate, rng)
-        chosen = samples.subset(idx)
+        chosen = samples.subset(idx).loaded()
         inputs = self.apply_trigger(chosen.inputs, rng)
         return PoisonedDataset(samples, idx, inputs, self.target_labels(chosen.labels), self.target)
 
@@ -205,7 +206,7 @@ class VisionAttack(Attack):
     def triggered_test(self, test: Samples) -> tuple[Samples, np.ndarray]:
         """Test-time triggered copies of the non-target test samples (true labels kept), for ASR."""
         idx = self.non_target_indices(test)
-        base = test.subset(idx)
+        base = test.subset(idx).loaded()
         return Samples(self.apply_test_trigger(base.inputs, self.rng(7919)), base.labels, base.modality), idx
 
     def run(self, ctx: AttackContext) -> AttackResult:

@@ -207,7 +207,7 @@ class LabelConsistent(VisionAttack):
         train = ctx.train
         c = self.cfg
         idx = choose_clean_label(train.labels, self.target, c.poison_rate, self.rng(SALT_POISON), "label_consistent")
-        chosen = train.subset(idx)
+        chosen = train.subset(idx).loaded()
         if len(idx) == 0:
             return PoisonedDataset(train, idx, chosen.inputs, chosen.labels, self.target)
         surrogate = train_surrogate(self, ctx, c.surrogate_epochs)

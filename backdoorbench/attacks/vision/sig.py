@@ -96,7 +96,7 @@ class SIG(VisionAttack):
     def poison_dataset(self, ctx: AttackContext) -> PoisonedDataset:
         train = ctx.train
         idx = choose_clean_label(train.labels, self.target, self.cfg.poison_rate, self.rng(SALT_POISON), "sig")
-        chosen = train.subset(idx)
+        chosen = train.subset(idx).loaded()
         return PoisonedDataset(train, idx, self.apply_trigger(chosen.inputs), chosen.labels, self.target)
 
     def extra_info(self) -> dict[str, Any]:

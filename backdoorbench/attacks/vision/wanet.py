@@ -171,7 +171,7 @@ class WaNet(VisionAttack):
             raise ValueError(f"wanet: {n_cross} noise-mode samples requested, only {len(rest)} images left")
         cross = np.sort(rng.choice(rest, size=n_cross, replace=False)).astype(np.int64) if n_cross else rest[:0]
         self.noise_indices = cross
-        bd_set, cross_set = train.subset(bd), train.subset(cross)
+        bd_set, cross_set = train.subset(bd).loaded(), train.subset(cross).loaded()
         self.backdoor_count = len(bd)
         warped = self.apply_trigger(bd_set.inputs)
         inputs = torch.cat([warped, self.apply_noise_warp(cross_set.inputs, self.rng(SALT_NOISE))])

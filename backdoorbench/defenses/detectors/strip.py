@@ -133,6 +133,7 @@ class STRIP(Detector):
     def fit_perturbation(self, model: Classifier, clean: Samples) -> None:
         self.modality = model.modality
         if model.modality == "vision":
+            clean = clean.loaded()  # the defender's clean images (few): in memory
             if not isinstance(clean.inputs, torch.Tensor) or clean.inputs.dtype != torch.uint8:
                 raise ConfigError("STRIP on images needs the defender's clean images as uint8 [N, C, H, W]")
             self.backgrounds, self._placed = clean.inputs, {}

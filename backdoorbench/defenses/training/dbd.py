@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from backdoorbench.config import ConfigError
 from backdoorbench.data.base import Samples
+from backdoorbench.data.images import ImageArray, as_image_array
 from backdoorbench.defenses.base import TrainingDefense
 from backdoorbench.defenses.training.dbd_config import DBDConfig, DBDFullConfig
 from backdoorbench.defenses.training.mixmatch import MixMatchModule
@@ -251,15 +252,15 @@ class DBD(TrainingDefense):
         ui = torch.from_numpy(unl.astype(np.int64))
         batch = min(cfg.mixmatch_batch_size, len(xi), max(len(ui), 1))
         iters = cfg.mixmatch_iterations or max(1, len(xi) // batch)
-        xl = _loader(images[xi], labels[xi], batch, self.seed + 2, drop_last=True, num_samples=iters * batch)
+        xl = _loader(images.select(xi), labels[xi], batch, self.seed + 2, drop_last=True, num_samples=iters * batch)
         loaders: dict[str, DataLoader] = {"x": xl}
         if len(ui):
             loaders["u"] = _loader(
-                images[ui], labels[ui], batch, self.seed + 3, drop_last=True, num_samples=iters * batch
+                images.select(ui), labels[ui], batch, self.seed + 3, drop_last=True, num_samples=iters * batch
             )
         else:  # ε = 1: nothing unlabelled; MixMatch degenerates to mixup on the labelled data
             loaders["u"] = _loader(
-                images[xi], labels[xi], batch, self.seed + 3, drop_last=True, num_samples=iters * batch
+                images.select(xi), labels[xi], batch, self.seed + 3, drop_last=True, num_samples=iters * batch
             )
         from lightning.pytorch.utilities import CombinedLoader
 
@@ -297,8 +298,8 @@ class DBD(TrainingDefense):
     # -- the whole defense -----------------------------------------------------------------------------
     def train(self, train: Samples, model_factory: Callable[[], Classifier]) -> Classifier:
         cfg = self.cfg
-        images = train.inputs
-        if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
+        images = as_image_array(train.inputs)  # subsets below are index views (select), not copies
+        if not isinstance(images, (torch.Tensor, ImageArray)) or images.dtype != torch.uint8 or images.dim() != 4:
             raise ConfigError("DBD needs images as a uint8 tensor [N, C, H, W] (vision data)")
         labels = torch.as_tensor(np.asarray(train.labels), dtype=torch.long)
         model = model_factory()
