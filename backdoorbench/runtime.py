@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["INFERENCE_PRECISIONS", "Runtime", "current", "inference_dtype", "run_scope"]
+__all__ = ["INFERENCE_PRECISIONS", "Runtime", "current", "inference_dtype", "intra_op_threads", "run_scope"]
 
 #: ``trainer.inference_precision`` → the autocast dtype of batched inference (None: no autocast)
 INFERENCE_PRECISIONS: dict[str, torch.dtype | None] = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
@@ -68,3 +68,19 @@ def run_scope(runtime: Runtime) -> Iterator[Runtime]:
         yield runtime
     finally:
         _CURRENT.reset(token)
+
+
+@contextmanager
+def intra_op_threads(threads: int | None) -> Iterator[int]:
+    """Run the ``with`` block with ``threads`` torch intra-op threads (None: the count in force), restored
+    afterwards, also on errors. Yields the count in force inside. CPU convolution and normalisation backward
+    sum in an order that depends on this count, so a training stage pinned to one count computes the same
+    weights on any machine (docs/reproducibility.md)."""
+    before = torch.get_num_threads()
+    if threads is not None and threads != before:
+        torch.set_num_threads(threads)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
