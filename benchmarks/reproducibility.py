@@ -12,8 +12,9 @@ The schedules are reduced (fewer samples and epochs; ``--scale``), so absolute m
     python benchmarks/reproducibility.py --only victim:badnets dbd --out /tmp/repro_bench
     python benchmarks/reproducibility.py --list
 
-CPU-heavy: on 2 shared cores the default selection takes about an hour (the table in
-docs/reproducibility.md gives the measured time). Runs go to ``--out`` (kept: a rerun reuses finished runs).
+CPU-heavy: every run trains its victim again (about 3-7 min per run for a vision component on 2 cores shared
+with other jobs, longer for text), so all components take hours; docs/reproducibility.md gives the measured
+rows and their time. Runs go to ``--out`` (kept: a rerun reuses finished runs and only prints the table).
 """
 
 from __future__ import annotations
