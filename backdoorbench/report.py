@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from backdoorbench.metrics import FRR_GRID
-from backdoorbench.report_groups import attack_label, collect_runs, write_summary
+from backdoorbench.report_groups import attack_label, collect_runs, reproducibility_warnings, write_summary
 from backdoorbench.store import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -151,6 +151,11 @@ def write_report(roots: Path | list[Path], out: Path | None = None, config_dir: 
     out = out or roots[0]
     out.mkdir(parents=True, exist_ok=True)
     md = write_summary(coll, out)
+    mixed = reproducibility_warnings(results)  # across the whole table, not only within a group
+    for warning in mixed:
+        log.warning("report: the table mixes runs: %s", warning)
+    if mixed:
+        md += "\n## Reproducibility\n\n" + "".join(f"- ⚠ the table mixes runs: {w}\n" for w in mixed)
     table = rows(results)
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=COLUMNS)

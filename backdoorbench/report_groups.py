@@ -271,7 +271,33 @@ def mixing_warnings(members: list[dict[str, Any]]) -> list[str]:
         differ = _differing(configs, "_config", None, group)
         if differ:
             warnings.append(f"different {group} configs: {differ}")
-    return warnings
+    return warnings + reproducibility_warnings(members)
+
+
+def run_threads(res: dict[str, Any]) -> str:
+    """The CPU thread count a run used: recorded in ``results.json`` (``reproducibility.threads``), else the
+    configured ``threads`` of its ``config.yaml`` (``default`` for null: torch's default, the machine's cores)."""
+    rec = res.get("reproducibility")
+    if isinstance(rec, dict) and rec.get("threads") is not None:
+        return str(rec["threads"])
+    config = res.get("_config")
+    if not isinstance(config, dict):
+        return "unknown"
+    return "default" if config.get("threads") is None else str(config["threads"])
+
+
+def reproducibility_warnings(runs: list[dict[str, Any]]) -> list[str]:
+    """Runs that mix CPU thread counts (CPU training sums in a thread-count-dependent order) or ran an operation
+    without a deterministic implementation (docs/reproducibility.md)."""
+    out = []
+    counts = sorted({run_threads(r) for r in runs})
+    if len(counts) > 1:
+        out.append(f"different CPU thread counts: {' | '.join(counts)} (results depend on it; docs/reproducibility.md)")
+    ops = sorted({op for r in runs for op in (r.get("reproducibility") or {}).get("nondeterministic_ops") or []})
+    if ops:
+        n = sum(bool((r.get("reproducibility") or {}).get("nondeterministic_ops")) for r in runs)
+        out.append(f"{n} run(s) used operations without a deterministic implementation: {', '.join(ops)}")
+    return out
 
 
 def _differing(runs: list[dict[str, Any]], attr: str, only: set[str] | None, group: str | None = None) -> str:

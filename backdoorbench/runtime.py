@@ -29,6 +29,7 @@ import torch
 
 __all__ = [
     "INFERENCE_PRECISIONS", "TRAIN_AUTOCAST", "Runtime", "autocast", "current", "inference_dtype", "inference_probe",
+    "intra_op_threads",
     "record_stage", "run_scope", "stage_probe", "train_autocast", "train_dtype",
 ]
 
@@ -183,3 +184,19 @@ def run_scope(runtime: Runtime) -> Iterator[Runtime]:
         yield runtime
     finally:
         _CURRENT.reset(token)
+
+
+@contextmanager
+def intra_op_threads(threads: int | None) -> Iterator[int]:
+    """Run the ``with`` block with ``threads`` torch intra-op threads (None: the count in force), restored
+    afterwards, also on errors. Yields the count in force inside. CPU convolution and normalisation backward
+    sum in an order that depends on this count, so a training stage pinned to one count computes the same
+    weights on any machine (docs/reproducibility.md)."""
+    before = torch.get_num_threads()
+    if threads is not None and threads != before:
+        torch.set_num_threads(threads)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)

@@ -365,6 +365,8 @@ def test_dbd_through_the_pipeline(tmp_path: Path) -> None:
     on_disk = json.loads((tmp_path / "run" / "results.json").read_text())
     assert on_disk["metrics"]["labelled_poisoned_fraction"] == pytest.approx(metrics["labelled_poisoned_fraction"])
     assert (tmp_path / "run" / "dbd_stages.json").is_file()
+    repro = on_disk["reproducibility"]  # issue 39: the thread count in force and the nondeterministic operations
+    assert repro["threads"] == torch.get_num_threads() and repro["nondeterministic_ops"] == []
     work = [p for p in (tmp_path / "cache").glob("defense-*") if p.is_dir()]  # defense-<key>.lock beside it
     assert len(work) == 1 and (work[0] / "stage3_mixmatch.safetensors").is_file()
 

@@ -3,7 +3,8 @@ attack's (surrogate, victim, label-consistent PGD, Trojan's trigger search, text
 repair defenses' (NAD's teacher and student, fine-tuning, RNP) and DBD's three stages — and
 ``trainer.inference_precision`` every evaluation; ``results.json`` records, per stage, what it really ran in
 (measured by a hook on its first forward pass: device, weights dtype, active autocast). Unknown precisions and
-DBD's removed keys are refused with a clear message; DBD's stage folders keep their keys."""
+DBD's removed keys are refused with a clear message; DBD's stage folders keep their keys (the removed keys' old
+defaults stay in them)."""
 
 from __future__ import annotations
 
@@ -67,7 +68,9 @@ def test_dbds_own_device_and_precision_keys_are_refused_naming_the_run_wide_key(
 
 
 #: DBD's stage-folder names for a victim key before its accelerator / precision keys went (computed at 2f1dcc9)
-OLD_DBD_FOLDERS = {"dbd": "defense-944061b420cd5a9adbe4", "dbd_full": "defense-e00243434654d8d7bf70"}
+# the folders with DBD's thread pin (defense.threads, in the key since the pin; docs/reproducibility.md); the
+# retired accelerator / precision keys stay in the key with their old defaults (DBDConfig.STAGE_KEY_COMPAT)
+OLD_DBD_FOLDERS = {"dbd": "defense-ad16ef46a5dd09bf7bbe", "dbd_full": "defense-56c70deec86382dd8079"}
 
 
 @pytest.mark.parametrize("name", list(OLD_DBD_FOLDERS))

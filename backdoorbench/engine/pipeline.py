@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from backdoorbench.attacks.base import Attack
 from backdoorbench.data.base import DatasetBundle
 from backdoorbench.data.split import threat_model_split
 from backdoorbench.defenses.base import Defense, Detector
+from backdoorbench.engine.determinism import record_nondeterminism, reproducibility_record, set_determinism
 from backdoorbench.engine.protocols import RunContext, Timer, protocol_for
 from backdoorbench.engine.rundir import check_locations, draw, write_results, write_scores
 from backdoorbench.engine.spec import RunSpec, validate, versions
@@ -36,19 +36,6 @@ __all__ = ["run_experiment", "set_determinism", "validate"]
 log = logging.getLogger(__name__)
 
 
-def set_determinism(seed: int, threads: int | None, deterministic: bool = True) -> None:
-    """Seed everything; deterministic kernels and cuDNN benchmark off unless ``trainer.deterministic=false``
-    (then every stage of the run lets cuDNN benchmark: faster on a GPU, not repeatable to the bit)."""
-    import lightning as L
-
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    L.seed_everything(seed, workers=True, verbose=False)
-    torch.use_deterministic_algorithms(deterministic, warn_only=True)
-    torch.backends.cudnn.benchmark = not deterministic
-    if threads:
-        torch.set_num_threads(threads)
-
-
 def run_experiment(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     """Run one experiment and write its run directory. Returns the results dict."""
     t_start = time.perf_counter()
@@ -60,14 +47,22 @@ def run_experiment(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     atomic_write_text(out / "versions.json", json.dumps(versions(), indent=2))
     t = spec.trainer_cfg
-    log.info("device: %s, precision: %s (training), %s (inference)", spec.device, t.precision, t.inference_precision)
+    log.info(
+        "device: %s, %d CPU threads, precision: %s (training), %s (inference)",
+        spec.device, torch.get_num_threads(), t.precision, t.inference_precision,
+    )
     # every stage below: the run's device, training logs, loader workers, inference precision, cache folder
     store = ArtifactStore(spec.cache_dir) if spec.cache_enabled else None
-    with run_scope(runtime_for(spec.trainer_cfg, out, spec.device, store.root if store else None)):
-        return _run(spec, out, timer, t_start, store)
+    with (
+        run_scope(runtime_for(spec.trainer_cfg, out, spec.device, store.root if store else None)),
+        record_nondeterminism() as ops,  # the operations that ran without a deterministic implementation
+    ):
+        return _run(spec, out, timer, t_start, store, ops)
 
 
-def _run(spec: RunSpec, out: Path, timer: Timer, t_start: float, store: ArtifactStore | None) -> dict[str, Any]:
+def _run(
+    spec: RunSpec, out: Path, timer: Timer, t_start: float, store: ArtifactStore | None, ops: list[str]
+) -> dict[str, Any]:
     with timer("data"):
         bundle: DatasetBundle = spec.dataset.obj(root=spec.data_cfg.root, **spec.data_cfg.options)
         splits = threat_model_split(bundle, spec.data_cfg, spec.seed)
@@ -112,6 +107,8 @@ def _run(spec: RunSpec, out: Path, timer: Timer, t_start: float, store: Artifact
         "frr_target": getattr(spec.defense_cfg, "frr", None),
         # what each stage that ran really ran in (measured on its first forward pass; runtime.stage_probe)
         "stages": dict(current().stages),
+        # the thread count in force and whether every operation ran deterministically (docs/reproducibility.md)
+        "reproducibility": reproducibility_record(spec.threads, spec.device, ops),
         **outcome.extra,
     }
     write_results(out / "results.json", results)

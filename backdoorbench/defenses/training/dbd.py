@@ -53,6 +53,7 @@ from backdoorbench.defenses.training.ssl import SimCLRAugment, SSLModule, make_m
 from backdoorbench.modality.base import Classifier
 from backdoorbench.modality.vision import VisionClassifier, to_float
 from backdoorbench.registry import register_defense
+from backdoorbench.runtime import intra_op_threads
 from backdoorbench.trainer.checkpoint import (
     CheckpointError,
     load_state_dict,
@@ -131,6 +132,7 @@ class DBD(TrainingDefense):
         self.stage_status: dict[str, str] = {}
         #: stage 2's per-sample SCE losses (no augmentation), in training-set order
         self.sample_losses: np.ndarray | None = None
+        self.threads: int | None = None  #: the CPU thread count DBD's stages ran with
 
     # -- helpers ---------------------------------------------------------------------------------------
     def _dir(self) -> Path:
@@ -297,6 +299,12 @@ class DBD(TrainingDefense):
 
     # -- the whole defense -----------------------------------------------------------------------------
     def train(self, train: Samples, model_factory: Callable[[], Classifier]) -> Classifier:
+        """DBD's stages with ``defense.threads`` CPU threads (default 1: the same result on any machine)."""
+        with intra_op_threads(self.cfg.threads) as threads:
+            self.threads = threads
+            return self._train(train, model_factory)
+
+    def _train(self, train: Samples, model_factory: Callable[[], Classifier]) -> Classifier:
         cfg = self.cfg
         images = as_image_array(train.inputs)  # subsets below are index views (select), not copies
         if not isinstance(images, (torch.Tensor, ImageArray)) or images.dtype != torch.uint8 or images.dim() != 4:
@@ -396,6 +404,7 @@ class DBD(TrainingDefense):
             "variant": self.cfg.variant,
             "stage_times": self.stage_times,
             "stage_status": self.stage_status,
+            "threads": self.threads,
             "labelled": None if self.labelled_indices is None else len(self.labelled_indices),
             "config": asdict(self.cfg),
         }

@@ -33,6 +33,7 @@ class DBDConfig(DefenseConfig):
     name: str = "dbd"
     variant: str = "dbd"  # dbd (SS+SCE+tuning) | ss_sce | ss_ce | no_ss (the paper's ablations)
     batch_size: int = 256  # inference batch (loss records, evaluation)
+    threads: int | None = 1  # CPU threads of DBD's training; 1: the same weights whatever the run's `threads`
     # -- stage 1: self-supervised backbone
     ssl: str = "simclr"  # simclr | byol | barlow_twins | vicreg
     ssl_backend: str = "lightly"  # lightly | solo (solo-learn's loss functions)
@@ -79,6 +80,10 @@ class DBDConfig(DefenseConfig):
             if not ok:
                 raise ValueError(f"defense.{msg}")
 
+        need(
+            self.threads is None or (isinstance(self.threads, int) and self.threads >= 1),
+            f"threads must be a positive integer or null (the run's threads), got {self.threads!r}",
+        )
         need(self.variant in VARIANTS, f"variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
         need(self.ssl in SSL_METHODS, f"ssl must be one of {', '.join(SSL_METHODS)}, got {self.ssl!r}")
         need(
