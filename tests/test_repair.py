@@ -20,14 +20,8 @@ from backdoorbench.data.base import Samples
 from backdoorbench.defenses.base import Detector, RepairDefense, TrainingDefense
 from backdoorbench.defenses.repair.common import FinetuneSchedule, RepairModule, distillation_layers, finetune
 from backdoorbench.defenses.repair.nad import NAD, NADConfig
-from backdoorbench.defenses.repair.rnp import (
-    RNP,
-    RNPConfig,
-    add_masks,
-    mask_values,
-    maskable_units,
-    prune_units,
-)
+from backdoorbench.defenses.repair.rnp import RNP, RNPConfig
+from backdoorbench.defenses.repair.units import add_masks, mask_values, maskable_units, prune_units
 from backdoorbench.engine.pipeline import run_experiment
 from backdoorbench.modality.base import attention_map
 from backdoorbench.modality.vision import ImageSpec
