@@ -204,8 +204,11 @@ class ANP(MaskPruning):
         """The masks ANP learns on a frozen copy of ``model`` (``model`` itself is not changed)."""
         masked = clone(model)
         masks, scales = add_noisy_masks(masked, self.cfg.units)
-        train = repeat_to_steps(clean, self.cfg.steps_per_epoch, self.cfg.batch_size)
-        per_epoch = math.ceil(len(train) / self.cfg.batch_size)
+        # a clean set smaller than a batch is one batch (the reference samples 128 with replacement: the same
+        # expected gradient, at several times the cost; docs/defenses/anp.md)
+        batch = min(self.cfg.batch_size, len(clean))
+        train = repeat_to_steps(clean, self.cfg.steps_per_epoch, batch)
+        per_epoch = math.ceil(len(train) / batch)
         module = ANPModule(masked, self.cfg, masks, scales)
         fit(
             masked,
@@ -213,7 +216,7 @@ class ANP(MaskPruning):
             TrainConfig(
                 max_epochs=math.ceil(self.cfg.iterations / per_epoch),
                 max_steps=self.cfg.iterations,
-                batch_size=self.cfg.batch_size,
+                batch_size=batch,
                 grad_clip=0.0,
             ),
             seed=self.seed,
