@@ -194,6 +194,7 @@ TINY_DEFENSE = {
     "nad": ["defense.epochs=1", "defense.teacher_epochs=1"],
     "rnp": ["defense.unlearn_epochs=1", "defense.recover_epochs=1"],
     "abl": ["defense.isolation_epochs=1", "defense.unlearning_epochs=1"],
+    "anp": ["defense.iterations=2"],
     "dbd": [
         "defense.ssl_epochs=1",
         "defense.head_epochs=1",

@@ -20,14 +20,8 @@ from backdoorbench.data.base import Samples
 from backdoorbench.defenses.base import Detector, RepairDefense, TrainingDefense
 from backdoorbench.defenses.repair.common import FinetuneSchedule, RepairModule, distillation_layers, finetune
 from backdoorbench.defenses.repair.nad import NAD, NADConfig
-from backdoorbench.defenses.repair.rnp import (
-    RNP,
-    RNPConfig,
-    add_masks,
-    mask_values,
-    maskable_units,
-    prune_units,
-)
+from backdoorbench.defenses.repair.rnp import RNP, RNPConfig
+from backdoorbench.defenses.repair.units import add_masks, mask_values, maskable_units, prune_units
 from backdoorbench.engine.pipeline import run_experiment
 from backdoorbench.modality.base import attention_map
 from backdoorbench.modality.vision import ImageSpec
@@ -327,7 +321,7 @@ def _keys(samples: Samples) -> set:
 
 
 @needs_mnist
-@pytest.mark.parametrize("defense", ["dan", "strip", "finetune", "nad", "rnp", "dbd"])
+@pytest.mark.parametrize("defense", ["dan", "strip", "finetune", "nad", "rnp", "anp", "clp", "dbd"])
 def test_no_defense_ever_receives_test_data(defense: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every entry point of every kind of defense records what it is handed; none of it may be a test
     input (clean or triggered), and the training set a training-time defense gets is the training split."""
@@ -358,6 +352,8 @@ def test_no_defense_ever_receives_test_data(defense: str, tmp_path: Path, monkey
         "finetune": ["defense.epochs=1"],
         "nad": ["defense.epochs=1", "defense.teacher_epochs=1"],
         "rnp": ["defense.unlearn_epochs=1", "defense.recover_epochs=1", "defense.curve_step=0.9"],
+        "anp": ["defense.iterations=2", "defense.curve_step=0.9"],
+        "clp": ["defense.curve_step=5"],
         "dbd": [
             "defense.ssl_epochs=1",
             "defense.head_epochs=1",

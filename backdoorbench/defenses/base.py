@@ -233,6 +233,8 @@ class TrainingDefense(Defense):
 
 class RepairDefense(Defense):
     kind = "repair"
+    #: True for a data-free repair (CLP): the pipeline hands it no clean data (an empty set)
+    data_free: ClassVar[bool] = False
 
     def __init__(self, cfg: Any, seed: int = 0) -> None:
         super().__init__(cfg, seed)

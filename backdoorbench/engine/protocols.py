@@ -208,7 +208,7 @@ def _before_after(defense: Defense, ctx: RunContext, run: Callable[[], Classifie
 
 
 def repair(defense: RepairDefense, ctx: RunContext) -> Outcome:
-    clean = ctx.defender_clean()
+    clean = ctx.splits.holdout.subset(np.arange(0)) if defense.data_free else ctx.defender_clean()
     defended, outcome = _before_after(defense, ctx, lambda: defense.repair(ctx.victim.model, clean))
     outcome.metrics["clean_size"] = len(clean)
     with ctx.timer("evaluation"):

@@ -1,1 +1,1 @@
-"""Post-hoc repair defenses: fine-tuning, NAD, RNP."""
+"""Post-hoc repair defenses: fine-tuning, NAD, RNP, ANP, CLP (data-free)."""
