@@ -262,9 +262,11 @@ def main() -> int:
             t0 = time.perf_counter()
             with tracker:
                 run(overrides=overrides, out_dir=out / f"{name}_{attack}_{defense}_{int(time.time())}")
+            run_s = round(time.perf_counter() - t0, 1)
             for rec in tracker.records.values():
-                table.append({"preset": name, "attack": attack, "defense": defense, **rec.summary()})
-            print(f"{name} {attack} x {defense}: {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+                table.append({"preset": name, "attack": attack, "defense": defense, **rec.summary(), "run_s": run_s})
+            (out / "smoke.json").write_text(json.dumps(table, indent=1))  # so far: a stopped run keeps its rows
+            print(f"{name} {attack} x {defense}: {run_s:.1f} s", file=sys.stderr, flush=True)
     total = time.perf_counter() - t_all
     if args.list:
         return 0
