@@ -62,3 +62,32 @@ def test_hooks_and_the_op_counter_are_removed_on_exit() -> None:
     torch.randn(3) + 1
     assert (rec.params, rec.ops) == before
     assert share(Counter()) == "-"
+
+
+class _FakeStream:
+    busy = False
+
+    def query(self) -> bool:  # True: all work done
+        return not self.busy
+
+
+def test_gpu_busy_share_is_sampled_per_stage(monkeypatch) -> None:
+    import time
+
+    stream = _FakeStream()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # starts the sampler without a GPU
+    monkeypatch.setattr(torch.cuda, "default_stream", lambda device=None: stream)
+    with DeviceTracker(ops=False) as tracker:
+        with tracker.stage("before any CUDA work"):
+            stream.busy = True
+            time.sleep(0.2)  # no GPU seen yet: idle, whatever the stream says
+        tracker._cuda = torch.device("cuda", 0)
+        with tracker.stage("busy"):
+            time.sleep(0.2)
+        stream.busy = False
+        with tracker.stage("idle"):
+            time.sleep(0.2)
+    rec = tracker.records
+    assert all(rec[s].gpu_samples >= 5 for s in rec)
+    assert rec["before any CUDA work"].gpu_busy == 0.0 and rec["before any CUDA work"].cpu_share == 1.0
+    assert rec["busy"].gpu_busy >= 0.9 and rec["idle"].gpu_busy <= 0.1

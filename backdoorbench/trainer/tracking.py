@@ -8,8 +8,9 @@ measurement goes to the innermost open stage):
 - **ops**: the device of the first tensor argument of every torch function call (a ``TorchFunctionMode`` on the
   tracking thread), which also sees tensor code outside modules (a detector's statistics, a perturbation);
 - **peak GPU memory**: ``torch.cuda.max_memory_allocated``, reset when a stage opens or closes;
-- **GPU busy share**: a helper thread polls the current CUDA stream about every millisecond
-  (``Stream.query()`` is ``False`` while kernels are queued or running) and counts busy samples per stage.
+- **GPU busy share**: a helper thread polls the default CUDA stream of the GPU that work was last seen on about
+  every millisecond (``Stream.query()`` is ``False`` while kernels are queued or running) and counts busy samples
+  per stage.
   The *CPU share* of a stage is the rest: the part of its wall time in which the GPU had nothing to do. On a
   run without CUDA it is 1. (Process CPU time is no measure of this on CUDA: a synchronising host thread
   spin-waits and counts as busy; torch.profiler allows one session per process and is heavy.)
@@ -103,7 +104,7 @@ class _OpCounter(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         t = _first_tensor(args)
         if t is not None and getattr(func, "__name__", "") != "__get__":  # attribute reads are no work
-            self.tracker._current().ops[str(t.device)] += 1
+            self.tracker._seen(t.device, self.tracker._current().ops, str(t.device))
         return func(*args, **(kwargs or {}))
 
 
@@ -121,28 +122,34 @@ class DeviceTracker:
         self._mode: _OpCounter | None = None
         self._stop = threading.Event()
         self._sampler: threading.Thread | None = None
+        self._cuda: torch.device | None = None
 
     # -- recording ---------------------------------------------------------------------------------------
     def _current(self) -> StageRecord:
         return self._stack[-1][0]
 
+    def _seen(self, device: torch.device, counter: Counter, key: str) -> None:
+        counter[key] += 1
+        if device.type == "cuda":  # the GPU whose stream the sampler polls: the last one work was seen on
+            self._cuda = device
+
     def _forward_pre(self, module: nn.Module, args: tuple) -> None:
         rec = self._current()
         for p in module._parameters.values():
             if p is not None:
-                rec.params[f"{p.device} {str(p.dtype).replace('torch.', '')}"] += 1
+                self._seen(p.device, rec.params, f"{p.device} {str(p.dtype).replace('torch.', '')}")
                 break
         t = _first_tensor(args)
         if t is not None:
-            rec.inputs[f"{t.device} {str(t.dtype).replace('torch.', '')}"] += 1
+            self._seen(t.device, rec.inputs, f"{t.device} {str(t.dtype).replace('torch.', '')}")
 
     def _sample(self) -> None:
         while not self._stop.wait(self.interval):
             rec = self._current()
             busy = False
-            if torch.cuda.is_initialized():  # never initialises CUDA itself: before that the GPU is idle
-                try:
-                    busy = not torch.cuda.current_stream().query()
+            if self._cuda is not None:  # never initialises CUDA itself: before any CUDA work the GPU is idle
+                try:  # the main thread's stream is the device's default stream (no stream contexts here)
+                    busy = not torch.cuda.default_stream(self._cuda).query()
                 except RuntimeError:
                     busy = False
             rec.gpu_samples += 1
