@@ -125,3 +125,16 @@ def test_the_callback_leaves_other_jobs_alone(tmp_path: Path, monkeypatch: pytes
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     monkeypatch.setattr(gpus.shutil, "which", lambda _: None)  # no nvidia-smi: no GPU
     assert gpus.visible_gpus() == []
+
+
+def test_a_real_multirun_gives_its_job_process_one_gpu(tmp_path: Path) -> None:
+    """Through Hydra's own launcher (jobs in the submitting process): the callback runs before the job, in the
+    job's process. Two jobs that fail at validation (ONION on images) keep the test fast."""
+    sweep = tmp_path / "sweep"
+    proc = subprocess.run([PYTHON, "-m", "backdoorbench", "run", "--multirun", "attack=badnets", "defense=onion,rap",
+                           f"hydra.sweep.dir={sweep}"], cwd=tmp_path, env=subprocess_env(CUDA_VISIBLE_DEVICES="3,5"),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]  # both jobs: expected failures
+    logs = {p.parent.name: p.read_text() for p in sweep.glob("*/cli.log")}
+    assert "uses GPU 3 (CUDA_VISIBLE_DEVICES)" in logs[next(k for k in logs if "onion" in k)]
+    assert [p.name for p in (sweep / ".gpu_slots").iterdir()] == ["slot-0.lock"]  # one process, one slot
