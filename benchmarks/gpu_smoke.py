@@ -67,10 +67,10 @@ VISION = {
 }
 TEXT = {
     False: ["data=rotten_tomatoes", "model=minilm", "model.name=minilm", "data.max_train=1000", "data.max_test=300",
-            "data.holdout_size=300", "data.proxy_size=0", "model.max_length=64", "trainer.max_epochs=1",
+            "data.holdout_size=300", "data.proxy_size=200", "model.max_length=64", "trainer.max_epochs=1",
             "++attack.epochs=1", "defense.clean_size=300"],
     True: ["data=rotten_tomatoes", "model=minilm", "model.name=minilm", "data.max_train=40", "data.max_test=20",
-           "data.holdout_size=20", "data.proxy_size=0", "model.max_length=32", "trainer.max_epochs=1",
+           "data.holdout_size=20", "data.proxy_size=20", "model.max_length=32", "trainer.max_epochs=1",
            "trainer.max_steps=1", "trainer.batch_size=20", "++attack.epochs=1", "defense.clean_size=20"],
 }
 DEFENSE = {
@@ -100,8 +100,8 @@ ATTACK = {
                True: ["++attack.surrogate_epochs=1", "++attack.trigger_steps=2"]},
     "dfep": {False: ["++attack.num_samples=1000", "++attack.sample_words=30"],
              True: ["++attack.num_samples=20", "++attack.sample_words=10"]},
-    "neuba": {False: ["data.proxy_size=200", "++attack.max_unlabeled=200", "++attack.probe_size=20"],
-              True: ["data.proxy_size=20", "++attack.max_unlabeled=10", "++attack.probe_size=5"]},
+    "neuba": {False: ["++attack.max_unlabeled=200", "++attack.probe_size=20"],
+              True: ["++attack.max_unlabeled=10", "++attack.probe_size=5"]},
 }
 PRESET = {"cpu_nad": {False: ["defense.steps_per_epoch=5"], True: ["defense.steps_per_epoch=1"]}}
 
@@ -242,6 +242,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     cache = out / f"cache_{int(time.time())}"  # fresh: every attack stage runs
     table: list[dict[str, Any]] = []
+    failed: list[str] = []
     t_all = time.perf_counter()
     tracker = DeviceTracker(ops=not args.no_ops)
     install(tracker)
@@ -259,14 +260,19 @@ def main() -> int:
                 print(" ".join(overrides))
                 continue
             tracker.records.clear()
-            t0 = time.perf_counter()
-            with tracker:
-                run(overrides=overrides, out_dir=out / f"{name}_{attack}_{defense}_{int(time.time())}")
-            run_s = round(time.perf_counter() - t0, 1)
+            t0, c0 = time.perf_counter(), time.process_time()
+            try:
+                with tracker:
+                    run(overrides=overrides, out_dir=out / f"{name}_{attack}_{defense}_{int(time.time())}")
+            except Exception as e:  # noqa: BLE001 - a smoke test reports every failure and goes on
+                failed.append(f"{name} {attack} x {defense}: {type(e).__name__}: {e}")
+                print(f"FAILED {failed[-1]}", file=sys.stderr, flush=True)
+            run_s, cpu_s = round(time.perf_counter() - t0, 1), round(time.process_time() - c0, 1)
             for rec in tracker.records.values():
-                table.append({"preset": name, "attack": attack, "defense": defense, **rec.summary(), "run_s": run_s})
+                table.append({"preset": name, "attack": attack, "defense": defense, **rec.summary(), "run_s": run_s,
+                              "run_cpu_s": cpu_s})
             (out / "smoke.json").write_text(json.dumps(table, indent=1))  # so far: a stopped run keeps its rows
-            print(f"{name} {attack} x {defense}: {run_s:.1f} s", file=sys.stderr, flush=True)
+            print(f"{name} {attack} x {defense}: {run_s:.1f} s ({cpu_s:.1f} s CPU)", file=sys.stderr, flush=True)
     total = time.perf_counter() - t_all
     if args.list:
         return 0
@@ -278,8 +284,10 @@ def main() -> int:
     runs = len({(r["preset"], r["attack"], r["defense"]) for r in table})
     lines.append(f"\n{runs} runs, {len(table)} stage rows: {total:.0f} s on {args.device} (GPU: {gpu}; torch "
                  f"{torch.__version__})")
-    estimate = total * args.gpu_factor
-    lines.append(f"one H100, estimated: {estimate:.0f} s = {total:.0f} s x {args.gpu_factor:g} (--gpu-factor, an "
+    cpu = time.process_time()
+    estimate = cpu * args.gpu_factor
+    lines.append(f"process CPU time: {cpu:.0f} s (all threads; wall time depends on what else the machine runs)")
+    lines.append(f"one H100, estimated: {estimate:.0f} s = {cpu:.0f} s CPU x {args.gpu_factor:g} (--gpu-factor, an "
                  f"assumption; see the docstring); budget {BUDGET_S} s: {'fits' if estimate <= BUDGET_S else 'OVER'}"
                  if args.device == "cpu" else
                  f"measured: {total:.0f} s; budget {BUDGET_S} s: {'fits' if total <= BUDGET_S else 'OVER'}")
@@ -288,11 +296,12 @@ def main() -> int:
         lines.append(f"CPU stages: {len(flagged)}" + "".join(
             f"\n- {r['preset']} {r['attack']} x {r['defense']}: {r['stage']} (params {r['params']}; inputs "
             f"{r['inputs']}; ops {r['ops']})" for r in flagged))
+    lines += [f"FAILED {f}" for f in failed]
     text_out = "\n".join(lines)
     print(text_out)
     (out / "smoke.json").write_text(json.dumps(table, indent=1))
     (out / "smoke.md").write_text(text_out + "\n")
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
