@@ -31,11 +31,12 @@ every Lightning fit (``fit: <stage>``), DBD's stages and the repair curve), meas
 A stage of a ``--device cuda`` run whose parameters, inputs or more than 10% of its torch calls were on the CPU is
 listed under "CPU stages" at the end. Writes ``smoke.json`` (the rows) and ``smoke.md`` (the table) into ``--out``.
 
-**Time on one H100.** The script prints an estimate from the run it just made: each stage's seconds times
-``--gpu-factor`` (default 2). The ``--tiny`` CPU times are almost all fixed costs (imports, model construction,
-Lightning's setup, one step) that a GPU host runs at least as fast; the reduced GPU scale multiplies the per-step
-work by ~100-450, which an H100 does ~100x faster than two shared CPU cores. That factor is an assumption, not a
-measurement: run the script on the GPU to replace the estimate by the measured total.
+**Time on one H100.** On the CPU the script prints an estimate: the process CPU time of the whole run (all
+threads; unlike wall time it hardly depends on what else the machine runs) times ``--gpu-factor`` (default 2). The
+``--tiny`` CPU time is almost all fixed costs (imports, configs, model construction, Lightning's set-up, figures,
+one step) that a GPU host runs at least as fast; the reduced GPU scale multiplies the per-step work by ~100-450,
+which an H100 does ~100x faster than two shared CPU cores. That factor is an assumption, not a measurement: run the
+script on the GPU to replace the estimate by the measured total.
 """
 
 from __future__ import annotations
