@@ -193,7 +193,7 @@ def test_one_step_cpu_version_runs(name: str, tmp_path: Path, sweep_forced_keys)
 
 @needs_assets
 def test_gpu_smoke_cpu_tiny_mode(tmp_path: Path) -> None:
-    """``gpu_smoke.py --device cpu --tiny`` on one stage (the whole tiny table takes about a minute)."""
+    """``gpu_smoke.py --device cpu --tiny`` on one preset (its one run: RNP against BadNets; docs/scale.md)."""
     proc = subprocess.run(
         [PYTHON, str(REPO_ROOT / "benchmarks" / "gpu_smoke.py"), "--device", "cpu", "--tiny", "--only", "rnp_cifar10",
          "--out", str(tmp_path / "smoke")],
@@ -202,6 +202,11 @@ def test_gpu_smoke_cpu_tiny_mode(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = json.loads((tmp_path / "smoke" / "smoke.json").read_text())
-    assert table and all(row["device"] == "cpu" and row["seconds"] >= 0 for row in table)
-    assert {row["stage"] for row in table} >= {"attack", "defense"}
-    assert "peak GPU MiB" in proc.stdout
+    assert table and all(row["seconds"] >= 0 and row["cpu_share"] == 1.0 for row in table)
+    stages = {row["stage"]: row for row in table}
+    assert {"data", "attack", "evaluation", "defense", "evaluation/repair curve"} <= set(stages)
+    assert {"defense/fit: RNP unlearn", "defense/fit: RNP recover"} <= set(stages)  # RNP's two training stages
+    for name in ("defense/fit: RNP unlearn", "evaluation"):  # measured at the modules: the CPU, float32
+        assert stages[name]["params"] == "cpu float32" and stages[name]["inputs"] == "cpu float32"
+        assert stages[name]["ops"] == "cpu"
+    assert "peak GPU MiB" in proc.stdout and "one H100, estimated" in proc.stdout

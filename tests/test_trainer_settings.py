@@ -237,6 +237,6 @@ def test_default_cache_keys_are_unchanged(overrides: tuple[str, ...]) -> None:
 
 def test_settings_that_change_the_victim_change_the_key() -> None:
     base = OLD_KEYS[()]
-    changed = {key(o) for o in ("trainer.scheduler=cosine", "trainer.strategy=ddp", "trainer.devices=2",
+    changed = {key(o) for o in ("trainer.scheduler=cosine", "trainer.gamma=0.5", "trainer.devices=[0]",
                                 "trainer.inference_precision=bf16")}
     assert base not in changed and len(changed) == 4

@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 
 from backdoorbench import __version__
 from backdoorbench.config import ConfigError, DataConfig, component_config, to_dataclass
+from backdoorbench.engine.gpus import several_devices_problem
 from backdoorbench.registry import REGISTRY, Entry
 from backdoorbench.trainer.lit import TrainConfig, resolve_device
 
@@ -87,6 +88,10 @@ def validate(cfg: DictConfig) -> RunSpec:
             raise ConfigError(f"cache.{flag} must be true or false, got {cache.get(flag)!r}")
     forced = forced_keys()  # ++group.key overrides: dropped, with a warning, by components without that key
     trainer_cfg = to_dataclass(TrainConfig, cfg.trainer, "trainer")
+    device = resolve_device(trainer_cfg)
+    several = several_devices_problem(trainer_cfg.devices, trainer_cfg.strategy, device.type)
+    if several:  # one device per run: a multi-process launch would repeat the whole run per rank
+        raise ConfigError(several)
     return RunSpec(
         attack=attack,
         defense=defense,
@@ -104,7 +109,7 @@ def validate(cfg: DictConfig) -> RunSpec:
         threads=threads,
         cache_verify=bool(cache.get("verify", True)),
         cache_rebuild=bool(cache.get("rebuild", False)),
-        device=resolve_device(trainer_cfg),
+        device=device,
     )
 
 
