@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from e2e_checks import RESULT_KEYS, splits_of
 from hydra import compose, initialize_config_dir
 from PIL import Image
 from torch import nn
@@ -146,9 +147,15 @@ def test_pipeline_writes_verdict_and_trigger_pngs_then_inspects_the_same_weights
 
     monkeypatch.setattr(NeuralCleanse, "inspect", spy)
     cache = f"cache.dir={tmp_path / 'cache'}"
-    res = run_experiment(compose_run("attack=badnets", *VISION, cache), tmp_path / "a")
+    cfg = compose_run("attack=badnets", *VISION, cache)
+    res = run_experiment(cfg, tmp_path / "a")
     assert len(handed) == 1 and len(handed[0]) == 32  # the defender's clean data only (defense.clean_size)
+    splits = splits_of(cfg)
+    assert torch.equal(handed[0].inputs, splits.defender_clean(32).inputs)
+    test_images = {x.numpy().tobytes() for x in splits.test.inputs}
+    assert not any(x.numpy().tobytes() in test_images for x in handed[0].inputs)
     saved = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert set(saved) >= RESULT_KEYS | {"inspection"}
     m, section = saved["metrics"], saved["inspection"]
     assert saved["run"]["defense_kind"] == "inspection" and m["true_target"] == 0 == saved["run"]["target"]
     assert section["classes"] == list(range(10)) and len(section["class_scores"]) == 10
