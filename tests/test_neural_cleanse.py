@@ -185,3 +185,31 @@ def test_pipeline_writes_verdict_and_trigger_pngs_then_inspects_the_same_weights
     assert e["target_flagged"] is None
     assert ext["inspection"]["class_scores"] == pytest.approx(section["class_scores"])
     assert (tmp_path / "b" / "trigger" / "trigger_0.png").is_file()
+
+
+def test_the_add_a_defense_page_inspector_runs() -> None:
+    """docs/add-a-defense.md's model-inspection example: defined, registered, and it finds a sink class."""
+    import re
+    import sys
+    import types
+
+    from conftest import REPO_ROOT
+
+    from backdoorbench.registry import REGISTRY
+
+    page = (REPO_ROOT / "docs/add-a-defense.md").read_text()
+    section = page[page.index("## A model-inspection defense") :]
+    code = re.search(r"^```python\n(.*?)^```", section, re.S | re.M).group(1)
+    module = types.ModuleType("docs_noise_sink")  # dataclasses look their module up in sys.modules
+    sys.modules[module.__name__] = module
+    try:
+        exec(compile(code, "add-a-defense.md", "exec"), module.__dict__)  # noqa: S102 - our own docs
+        model = toy_model()
+        model.net.regions[5] *= 0  # no backdoor pixels ...
+        model.net.regions[5, 0] = 1.0  # ... but class 5 reads one pixel at weight 1: noise lands there
+        inspector = REGISTRY.get("defense", "noise_sink").obj(module.NoiseSinkConfig(), seed=0)
+        verdict = inspector.inspect(model, Samples(toy_images(8), np.zeros(8, dtype=np.int64), "vision"))
+        assert verdict.top_class == 5 and verdict.flagged and verdict.suspected_targets == [5]
+    finally:
+        REGISTRY._tables["defense"].pop("noise_sink", None)
+        sys.modules.pop("docs_noise_sink", None)
