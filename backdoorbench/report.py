@@ -69,6 +69,13 @@ def print_run_summary(results: dict[str, Any]) -> None:
             t.add_row("clean training samples removed",
                       f"{m.get('clean_removed')} ({_pct(m.get('clean_removed_fraction'))}%)")
             t.add_row("AUROC of the per-sample score", _pct(m.get("sample_auroc")))
+    if "verdict_score" in m:  # model inspection: its verdict on the model (not percentages)
+        t.add_row("verdict score (higher = more likely backdoored)", f"{m['verdict_score']:.3g}")
+        t.add_row("flagged as backdoored", str(m.get("flagged")))
+        t.add_row("suspected targets / most suspicious class", f"{m.get('suspected_targets')} / {m.get('top_class')}")
+        if m.get("true_target") is not None:
+            t.add_row("attack's target: most suspicious / flagged", f"{m.get('top_class_correct')} / "
+                      f"{m.get('target_flagged')}")
     for key, label in (
         ("ba_after", "BA after defense"),
         ("asr_after", "ASR after defense"),

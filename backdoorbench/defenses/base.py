@@ -8,6 +8,9 @@
   trained model (DBD). Never told which samples are poisoned.
 * :class:`RepairDefense` — gets the backdoored model and the defender's small clean set, returns a
   repaired model (NAD, RNP, fine-tuning).
+* :class:`ModelInspector` — gets the model and the defender's clean data, returns a :class:`Verdict`: is the
+  model backdoored (a score, higher = more likely, and a flag), towards which class(es), and the
+  reconstructed trigger (Neural Cleanse).
 
 No defense ever receives the test set, the trigger, or the poisoning provenance: the pipeline hands
 them only :class:`~backdoorbench.data.base.Samples` of the defender's clean data (or the training
@@ -29,7 +32,7 @@ from backdoorbench.data.base import Samples, as_samples
 from backdoorbench.metrics import quantile_threshold
 from backdoorbench.modality.base import Classifier
 
-DEFENSE_KINDS = ("detector", "training", "repair", "none")
+DEFENSE_KINDS = ("detector", "training", "repair", "inspection", "none")
 
 
 @dataclass
@@ -259,3 +262,29 @@ class RepairDefense(Defense):
 
     #: the name of the knob :meth:`sweep` varies (axis label of the curve)
     sweep_name: ClassVar[str] = ""
+
+
+@dataclass
+class Verdict:
+    """What a model inspection concludes about one model (written to ``results.json`` by its protocol)."""
+
+    score: float  # higher = more likely backdoored (Neural Cleanse: the anomaly index of the smallest trigger)
+    flagged: bool  # the method's own decision rule (Neural Cleanse: anomaly index > 2)
+    suspected_targets: list[int]  # the flagged classes, most suspicious first (empty when not flagged)
+    top_class: int  # the most suspicious class, flagged or not
+    class_scores: list[float]  # one value per class examined (Neural Cleanse: the L1 norm of its mask)
+    classes: list[int]  # the classes examined, in the order of class_scores
+    #: the reconstructed trigger per class: ``{label: {"mask": [H, W], "pattern": [C, H, W]}}``, in [0, 1]
+    triggers: dict[int, dict[str, np.ndarray]]
+    extra: dict[str, Any] | None = None  # further JSON-ready values (per-class anomaly indices, median, MAD)
+
+
+class ModelInspector(Defense):
+    """Model inspection: is this model backdoored, and towards which class? Gets the model and the defender's
+    clean data only (no training data, no poisoned inputs, no trigger); returns a :class:`Verdict`."""
+
+    kind = "inspection"
+
+    @abstractmethod
+    def inspect(self, model: Classifier, clean: Samples) -> Verdict:
+        """Inspect ``model`` with the defender's clean data."""

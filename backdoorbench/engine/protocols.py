@@ -10,6 +10,9 @@ measured. The pipeline picks the protocol by ``defense.kind`` (:data:`PROTOCOLS`
   after, and the share of backdoor samples among the samples whose labels the defense kept; for data-inspection
   defenses also recall of the poisoned samples, clean samples removed and the per-sample AUROC
   (``train_scores.csv``);
+* ``inspection`` — inspect the victim with the defender's clean data only: the verdict score, the flag, the
+  suspected target class(es) and whether the attack's true target (known to the pipeline, never to the
+  defense) is among them; the reconstructed trigger as PNG files (``trigger/``); the victim's BA/ASR;
 * ``none`` — the victim's BA/ASR.
 """
 
@@ -28,7 +31,15 @@ from backdoorbench.attacks.base import Attack
 from backdoorbench.data.base import Samples
 from backdoorbench.data.poisoned import PoisonedDataset
 from backdoorbench.data.split import Splits
-from backdoorbench.defenses.base import Defense, Detector, RepairDefense, TrainingDefense, clean_count
+from backdoorbench.defenses.base import (
+    Defense,
+    Detector,
+    ModelInspector,
+    RepairDefense,
+    TrainingDefense,
+    clean_count,
+)
+from backdoorbench.defenses.inspection.common import save_trigger_images
 from backdoorbench.defenses.training.inspection import DataInspectionDefense
 from backdoorbench.engine.rundir import Scored, draw, write_curve, write_sample_scores
 from backdoorbench.engine.spec import RunSpec
@@ -259,6 +270,38 @@ def inspection_outcome(
     write_sample_scores(ctx.out / "train_scores.csv", labels, defense.sample_scores, defense.removed, backdoor)
 
 
+def inspect_model(defense: ModelInspector, ctx: RunContext) -> Outcome:
+    clean = ctx.defender_clean()
+    defense.run_dir = ctx.out
+    with ctx.timer("defense"):
+        verdict = defense.inspect(ctx.victim.model, clean)
+    for stage, seconds in defense.stage_times.items():
+        ctx.timer.times[f"defense_{stage}"] = seconds
+    with ctx.timer("evaluation"):
+        scored = ctx.evaluate(ctx.victim.model)
+    true_target = ctx.attack.target if ctx.attack.has_trigger else None  # None: attack=external, all-to-all
+    metrics: dict[str, Any] = {
+        **plain_metrics(scored, ctx.target),
+        "verdict_score": float(verdict.score),
+        "flagged": bool(verdict.flagged),
+        "suspected_targets": [int(c) for c in verdict.suspected_targets],
+        "top_class": int(verdict.top_class),
+        "true_target": true_target,
+        # the attack's target is the method's most suspicious class / among the classes it flagged
+        "top_class_correct": None if true_target is None else int(verdict.top_class) == true_target,
+        "target_flagged": None if true_target is None else true_target in verdict.suspected_targets,
+        "clean_size": len(clean),
+    }
+    files = save_trigger_images(verdict, ctx.out / "trigger")
+    section = {
+        "classes": [int(c) for c in verdict.classes],
+        "class_scores": [float(v) for v in verdict.class_scores],
+        "trigger_files": [str(f.relative_to(ctx.out)) for f in files],
+        **(verdict.extra or {}),
+    }
+    return Outcome(scored, metrics, extra={"inspection": section})
+
+
 def no_defense(defense: Defense, ctx: RunContext) -> Outcome:
     with ctx.timer("evaluation"):
         scored = ctx.evaluate(ctx.victim.model)
@@ -270,6 +313,7 @@ PROTOCOLS: dict[str, Callable[[Any, RunContext], Outcome]] = {
     "detector": detect,
     "repair": repair,
     "training": train,
+    "inspection": inspect_model,
     "none": no_defense,
 }
 
@@ -279,8 +323,8 @@ def protocol_for(defense: Defense) -> Callable[[Any, RunContext], Outcome]:
         return PROTOCOLS[defense.kind]
     except KeyError:
         raise TypeError(
-            f"{type(defense).__name__}.kind={defense.kind!r}: a defense derives from Detector, RepairDefense or "
-            f"TrainingDefense (kinds {', '.join(PROTOCOLS)})"
+            f"{type(defense).__name__}.kind={defense.kind!r}: a defense derives from Detector, RepairDefense, "
+            f"TrainingDefense or ModelInspector (kinds {', '.join(PROTOCOLS)})"
         ) from None
 
 

@@ -1,0 +1,1 @@
+"""Model-inspection defenses: is this model backdoored, and towards which class (Neural Cleanse)."""
