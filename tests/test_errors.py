@@ -216,7 +216,7 @@ def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     ("args", "needle"),
     [
         (["run", "defense=nope"], "error: In 'config': Could not find 'defense/nope'. Did you mean 'none'? "
-                                  "Available options in 'defense': dan, "),
+                                  "Available options in 'defense': abl, activation_clustering, anp, "),
         (["run", "model=/nonexistent", "attack=badnets"], "error: model path /nonexistent does not exist"),
     ],
 )
