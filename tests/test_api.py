@@ -195,6 +195,7 @@ TINY_DEFENSE = {
     "rnp": ["defense.unlearn_epochs=1", "defense.recover_epochs=1"],
     "abl": ["defense.isolation_epochs=1", "defense.unlearning_epochs=1"],
     "anp": ["defense.iterations=2"],
+    "neural_cleanse": ["defense.steps=2"],
     "dbd": [
         "defense.ssl_epochs=1",
         "defense.head_epochs=1",
