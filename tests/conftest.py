@@ -62,6 +62,17 @@ def _one_torch_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def restore_torch_globals():
+    """Restore the global state a run sets (torch's threads, deterministic algorithms, cuDNN flags, the RNG states
+    and the pipeline's environment variables: ``backdoorbench.api.preserved_global_state``) after the test.
+    Files whose tests run the pipeline use it autouse."""
+    from backdoorbench.api import preserved_global_state
+
+    with preserved_global_state():
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -21,7 +21,6 @@ import torch
 from PIL import Image
 
 import backdoorbench as bb
-from backdoorbench.api import preserved_global_state
 from backdoorbench.attacks.base import AttackContext
 from backdoorbench.config import ConfigError
 from backdoorbench.data.base import Samples
@@ -35,9 +34,8 @@ FORMS = ("v2_files", "v2_memory", "v1_tensor", "v1_pil")
 
 
 @pytest.fixture(autouse=True)
-def _restore_torch_globals():
-    with preserved_global_state():
-        yield
+def _restore_torch_globals(restore_torch_globals: None) -> None:
+    """Every test here runs the pipeline, which sets torch's globals (conftest.restore_torch_globals)."""
 
 
 # -- writing records as BackdoorBench does --------------------------------------------------------------

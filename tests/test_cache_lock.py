@@ -30,10 +30,8 @@ WORKER = [PYTHON, str(Path(__file__).with_name("_victim_worker.py"))]
 
 
 @pytest.fixture(autouse=True)
-def _restore_torch_globals():
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    yield
-    torch.use_deterministic_algorithms(deterministic)
+def _restore_torch_globals(restore_torch_globals: None) -> None:
+    """Every test here runs the pipeline, which sets torch's globals (conftest.restore_torch_globals)."""
 
 
 def _start(cache: Path, tmp: Path, name: str, marker: Path, gate: Path) -> tuple[subprocess.Popen, Path]:

@@ -9,7 +9,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from hydra import compose, initialize_config_dir
 
 from backdoorbench.attacks.text.badnet_rw import BadNetRW
@@ -37,11 +36,8 @@ SMALL = [
 
 
 @pytest.fixture(autouse=True)
-def _restore_torch_globals():
-    deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
-    yield
-    torch.use_deterministic_algorithms(deterministic)
-    torch.set_num_threads(threads)
+def _restore_torch_globals(restore_torch_globals: None) -> None:
+    """Every test here runs the pipeline, which sets torch's globals (conftest.restore_torch_globals)."""
 
 
 def _cfg(tiny_bert_dir: Path, cache: Path, *overrides: str):

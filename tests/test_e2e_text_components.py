@@ -48,11 +48,8 @@ TEXT_TRIGGERED = 34  # test samples whose true label is not the target 1 (fixed 
 
 
 @pytest.fixture(autouse=True)
-def _restore_torch_globals():
-    deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
-    yield
-    torch.use_deterministic_algorithms(deterministic)
-    torch.set_num_threads(threads)
+def _restore_torch_globals(restore_torch_globals: None) -> None:
+    """Every test here runs the pipeline, which sets torch's globals (conftest.restore_torch_globals)."""
 
 
 @pytest.fixture(scope="module")

