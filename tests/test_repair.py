@@ -402,3 +402,11 @@ def test_backdoor_samples_exclude_wanet_noise_mode_and_clean_relabels() -> None:
     backdoor, modified = attack.backdoor_samples(pois)
     assert np.flatnonzero(backdoor).tolist() == [1, 2]
     assert np.flatnonzero(modified).tolist() == [1, 2, 3, 4]
+
+
+def test_a_model_without_maskable_units_is_a_user_error() -> None:
+    """RNP / ANP on a model with no norm layers: an expected failure (one line, exit 2), naming the units."""
+    from backdoorbench.errors import ModelError
+
+    with pytest.raises(ModelError, match="no 'norm' units to mask"):
+        maskable_units(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2)), "norm")

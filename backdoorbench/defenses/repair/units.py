@@ -29,6 +29,7 @@ from torch.nn.utils import parametrize
 from backdoorbench.data.base import Samples
 from backdoorbench.defenses.base import DefenseConfig, RepairDefense
 from backdoorbench.defenses.repair.common import clone
+from backdoorbench.errors import ModelError
 from backdoorbench.modality.base import Classifier
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ def maskable_units(model: nn.Module, units: str = "norm", who: str = "RNP") -> l
         elif units in ("neurons", "all") and isinstance(m, nn.Linear) and name != head:
             found.append((name, m))
     if not found:
-        raise ValueError(
+        raise ModelError(
             f"{who}: {type(model).__name__} has no {units!r} units to mask "
             "(norm: modules named *Norm* with a 1-d weight; neurons: nn.Linear layers)"
         )
