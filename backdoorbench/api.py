@@ -33,11 +33,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from backdoorbench.compose import compose, yaml_defaults
 from backdoorbench.config import ConfigError, DataConfig, component_config, to_dataclass
 from backdoorbench.registry import REGISTRY, Entry
 
 __all__ = [
     "RunResult",
+    "compose",
     "create_attack",
     "create_dataset",
     "create_defense",
@@ -85,26 +87,10 @@ def list_models(pattern: str = "*", modality: str | None = None) -> list[str]:
 def _config(entry: Entry, overrides: dict[str, Any], group: str) -> Any:
     """The component's config: its dataclass defaults, then the YAML of ``configs/<group>/<name>.yaml`` where
     one exists (what the CLI starts from), then ``overrides``; validated as on the command line."""
-    node: dict[str, Any] = dict(_yaml_defaults(group, entry.name))
+    node: dict[str, Any] = dict(yaml_defaults(group, entry.name))
     node.update(overrides)
     node["name"] = entry.name if "name" not in overrides else overrides["name"]
     return component_config(entry, node, group)
-
-
-def _yaml_defaults(group: str, name: str) -> dict[str, Any]:
-    from omegaconf import OmegaConf
-
-    from backdoorbench.cli import config_dir
-
-    try:
-        path = config_dir() / group / f"{name}.yaml"
-    except FileNotFoundError:
-        return {}
-    if not path.is_file():
-        return {}
-    node = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
-    assert isinstance(node, dict)
-    return {k: v for k, v in node.items() if k != "defaults" and not str(k).startswith("_")}
 
 
 def create_attack(name: str, seed: int = 0, **overrides: Any) -> Any:
@@ -122,7 +108,7 @@ def create_defense(name: str, seed: int = 0, **overrides: Any) -> Any:
 def create_dataset(name: str, root: str | None = None, **options: Any) -> Any:
     """A dataset by name as a :class:`~backdoorbench.data.base.DatasetBundle` (``root``: a local copy)."""
     entry = REGISTRY.get("dataset", name)
-    yaml = _yaml_defaults("data", name)
+    yaml = yaml_defaults("data", name)
     node = {**yaml, "name": name, "root": root if root is not None else yaml.get("root")}
     cfg = to_dataclass(DataConfig, node, "data")
     return entry.obj(root=cfg.root, **{**cfg.options, **options})
@@ -247,28 +233,6 @@ def preserved_global_state() -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-
-
-def compose(overrides: Sequence[str] = ()) -> Any:
-    """The resolved config of one run from command-line style overrides (``["attack=badnets", "seed=1"]``),
-    composed from the same ``configs/`` as the CLI (``model=<HF name or path>`` is rewritten as there)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from backdoorbench.cli import prepared_overrides
-
-    cdir, args = prepared_overrides(list(overrides))
-    was_initialized = GlobalHydra.instance().is_initialized()
-    if was_initialized:  # e.g. inside a user's own Hydra app: compose in a fresh context, then give it back
-        saved = GlobalHydra.instance().hydra
-        GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(cdir), version_base="1.3"):
-            return hydra_compose(config_name="config", overrides=args)
-    finally:
-        if was_initialized:
-            GlobalHydra.instance().initialize(saved)  # type: ignore[arg-type]
 
 
 def run(

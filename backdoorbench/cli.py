@@ -11,6 +11,9 @@ naming the log file that keeps the traceback (``<run dir>/error.log``). A failed
 ``failed.json`` in its folder. A sweep runs every job even when some fail; it ends with one line per failed
 job and a count, and exits with 2 when every failure was expected, 1 otherwise. Re-running a sweep with the
 same ``hydra.sweep.dir`` skips the jobs whose results are there (:mod:`backdoorbench.engine.sweep`).
+
+Composing the config (the config folder, the overrides made ready for Hydra) is :mod:`backdoorbench.compose`,
+which the Python API shares; this module sits beside :mod:`backdoorbench.api`, and neither imports the other.
 """
 
 from __future__ import annotations
@@ -23,16 +26,21 @@ import re
 import sys
 import tempfile
 import traceback
-from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
+from backdoorbench.compose import (  # noqa: F401 - the last three re-exported (they lived here)
+    config_dir,
+    prepared_overrides,
+    register_model_option,
+    register_plugin_configs,
+    rewrite_model_override,
+)
 from backdoorbench.errors import UserError
 from backdoorbench.registry import KINDS, REGISTRY
 
 log = logging.getLogger(__name__)
 
-GROUP_OF_KIND = {"attack": "attack", "defense": "defense", "dataset": "data", "model": "model"}
 USAGE = """usage: python -m backdoorbench COMMAND [ARGS]
 
 commands:
@@ -45,164 +53,33 @@ run `python -m backdoorbench run --help` for Hydra's help and the config groups.
 """
 
 
-def config_dir() -> Path:
-    """``$BACKDOORBENCH_CONFIG_DIR``, else the repository's ``configs/``, else the packaged copy."""
-    env = os.environ.get("BACKDOORBENCH_CONFIG_DIR")
-    candidates = [Path(env)] if env else []
-    here = Path(__file__).resolve().parent
-    candidates += [here.parent / "configs", here / "configs"]
-    for c in candidates:
-        if (c / "config.yaml").is_file():
-            return c
-    raise FileNotFoundError(f"no configs/config.yaml found (looked in {', '.join(map(str, candidates))})")
-
-
-def _group_options(cdir: Path, group: str) -> set[str]:
-    return {p.stem for p in (cdir / group).glob("*.yaml")}
-
-
-def rewrite_model_override(args: list[str], cdir: Path) -> list[str]:
-    """``model=<HF name or path>`` / ``model=timm:<name>`` → the generic group option + ``model.name``.
-
-    A sweep list (``model=resnet18,timm:resnet10t,bert-base-uncased``) is rewritten element-wise: each value
-    that is not a config file becomes a config option of its own (:func:`register_model_option`), so that
-    Hydra can sweep over them (``model=resnet18,timm_resnet10t,bert-base-uncased``)."""
-    options = _group_options(cdir, "model")
-    out = []
-    for a in args:
-        value = a[len("model=") :] if a.startswith("model=") else None
-        if value is None or value in options or "(" in value:  # not model=, a config file, or sweep syntax
-            out.append(a)
-            continue
-        items = [v.strip().strip("'\"") for v in value.split(",")]
-        if len(items) == 1:
-            out += [f"model={_generic_model_option(items[0], options)}", f"model.name='{items[0]}'"]
-        else:
-            out.append("model=" + ",".join(v if v in options else register_model_option(v, cdir) for v in items))
-    return out
-
-
-def _generic_model_option(value: str, options: set[str]) -> str:
-    return "timm" if value.startswith("timm:") and "timm" in options else "hf"
-
-
-def register_model_option(value: str, cdir: Path) -> str:
-    """Store a ``model`` config option for an HF name/path or ``timm:<name>`` (the generic ``hf.yaml`` or
-    ``timm.yaml`` with ``name: <value>``) and return its option name: ``value`` with every character outside
-    ``[A-Za-z0-9_-]`` replaced by ``_`` (a short hash added where that name is taken)."""
-    from hydra.core.config_store import ConfigStore
-    from omegaconf import OmegaConf
-
-    from backdoorbench.engine.sweep import job_hash
-
-    options = _group_options(cdir, "model")
-    node = OmegaConf.load(cdir / "model" / f"{_generic_model_option(value, options)}.yaml")
-    node.name = value
-    cs = ConfigStore.instance()
-    alias = re.sub(r"[^A-Za-z0-9_-]+", "_", value).strip("_") or "model"
-    taken = cs.repo.get("model", {}).get(f"{alias}.yaml")
-    if alias in options or (taken is not None and taken.node.get("name") != value):
-        alias = f"{alias}_{job_hash(value)[:6]}"
-    cs.store(group="model", name=alias, node=node)
-    return alias
-
-
-def register_plugin_configs(cdir: Path) -> None:
-    """Give every registered component without a YAML file a config node built from its dataclass, so
-    that ``defense=<plugin>`` works for pip-installed plugins."""
-    from hydra.core.config_store import ConfigStore
-
-    cs = ConfigStore.instance()
-    for kind, group in GROUP_OF_KIND.items():
-        existing = _group_options(cdir, group)
-        for entry in REGISTRY.entries(kind):
-            if entry.name in existing:
-                continue
-            node: dict[str, Any] = {}
-            if entry.config is not None and is_dataclass(entry.config):
-                node = asdict(entry.config())
-            node["name"] = entry.name
-            cs.store(group=group, name=entry.name, node=node)
-
-
-def prepared_overrides(args: list[str]) -> tuple[Path, list[str]]:
-    """The config folder and the command-line overrides ready for Hydra: the registry and plugin configs loaded,
-    ``model=<HF name, path or timm:name>`` rewritten (shared by ``run`` and :func:`backdoorbench.api.compose`)."""
-    cdir = config_dir()
-    REGISTRY.load()
-    refuse_retired_keys(args)
-    register_plugin_configs(cdir)
-    return cdir, rewrite_model_override(args, cdir)
-
-
-def refuse_retired_keys(args: list[str]) -> None:
-    """A :class:`ConfigError` for an override of a key a component's config had in earlier versions (its
-    ``RETIRED`` map, e.g. ``defense.precision``), naming the run-wide key to set instead; Hydra itself would
-    only say that the key is not in the config."""
-    from backdoorbench.config import ConfigError, retired_key_message
-
-    for arg in args:
-        key = arg.lstrip("+~").split("=", 1)[0]
-        group, _, name = key.partition(".")
-        kinds = [k for k, g in GROUP_OF_KIND.items() if g == group]
-        for entry in (e for kind in kinds for e in REGISTRY.entries(kind)):
-            if name in getattr(entry.config, "RETIRED", {}):
-                raise ConfigError(retired_key_message(entry.config, group, name))
-
-
 def cmd_run(args: list[str]) -> int:
-    import hydra
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-    from omegaconf import DictConfig
-
-    from backdoorbench.engine.sweep import register_sweep_resolvers
+    """``run``: compose the overrides, let Hydra run each job (one, or a sweep's), then the exit status."""
+    from backdoorbench.engine.sweep import STATE, register_sweep_resolvers
 
     register_sweep_resolvers()  # ${bb.unique:} and ${bb.job_hash:} in the run / sweep directory names
     cdir, hydra_args = prepared_overrides(args)
-    sys.argv = [sys.argv[0], *hydra_args]
+    failures: list[BaseException] = []  # the jobs that failed in this process
+    sweeps_before = len(STATE.history)
+    _hydra_main(cdir, hydra_args, failures)
+    return _run_status(failures, sweeps_before)
 
-    failures: list[BaseException] = []
+
+def _hydra_main(cdir: Path, hydra_args: list[str], failures: list[BaseException]) -> None:
+    """Run the Hydra application over ``hydra_args``: :func:`_run_job` for each job. Hydra's own errors (override
+    syntax, unknown group option or key) are re-raised, not printed with a traceback and status 1: main() reports
+    them like every other expected failure."""
+    import hydra
+    from omegaconf import DictConfig
+
+    sys.argv = [sys.argv[0], *hydra_args]
 
     @hydra.main(version_base="1.3", config_path=str(cdir), config_name="config")
     def _main(cfg: DictConfig) -> None:
-        from backdoorbench.engine import sweep
-        from backdoorbench.engine.pipeline import run_experiment
-        from backdoorbench.report import print_run_summary
+        _run_job(cfg, failures)
 
-        hc = HydraConfig.get()
-        out_dir = Path(hc.runtime.output_dir)
-        multirun = hc.mode == RunMode.MULTIRUN
-        job = f"job {hc.job.num} ({' '.join(hc.overrides.task)})" if multirun else "the run"
-        try:
-            if multirun and (differs := sweep.previous_results(out_dir, cfg)) is not None:
-                if not differs:  # resume: this job's results are already there
-                    log.info("%s: done already (%s), skipped", job, out_dir)
-                    sweep.clear_failed(out_dir)  # left by a refused submission with another config
-                    return
-                raise UserError(
-                    f"{out_dir} holds the results of a different config (differs in: {', '.join(differs[:5])}); "
-                    "use another hydra.sweep.dir or delete that folder"
-                )
-            results = run_experiment(cfg, out_dir)
-        except Exception as exc:  # recorded in failed.json; a sweep goes on with its next job
-            record_failure(exc, out_dir)
-            if multirun or not (out_dir / "results.json").exists():  # never beside an earlier single run's results
-                sweep.write_failed(out_dir, exc, failure_line(exc), is_expected(exc), list(hc.overrides.task), cfg)
-            failures.append(exc)
-            if multirun:
-                log.error("%s failed: %s", job, failure_line(exc))
-            return
-        sweep.clear_failed(out_dir)
-        print_run_summary(results)
-
-    # Hydra's own errors (override syntax, unknown group option or key) are re-raised, not printed with a
-    # traceback and status 1: main() reports them like every other expected failure
     previous = os.environ.get("HYDRA_FULL_ERROR")
     os.environ["HYDRA_FULL_ERROR"] = "1"
-    from backdoorbench.engine.sweep import STATE, failures_since
-
-    sweeps_before = len(STATE.history)
     try:
         _main()
     finally:
@@ -210,6 +87,61 @@ def cmd_run(args: list[str]) -> int:
             os.environ.pop("HYDRA_FULL_ERROR", None)
         else:
             os.environ["HYDRA_FULL_ERROR"] = previous
+
+
+def _run_job(cfg: Any, failures: list[BaseException]) -> None:
+    """One job: skip it when a sweep's earlier submission finished it, else run it and print its summary; a failure
+    is recorded (``failed.json``, ``error.log``) and appended to ``failures``, and a sweep goes on."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from backdoorbench.engine import sweep
+    from backdoorbench.engine.pipeline import run_experiment
+    from backdoorbench.report import print_run_summary
+
+    hc = HydraConfig.get()
+    out_dir = Path(hc.runtime.output_dir)
+    multirun = hc.mode == RunMode.MULTIRUN
+    job = f"job {hc.job.num} ({' '.join(hc.overrides.task)})" if multirun else "the run"
+    try:
+        if multirun and _done_already(out_dir, cfg, job):
+            return
+        results = run_experiment(cfg, out_dir)
+    except Exception as exc:  # recorded in failed.json; a sweep goes on with its next job
+        record_failure(exc, out_dir)
+        if multirun or not (out_dir / "results.json").exists():  # never beside an earlier single run's results
+            sweep.write_failed(out_dir, exc, failure_line(exc), is_expected(exc), list(hc.overrides.task), cfg)
+        failures.append(exc)
+        if multirun:
+            log.error("%s failed: %s", job, failure_line(exc))
+        return
+    sweep.clear_failed(out_dir)
+    print_run_summary(results)
+
+
+def _done_already(out_dir: Path, cfg: Any, job: str) -> bool:
+    """True when a sweep job's folder holds its results already (resumed: skipped); a :class:`UserError` when it
+    holds the results of a different config."""
+    from backdoorbench.engine import sweep
+
+    differs = sweep.previous_results(out_dir, cfg)
+    if differs is None:
+        return False
+    if not differs:  # resume: this job's results are already there
+        log.info("%s: done already (%s), skipped", job, out_dir)
+        sweep.clear_failed(out_dir)  # left by a refused submission with another config
+        return True
+    raise UserError(
+        f"{out_dir} holds the results of a different config (differs in: {', '.join(differs[:5])}); "
+        "use another hydra.sweep.dir or delete that folder"
+    )
+
+
+def _run_status(failures: list[BaseException], sweeps_before: int) -> int:
+    """The exit status of ``run``: a sweep's from the ``failed.json`` of its jobs (which may have run in other
+    processes), else 0, or the first failure re-raised for main() to report."""
+    from backdoorbench.engine.sweep import STATE, failures_since
+
     if len(STATE.history) > sweeps_before and STATE.dir is not None:  # a sweep: its jobs may have run elsewhere
         failed = failures_since(STATE.dir, STATE.started)
         if failed or not failures:  # (a job folder that could not take its failed.json: reported below)

@@ -15,7 +15,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -62,10 +62,6 @@ def quantile_threshold(calibration_scores: np.ndarray, frr: float) -> float:
     return float(np.quantile(scores, 1.0 - frr, method="higher"))
 
 
-#: the threshold at a target FRR (the name the detection metrics use)
-threshold_at = quantile_threshold
-
-
 def rates_at(threshold: float, clean_scores: np.ndarray, poison_scores: np.ndarray) -> tuple[float, float]:
     """(FRR, FAR) at ``threshold``: inputs scoring strictly above it are rejected."""
     c, p = np.asarray(clean_scores, float), np.asarray(poison_scores, float)
@@ -75,23 +71,22 @@ def rates_at(threshold: float, clean_scores: np.ndarray, poison_scores: np.ndarr
 
 
 def detection_metrics(
-    calibration_scores: np.ndarray,
+    threshold: float,
     clean_scores: np.ndarray,
     poison_scores: np.ndarray,
-    frr_target: float = 0.05,
-    frr_grid: Iterable[float] = FRR_GRID,
+    grid_thresholds: Mapping[float, float],
 ) -> dict[str, object]:
-    """Threshold, FRR/FAR at the target, FAR at each FRR of the grid, AUROC.
+    """The threshold, FRR/FAR at it, FAR at each FRR of the grid, AUROC.
 
-    ``poison_scores`` must already be restricted to triggered non-target inputs on which the attack
-    succeeds. The threshold comes from the clean calibration scores only.
+    ``threshold`` is the detector's (its :func:`quantile_threshold` at the target FRR, computed once when it was
+    fitted, or the one it was saved with); ``grid_thresholds`` its threshold at each FRR of the grid
+    (``{frr: detector.threshold_at(frr)}``, in the order of the report). Both come from the clean calibration
+    scores only. ``poison_scores`` must already be restricted to triggered non-target inputs on which the attack
+    succeeds.
     """
-    thr = threshold_at(calibration_scores, frr_target)
+    thr = float(threshold)
     frr, far = rates_at(thr, clean_scores, poison_scores)
-    grid = {}
-    for g in frr_grid:
-        _, far_g = rates_at(threshold_at(calibration_scores, g), clean_scores, poison_scores)
-        grid[_key(g)] = far_g
+    grid = {_key(g): rates_at(t, clean_scores, poison_scores)[1] for g, t in grid_thresholds.items()}
     return {"threshold": thr, "frr": frr, "far": far, "far_at_frr": grid, "auroc": auroc(clean_scores, poison_scores)}
 
 

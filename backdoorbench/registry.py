@@ -2,8 +2,7 @@
 
 Components register themselves with a decorator::
 
-    @register_defense("dan", modality=("text", "vision"), category="detector",
-                      needs="clean validation data", config=DANConfig)
+    @register_defense("dan", modality=("text", "vision"), needs="clean validation data", config=DANConfig)
     class DAN(Detector): ...
 
 Third-party packages add components without touching this repository through the entry-point group
@@ -47,7 +46,8 @@ class Entry:
     name: str
     obj: Any
     modality: tuple[str, ...]
-    category: str = ""  # defense: detector|training|repair|none; attack: data|weights; ...
+    #: defense: its class's ``kind`` (detector|training|repair|inspection|none); attack: data|weights poisoning; ...
+    category: str = ""
     needs: str = ""  # what the component needs from the run (e.g. "defender clean data")
     description: str = ""
     config: type | None = None  # dataclass with the component's parameters and their defaults
@@ -91,10 +91,11 @@ class Registry:
             existing = self._tables[kind].get(name)
             if existing is not None and existing.obj is not obj:
                 raise ValueError(f"{kind} {name!r} is already registered by {existing.source} ({existing.obj!r})")
+            cat = _category(kind, name, obj, category)
             doc = description or (getattr(obj, "__doc__", None) or "").strip().split("\n")[0]
             module = getattr(obj, "__module__", "") or ""
             source = "builtin" if module.startswith("backdoorbench.") else module
-            self._tables[kind][name] = Entry(kind, name, obj, mods, category, needs, doc, config, source, dict(extra))
+            self._tables[kind][name] = Entry(kind, name, obj, mods, cat, needs, doc, config, source, dict(extra))
             return obj
 
         return deco
@@ -158,6 +159,21 @@ class Registry:
                 obj(self)
             loaded.append(ep.name)
         return loaded
+
+
+def _category(kind: str, name: str, obj: Any, category: str) -> str:
+    """The entry's category: for a defense class, its ``kind`` (``detector``, ``training``, ``repair``,
+    ``inspection``, ``none``: the protocol the pipeline runs it with), so that the two are one fact; a
+    ``category=`` that says otherwise is an error. Other components (and defense factories) keep the one given."""
+    declared = getattr(obj, "kind", "") if kind == "defense" and isinstance(obj, type) else ""
+    if not isinstance(declared, str) or not declared:
+        return category
+    if category and category != declared:
+        raise ValueError(
+            f"defense {name!r}: category={category!r}, but {obj.__name__}.kind is {declared!r}; leave category= "
+            "out (a defense class's category is its kind)"
+        )
+    return declared
 
 
 REGISTRY = Registry()

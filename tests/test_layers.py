@@ -1,5 +1,7 @@
-"""Imports run one way (docs/architecture.md): facade/cli → engine → attacks/defenses → trainer/modality/models →
-data → registry/config → metrics/store. A module never imports from a layer above its own."""
+"""Imports run one way (docs/architecture.md): facade/cli → compose → engine → attacks/defenses →
+trainer/modality/models → data → registry/config → metrics/store. A module never imports from a layer above its
+own; the command line (cli) sits on the facade (api) or on the composition step they share (compose), and the
+facade never imports the command line; and no two modules import each other, however indirectly."""
 
 from __future__ import annotations
 
@@ -31,11 +33,80 @@ RANK = {
     "engine": 7,
     "report": 7,
     "report_groups": 7,
-    "cli": 8,
     "components": 8,
+    "compose": 8,  # composing a run's config from overrides: shared by the CLI and the API, below both
+    "cli": 9,
     "api": 9,
-    "__main__": 9,
+    "__main__": 10,
 }
+
+
+def _module(path: Path) -> str:
+    parts = list(path.relative_to(REPO_ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _type_checking_only(tree: ast.AST) -> set[int]:
+    """The ids of the nodes under ``if TYPE_CHECKING:``: imports for type hints only, never run."""
+    out: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            out |= {id(n) for stmt in node.body for n in ast.walk(stmt)}
+    return out
+
+
+def module_graph() -> dict[str, set[str]]:
+    """Module → the package's modules it imports when run (at the top or inside a function; type-only imports
+    under ``if TYPE_CHECKING:`` left out)."""
+    paths = {_module(p): p for p in sorted((REPO_ROOT / "backdoorbench").rglob("*.py"))}
+    graph: dict[str, set[str]] = {}
+    for me, path in paths.items():
+        tree = ast.parse(path.read_text())
+        skip = _type_checking_only(tree)
+        deps: set[str] = set()
+        for node in ast.walk(tree):
+            if id(node) in skip:
+                continue
+            names: list[str] = []
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            deps |= {n for n in names if n in paths and n != me}
+        graph[me] = deps
+    return graph
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The cycles of ``graph``: its strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return cycles
 
 
 def _unit(module: str) -> str:
@@ -75,3 +146,22 @@ def test_imports_never_run_back_up_the_layers() -> None:
     assert imports
     upward = [(f, me, them) for f, me, them in imports if me != them and RANK[them] > RANK[me] and me != "__init__"]
     assert not upward, "imports that run back up the layers: " + "; ".join(f"{f} -> {t}" for f, _, t in upward)
+
+
+def test_the_api_never_imports_the_cli() -> None:
+    """Only ``python -m backdoorbench`` imports the command line; the API composes through compose.py."""
+    importers = {me for _, me, them in package_imports() if them == "cli" and me != "cli"}
+    assert importers <= {"__main__"}, f"{sorted(importers - {'__main__'})} import cli; import backdoorbench.compose"
+    assert "backdoorbench.compose" in module_graph()["backdoorbench.api"]
+
+
+def test_no_import_cycles() -> None:
+    assert import_cycles(module_graph()) == []
+
+
+def test_import_cycles_are_found() -> None:
+    """The check itself can fail: two modules importing each other (as defenses/base.py and
+    defenses/persist.py once did), or three in a ring."""
+    assert import_cycles({"a": {"b"}, "b": {"a"}, "c": {"a"}}) == [["a", "b"]]
+    assert import_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c"]]
+    assert import_cycles({"a": {"b"}, "b": set()}) == []

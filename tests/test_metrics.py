@@ -17,8 +17,13 @@ from backdoorbench.metrics import (
     quantile_threshold,
     rates_at,
     robust_accuracy,
-    threshold_at,
 )
+
+
+def calibrated_metrics(cal: np.ndarray, clean: np.ndarray, poison: np.ndarray, frr_target: float) -> dict:
+    """detection_metrics with the thresholds a detector calibrated on ``cal`` would hand it."""
+    grid = {frr: quantile_threshold(cal, frr) for frr in FRR_GRID}
+    return detection_metrics(quantile_threshold(cal, frr_target), clean, poison, grid)
 
 
 def test_accuracy_asr_and_robust_accuracy() -> None:
@@ -63,7 +68,6 @@ def test_quantile_threshold_uses_the_higher_order_statistic() -> None:
     assert quantile_threshold(scores, 0.25) == 8.0  # 6.75 -> index 7
     assert quantile_threshold(scores, 0.5) == 6.0  # 4.5 -> index 5
     assert quantile_threshold(scores[::-1], 0.5) == 6.0  # order does not matter
-    assert threshold_at(scores, 0.25) == 8.0
     # a threshold is always one of the calibration scores, rejecting at most frr of them
     rng = np.random.default_rng(0)
     cal = rng.normal(size=37)
@@ -89,7 +93,7 @@ def test_detection_metrics_counted_by_hand() -> None:
     cal = np.arange(200.0)  # thresholds: (1 - frr) * 199, rounded up to the next index
     clean = np.array([10.0, 185.0, 192.0, 195.0, 199.5, 50.0])
     poison = np.array([181.0, 189.0, 191.0, 196.0, 198.5, 300.0, 150.0, 250.0])
-    m = detection_metrics(cal, clean, poison, frr_target=0.05)
+    m = calibrated_metrics(cal, clean, poison, frr_target=0.05)
     assert m["threshold"] == 190.0  # 189.05 -> 190
     assert m["frr"] == pytest.approx(3 / 6)  # 192, 195, 199.5 > 190
     assert m["far"] == pytest.approx(3 / 8)  # 181, 189, 150 <= 190
@@ -110,11 +114,21 @@ def test_detection_metrics_counted_by_hand() -> None:
 
 def test_detection_metrics_threshold_comes_from_calibration_only() -> None:
     cal = np.arange(200.0)
-    a = detection_metrics(cal, np.array([0.0]), np.array([1000.0]), frr_target=0.1)
-    b = detection_metrics(cal, np.array([500.0]), np.array([-5.0]), frr_target=0.1)
+    a = calibrated_metrics(cal, np.array([0.0]), np.array([1000.0]), frr_target=0.1)
+    b = calibrated_metrics(cal, np.array([500.0]), np.array([-5.0]), frr_target=0.1)
     assert a["threshold"] == b["threshold"] == 180.0
     assert (a["frr"], a["far"], a["auroc"]) == (0.0, 0.0, 1.0)
     assert (b["frr"], b["far"], b["auroc"]) == (1.0, 1.0, 0.0)
-    c = detection_metrics(cal, np.array([1.0]), np.array([]), frr_target=0.1)
+    c = calibrated_metrics(cal, np.array([1.0]), np.array([]), frr_target=0.1)
     assert math.isnan(c["far"]) and math.isnan(c["auroc"])
     assert all(math.isnan(v) for v in c["far_at_frr"].values())
+
+
+def test_detection_metrics_use_the_thresholds_given_never_recompute_them() -> None:
+    """The detector computes its thresholds (fit, or the saved ones); the metrics only count at them."""
+    clean = np.array([1.0, 2.0, 3.0, 4.0])
+    poison = np.array([2.5, 5.0])
+    m = detection_metrics(2.5, clean, poison, {0.01: 4.5, 0.5: 0.0})
+    assert m["threshold"] == 2.5
+    assert (m["frr"], m["far"]) == (0.5, 0.5)  # 3, 4 rejected; 2.5 (equal) accepted
+    assert m["far_at_frr"] == {"0.01": 0.5, "0.5": 0.0}  # keys as given, in order

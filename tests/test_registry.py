@@ -63,6 +63,30 @@ def test_register_stores_metadata_and_lists_sorted() -> None:
     assert [(x.kind, x.name) for x in reg] == [("defense", "alpha"), ("defense", "zeta")]
 
 
+def test_a_defense_class_category_is_its_kind() -> None:
+    """One fact: the registry's category of a defense class is the class's kind (the protocol it runs with)."""
+    reg = _fresh()
+
+    class Probe:
+        kind = "repair"
+
+    reg.register("defense", "probe", modality="vision")(Probe)
+    assert reg.get("defense", "probe").category == "repair"
+    reg.register("defense", "probe_same", modality="vision", category="repair")(Probe)  # redundant, agrees
+    assert reg.get("defense", "probe_same").category == "repair"
+    with pytest.raises(ValueError, match="category='detector', but Probe.kind is 'repair'"):
+        reg.register("defense", "probe_other", modality="vision", category="detector")(Probe)
+    assert "probe_other" not in reg.names("defense")
+
+    def factory() -> None:  # a defense factory has no kind: its category is the one given
+        pass
+
+    reg.register("defense", "factory", modality="vision", category="detector")(factory)
+    assert reg.get("defense", "factory").category == "detector"
+    for entry in REGISTRY.entries("defense"):
+        assert entry.category == entry.obj.kind, entry.name
+
+
 def test_builtins_are_registered_with_source_builtin() -> None:
     assert {"badnet_rw", "ripples"} <= set(REGISTRY.names("attack"))
     assert {"dan", "none"} <= set(REGISTRY.names("defense"))

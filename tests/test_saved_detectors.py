@@ -217,6 +217,7 @@ def _edit_meta(folder: Path, **changes: Any) -> None:
         ("truncated safetensors", "does not match the checksum"),
         ("format version", "saved in format version 99; this backdoorbench"),
         ("unknown name", "'nosuch', which is not registered"),
+        ("not a detector", r"\('finetune'\) is not a detector"),  # told by its registry category (its kind)
     ],
 )
 def test_broken_folders_give_one_clear_error(dan_folder, breakage: str, message: str) -> None:
@@ -235,6 +236,8 @@ def test_broken_folders_give_one_clear_error(dan_folder, breakage: str, message:
         (folder / TENSORS_FILE).write_bytes(data[: len(data) // 2])
     elif breakage == "format version":
         _edit_meta(folder, format_version=99)
+    elif breakage == "not a detector":
+        _edit_meta(folder, detector="finetune")
     else:
         _edit_meta(folder, detector="nosuch")
     with pytest.raises(DetectorLoadError, match=message) as info:

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from backdoorbench.data.base import Samples, as_samples
+from backdoorbench.defenses.persist import save_detector
 from backdoorbench.metrics import quantile_threshold
 from backdoorbench.modality.base import Classifier
 
@@ -160,7 +161,7 @@ class Detector(Defense):
             self._fit(model, clean)
             if self.calibration_scores is None:
                 raise RuntimeError(f"{type(self).__name__}._fit must set calibration_scores")
-            self.threshold = quantile_threshold(self.calibration_scores, self.cfg.frr)
+            self.threshold = self.threshold_at(self.cfg.frr)
             return self
         fit_part, cal_part = self.split_clean(clean)
         self._fit(model, fit_part)
@@ -168,11 +169,15 @@ class Detector(Defense):
         return self
 
     def calibrate(self, clean: Samples, frr: float | None = None) -> float:
+        """Score ``clean`` as the calibration scores and set the threshold at ``frr`` (default: ``cfg.frr``)."""
         self.calibration_scores = np.asarray(self.score(clean.inputs), dtype=np.float64)
-        self.threshold = quantile_threshold(self.calibration_scores, self.cfg.frr if frr is None else frr)
+        self.threshold = self.threshold_at(self.cfg.frr if frr is None else frr)
         return self.threshold
 
     def threshold_at(self, frr: float) -> float:
+        """The threshold at a target FRR: :func:`~backdoorbench.metrics.quantile_threshold` of the calibration
+        scores (the one rule; :meth:`fit` sets ``threshold`` with it once, the detection metrics read the grid's
+        with it)."""
         if self.calibration_scores is None:
             raise RuntimeError("call fit() first")
         return quantile_threshold(self.calibration_scores, frr)
@@ -206,8 +211,6 @@ class Detector(Defense):
         """Write the fitted detector to ``folder`` (``detector.safetensors`` + ``detector.json``, atomically)
         with a fingerprint of the model's weights; :func:`backdoorbench.load_detector` loads it back onto
         that model only."""
-        from backdoorbench.defenses.persist import save_detector
-
         return save_detector(self, folder)
 
     #: Detectors that can also *repair* inputs (ONION removes suspicious words) override ``correct``;

@@ -16,7 +16,6 @@ class NoDefenseConfig(DefenseConfig):
 @register_defense(
     "none",
     modality=("text", "vision"),
-    category="none",
     needs="nothing",
     description="no defense: BA and ASR of the backdoored model",
     config=NoDefenseConfig,

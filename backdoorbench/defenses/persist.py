@@ -33,7 +33,7 @@ import torch
 from backdoorbench.modality.base import weights_fingerprint
 from backdoorbench.store import atomic_path, atomic_write_text, file_digest
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # for type hints only: defenses/base.py imports this module (Detector.save), never the reverse
     from backdoorbench.defenses.base import Detector
     from backdoorbench.modality.base import Classifier
 
@@ -168,7 +168,6 @@ def load_detector(folder: str | Path, model: Classifier) -> Detector:
     from safetensors.torch import load_file
 
     from backdoorbench.config import component_config
-    from backdoorbench.defenses.base import Detector
     from backdoorbench.registry import REGISTRY, UnknownNameError
 
     folder = Path(folder)
@@ -180,7 +179,7 @@ def load_detector(folder: str | Path, model: Classifier) -> Detector:
             f"the detector in {folder} is {meta['detector']!r}, which is not registered here "
             f"(install the plugin that provides it): {exc}"
         ) from None
-    if not (isinstance(entry.obj, type) and issubclass(entry.obj, Detector)):
+    if not (isinstance(entry.obj, type) and entry.category == "detector"):  # the class's kind (registry.py)
         raise DetectorLoadError(f"the saved defense in {folder} ({entry.name!r}) is not a detector")
 
     expected = str(meta["model"].get("fingerprint", ""))

@@ -173,7 +173,9 @@ def detect(defense: Detector, ctx: RunContext) -> Outcome:
     ]
     success = p_preds == tgt
     metrics: dict[str, Any] = dict(
-        detection_metrics(defense.calibration_scores, c_scores, p_scores[success], defense.cfg.frr, FRR_GRID)
+        detection_metrics(
+            defense.threshold, c_scores, p_scores[success], {frr: defense.threshold_at(frr) for frr in FRR_GRID}
+        )
     )
     c_rej, p_rej = defense.reject(c_scores), defense.reject(p_scores)
     metrics["ba_after_rejection"] = float(((c_preds == test.labels) & ~c_rej).mean())

@@ -209,7 +209,6 @@ def min_clean_samples(fit_fraction: float) -> int:
 @register_defense(
     "dan",
     modality=("text", "vision"),
-    category="detector",
     needs="defender's clean validation data (with labels) and the model's intermediate features",
     description="layer-wise Mahalanobis distance to the nearest class mean, normalised, max-aggregated",
     config=DANConfig,

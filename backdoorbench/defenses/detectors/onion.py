@@ -114,7 +114,6 @@ def deletions(words: Sequence[str]) -> list[str]:
 @register_defense(
     "onion",
     modality="text",
-    category="detector",
     needs="defender's clean data and a causal language model (SmolLM2 offline by default)",
     description="per-word perplexity drop under a causal LM; flags and removes outlier words",
     config=ONIONConfig,

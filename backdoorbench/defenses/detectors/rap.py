@@ -120,7 +120,6 @@ def rap_loss(drop: torch.Tensor, low: float, high: float, scale: float = 1.0) ->
 @register_defense(
     "rap",
     modality="text",
-    category="detector",
     needs="defender's clean data of the protected label and the model's word embeddings",
     description="probability drop under a trained rare-word perturbation; poisoned inputs barely drop",
     config=RAPConfig,

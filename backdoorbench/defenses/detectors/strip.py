@@ -106,7 +106,6 @@ def _is_word(token: str) -> bool:
 @register_defense(
     "strip",
     modality=("text", "vision"),
-    category="detector",
     needs="defender's clean data (text: with labels, for TF-IDF replacement pools per label)",
     description="entropy of predictions over N perturbed copies (words replaced / clean images superimposed)",
     config=STRIPConfig,

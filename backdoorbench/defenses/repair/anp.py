@@ -188,7 +188,6 @@ class ANPModule(L.LightningModule):
 @register_defense(
     "anp",
     modality=("text", "vision"),
-    category="repair",
     needs="the backdoored model and ~1% clean data (with labels); any model with normalisation layers",
     description="adversarial neuron pruning: masks learnt under adversarial neuron perturbation, low masks pruned",
     config=ANPConfig,

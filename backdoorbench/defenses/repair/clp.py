@@ -122,7 +122,6 @@ def outliers(uclc: torch.Tensor, u: float) -> list[int]:
 @register_defense(
     "clp",
     modality=("vision",),
-    category="repair",
     needs="the backdoored model only (data-free); a CNN with convolutions followed by BatchNorm",
     description="channel Lipschitzness-based pruning: prune channels whose Lipschitz upper bound is an outlier",
     config=CLPConfig,

@@ -25,7 +25,6 @@ class FinetuneConfig(FinetuneSchedule):
 @register_defense(
     "finetune",
     modality=("text", "vision"),
-    category="repair",
     needs="the backdoored model and the defender's small clean set (with labels)",
     description="fine-tune the backdoored model on the defender's clean data (baseline of repair papers)",
     config=FinetuneConfig,

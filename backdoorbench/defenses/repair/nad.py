@@ -61,7 +61,6 @@ class NADConfig(FinetuneSchedule):
 @register_defense(
     "nad",
     modality=("text", "vision"),
-    category="repair",
     needs="the backdoored model and the defender's small clean set (with labels)",
     description="neural attention distillation: fine-tuned teacher's attention maps guide the student",
     config=NADConfig,

@@ -160,7 +160,6 @@ class RecoverModule(L.LightningModule):
 @register_defense(
     "rnp",
     modality=("text", "vision"),
-    category="repair",
     needs="the backdoored model and ~1% clean data (with labels); any model with normalisation layers",
     description="reconstructive neuron pruning: unlearn, recover unit masks, prune the low-mask units",
     config=RNPConfig,

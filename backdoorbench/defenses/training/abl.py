@@ -91,7 +91,6 @@ class UnlearnModule(ClassifierModule):
 @register_defense(
     "abl",
     modality=("text", "vision"),
-    category="training",
     needs="the (possibly poisoned) training set without provenance, and a fresh-model factory",
     description="Anti-Backdoor Learning: LGA isolates the lowest-loss 1%, train on the rest, unlearn the isolated",
     config=ABLConfig,

@@ -71,7 +71,6 @@ def cluster_class(reduced: np.ndarray, cfg: ACConfig, seed: int) -> tuple[np.nda
 @register_defense(
     "activation_clustering",
     modality=("text", "vision"),
-    category="training",
     needs="the (possibly poisoned) training set without provenance, a model trained on it, a fresh-model factory",
     description="Activation Clustering: per class, ICA to 10 dims, 2-means; remove the small cluster (<= 35%)",
     config=ACConfig,

@@ -60,7 +60,6 @@ def keyword_ranking(top_words: list[list[tuple[str, float]]]) -> list[tuple[str,
 @register_defense(
     "bki",
     modality="text",
-    category="training",
     needs="the (possibly poisoned) training set without provenance, a model trained on it, a fresh-model factory",
     description="Backdoor Keyword Identification: the word whose removal moves [CLS] most; drop its sentences",
     config=BKIConfig,

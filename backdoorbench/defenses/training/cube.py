@@ -90,7 +90,6 @@ def filter_clusters(labels: np.ndarray, clusters: np.ndarray, drop_scale: float)
 @register_defense(
     "cube",
     modality=("text", "vision"),
-    category="training",
     needs="the (possibly poisoned) training set without provenance, a model trained on it, a fresh-model factory",
     description="CUBE: features -> PCA + t-SNE -> HDBSCAN; per label, remove the non-majority clusters",
     config=CUBEConfig,

@@ -109,7 +109,6 @@ def _loader(
 @register_defense(
     "dbd_full",
     modality="vision",
-    category="training",
     needs="the (possibly poisoned) training set without provenance, and a fresh-model factory",
     description="DBD with the paper's full-scale schedule (SimCLR 100 epochs, MixMatch 190x1024 steps; GPU)",
     config=DBDFullConfig,
@@ -117,7 +116,6 @@ def _loader(
 @register_defense(
     "dbd",
     modality="vision",
-    category="training",
     needs="the (possibly poisoned) training set without provenance, and a fresh-model factory",
     description="self-supervised backbone, SCE head to split off low-loss samples, MixMatch fine-tuning",
     config=DBDConfig,

@@ -54,7 +54,6 @@ def top_k_mask(scores: np.ndarray, k: int) -> np.ndarray:
 @register_defense(
     "spectral",
     modality=("text", "vision"),
-    category="training",
     needs="the (possibly poisoned) training set without provenance, a model trained on it, a fresh-model factory",
     description="Spectral Signatures: per class, squared projection on the top singular vector; remove 1.5·ε",
     config=SpectralConfig,

@@ -219,7 +219,6 @@ def spectre_class(x: np.ndarray, cfg: SpectreConfig) -> tuple[np.ndarray, np.nda
 @register_defense(
     "spectre",
     modality=("text", "vision"),
-    category="training",
     needs="the (possibly poisoned) training set without provenance, a model trained on it, a fresh-model factory",
     description="SPECTRE: robust covariance, whitening and the QUE score per class; remove 1.5·ε",
     config=SpectreConfig,
