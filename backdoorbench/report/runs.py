@@ -10,6 +10,8 @@ from typing import Any
 
 from backdoorbench.metrics import FRR_GRID
 from backdoorbench.report.fmt import pct as _pct
+from backdoorbench.report.reference import reference_table
+from backdoorbench.report.seeds import defended_by_seed, detectors_by_seed
 from backdoorbench.report.tables import write_comparison, write_defended_comparison
 from backdoorbench.report_groups import collect_runs, reproducibility_warnings, write_summary
 from backdoorbench.store import atomic_write_text
@@ -131,13 +133,16 @@ def rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def write_report(roots: Path | list[Path], out: Path | None = None, config_dir: Path | None = None) -> str:
+def write_report(
+    roots: Path | list[Path], out: Path | None = None, config_dir: Path | None = None, reference: Path | None = None
+) -> str:
     """Report on every run under ``roots`` (one folder or several sweeps, merged). Writes ``summary.md`` /
     ``summary.csv`` (one row per group of runs that differ only by seed: mean ± std and n; the failed and
     unreadable jobs; what a group mixes), ``report.csv`` / ``report.md`` (one row per run) and, when the runs
     include detectors or repair/training defenses, ``comparison.*`` and ``defended.*``, plus one ROC figure
-    per attack. ``config_dir``: where the components' default configs are (for the ``name#hash`` labels).
-    Returns the markdown."""
+    per attack; ``by_seed.md`` when a cell has several seeds (a row per seed, mean ± std, paired differences);
+    ``reference.md`` with ``reference`` (a published-figures CSV: :mod:`~backdoorbench.report.reference`).
+    ``config_dir``: where the components' default configs are (for the ``name#hash`` labels). Returns the markdown."""
     roots = [Path(r) for r in roots] if isinstance(roots, list | tuple) else [Path(roots)]
     coll = collect_runs(roots, config_dir)
     results = coll.runs
@@ -177,6 +182,26 @@ def write_report(roots: Path | list[Path], out: Path | None = None, config_dir: 
     rep = write_defended_comparison(results, out)
     if rep:
         md += "\n" + rep
+    by_seed = _by_seed(results)
+    if by_seed:
+        atomic_write_text(out / "by_seed.md", by_seed)
+        md += "\n## Per seed\n\n" + by_seed
+    if reference is not None:
+        ref = reference_table(results, reference) or "No cell of these runs has a published figure.\n"
+        atomic_write_text(out / "reference.md", ref)
+        md += "\n## Published figures\n\n" + ref
     return md
+
+
+def _by_seed(results: list[dict[str, Any]]) -> str:
+    """The per-seed tables, when some (attack, defense) cell holds more than one seed."""
+    cells: dict[tuple[Any, ...], set[Any]] = {}
+    for r in results:
+        cells.setdefault((r["run"].get("attack"), r.get("_defense"), r["run"].get("data")), set()).add(
+            r["run"].get("seed"))
+    if all(len(seeds) < 2 for seeds in cells.values()):
+        return ""
+    parts = [t for t in (detectors_by_seed(results), defended_by_seed(results)) if t]
+    return "\n".join(parts)
 
 
