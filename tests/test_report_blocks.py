@@ -103,3 +103,26 @@ def test_report_reference_writes_the_comparison(tmp_path: Path) -> None:
     assert "## Published figures" in md and "84.17" in md
     assert "| 62.0 (n=2) | 84.17 |" in (tmp_path / "reference.md").read_text()
     assert "change (paired)" in (tmp_path / "by_seed.md").read_text()
+
+
+def test_report_warns_when_a_table_mixes_environments(tmp_path: Path) -> None:
+    from backdoorbench.engine.determinism import environment
+    from backdoorbench.report_groups import reproducibility_warnings
+
+    env = environment("cpu")
+    assert {"threads", "cpu", "device", "torch", "numpy"} <= set(env)
+    other_cpu = {**env, "cpu": "another CPU"}
+    for name, run_env, victim_env in (("0", env, env), ("1", other_cpu, {**env, "threads": env["threads"] + 1})):
+        _repair_run(tmp_path, name, int(name), 0.98, 0.61)
+        versions = {"torch": "2", "environment": run_env, "victim_environment": victim_env}
+        (tmp_path / name / "versions.json").write_text(json.dumps(versions))
+    runs = collect_runs([tmp_path]).runs
+    warnings = reproducibility_warnings(runs)
+    assert any(w.startswith("the runs ran in different environments: cpu: ") and "another CPU" in w for w in warnings)
+    assert any(w.startswith("their victims were trained in different environments: threads: ") for w in warnings)
+    md = write_report(tmp_path)
+    assert "the table mixes runs: the runs ran in different environments" in md
+    assert "library versions" not in md  # the environments are not read as a library-version difference
+    (tmp_path / "1" / "versions.json").write_text(json.dumps({"torch": "2"}))  # a run from before environments
+    assert "1 of 2 run(s) without a recorded environment (environment)" in reproducibility_warnings(
+        collect_runs([tmp_path]).runs)

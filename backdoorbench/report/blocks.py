@@ -32,7 +32,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from backdoorbench.report_groups import Collection, collect_runs, reproducibility_warnings, write_summary
+from backdoorbench.report.summary import write_summary
+from backdoorbench.report_groups import Collection, collect_runs, reproducibility_warnings
 
 BEGIN = re.compile(r"^(\s*)<!-- report:begin (.*?) -->\s*$")
 END = re.compile(r"^\s*<!-- report:end -->\s*$")

@@ -12,8 +12,9 @@ from backdoorbench.metrics import FRR_GRID
 from backdoorbench.report.fmt import pct as _pct
 from backdoorbench.report.reference import reference_table
 from backdoorbench.report.seeds import defended_by_seed, detectors_by_seed
+from backdoorbench.report.summary import write_summary
 from backdoorbench.report.tables import write_comparison, write_defended_comparison
-from backdoorbench.report_groups import collect_runs, reproducibility_warnings, write_summary
+from backdoorbench.report_groups import collect_runs, reproducibility_warnings
 from backdoorbench.store import atomic_write_text
 
 log = logging.getLogger("backdoorbench.report")
