@@ -58,6 +58,8 @@ def test_a_table_must_be_generated_or_marked(tmp_path: Path) -> None:
     assert "> **Not regenerated from kept records.** Records lost." in note
     assert "`bash scripts/tables.sh x` (CPU time: 5 min)" in note
     assert process_page(note, tmp_path) == note  # the note is replaced, not repeated
+    example = "```text\n<!-- report:begin runs=nowhere table=defended -->\n<!-- report:end -->\n```\n"
+    assert process_page(example, tmp_path) == example  # a marker in a code fence is an example, not a block
 
 
 def test_a_block_with_missing_records_is_an_error(tmp_path: Path) -> None:

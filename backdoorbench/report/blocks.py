@@ -127,14 +127,17 @@ def none_note(attrs: dict[str, str]) -> str:
 
 
 def process_page(text: str, root: Path) -> str:
-    """The page with every block and note rewritten from the records."""
+    """The page with every block and note rewritten from the records (markers in code fences are examples)."""
     lines = text.split("\n")
     out: list[str] = []
     i = 0
+    fence = False
     while i < len(lines):
         line = lines[i]
         out.append(line)
-        begin, none = BEGIN.match(line), NONE.match(line)
+        if line.lstrip().startswith("```"):
+            fence = not fence
+        begin, none = (None, None) if fence else (BEGIN.match(line), NONE.match(line))
         if begin:
             end = next((j for j in range(i + 1, len(lines)) if END.match(lines[j])), None)
             if end is None:
