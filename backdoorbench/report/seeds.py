@@ -28,7 +28,7 @@ def mean_std_cell(values: list[Any], signed: bool = False) -> str:
 def _bold(cells: list[str], means: list[float | None]) -> list[str]:
     """The leading figure of the cell of the lowest mean (as printed) in bold (ties: each)."""
     shown = [pct(m) for m in means]
-    numbers = [float(m) for m, s in zip(means, shown) if s != "—"]
+    numbers = [float(m) for m, s in zip(means, shown) if m is not None and s != "—"]
     if not numbers:
         return cells
     low = pct(min(numbers))
@@ -96,8 +96,8 @@ def detectors_by_seed(results: list[dict[str, Any]], frr: float = 0.05) -> str:
         lines.append(f"| **average over the seeds** (n = {n}) | | | | " + " | ".join(cells) + " |")
     if len(seeds) > 1:
         for attack in attacks:
-            fars = [[r["far"] for r in _cell_runs(recs, attack=attack, detector=d)] for d in detectors]
-            cells = _bold([mean_std_cell(f) for f in fars], [_mean(f) for f in fars])
+            per_detector = [[r["far"] for r in _cell_runs(recs, attack=attack, detector=d)] for d in detectors]
+            cells = _bold([mean_std_cell(f) for f in per_detector], [_mean(f) for f in per_detector])
             n = len({r["seed"] for r in _cell_runs(recs, attack=attack)})
             lines.append(f"| **{attack}, mean ± std** | n = {n} | | | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
