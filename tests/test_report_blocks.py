@@ -20,7 +20,8 @@ def _repair_run(root: Path, name: str, seed: int, ba: float, ba_after: float, as
                 defense: str = "anp", data: str = "mnist5k", rate: float | None = None) -> None:
     d = root / name
     d.mkdir(parents=True)
-    run = {"attack": "badnets", "defense": defense, "defense_kind": "repair", "data": data, "model": "wrn16_1",
+    kind = "none" if defense == "none" else "repair"
+    run = {"attack": "badnets", "defense": defense, "defense_kind": kind, "data": data, "model": "wrn16_1",
            "seed": seed}
     metrics = {"ba": ba, "asr": 1.0, "ba_after": ba_after, "asr_after": asr_after, "r_acc_after": 0.5}
     (d / "results.json").write_text(json.dumps({"run": run, "metrics": metrics}))
@@ -94,6 +95,9 @@ def test_reference_puts_the_published_figure_beside_ours_with_a_scale_note(tmp_p
     assert "| 61.0 | 60.5 | paper A | mnist5k / wrn16_1 / 0.1: same scale |" in md
     assert "99.9" not in md
     assert "| 10.0 | 3.0 | paper B | mnist5k / wrn16_1 / 0.1: **different scale**: poison rate 10% vs 5% |" in md
+    _repair_run(tmp_path / "none", "0", 0, 0.97, 0.0, defense="none", rate=0.1)  # a victim without a defense
+    md = reference_table(collect_runs([tmp_path / "none"]).runs)
+    assert "| badnets | none (victim) | ba | 97.0 | 91.32 | BackdoorBench leaderboard |" in md and "ba_after" not in md
 
 
 def test_report_reference_writes_the_comparison(tmp_path: Path) -> None:

@@ -57,11 +57,13 @@ def scale_note(ours: dict[str, str], theirs: dict[str, str]) -> str:
 
 
 def _cells(results: list[dict[str, Any]]) -> dict[tuple[str, ...], list[dict[str, Any]]]:
-    """Our repair / training-time runs grouped by (attack, defense label, defense, data, model, poison rate)."""
+    """Our repair / training-time runs, and the runs without a defense (the victim alone), grouped by (attack,
+    defense label, defense, data, model, poison rate)."""
     cells: dict[tuple[str, ...], list[dict[str, Any]]] = {}
     for res in results:
         r = res["run"]
-        if r.get("defense_kind") not in ("repair", "training") or "ba_after" not in res["metrics"]:
+        defended = r.get("defense_kind") in ("repair", "training") and "ba_after" in res["metrics"]
+        if not defended and r.get("defense") != "none":
             continue
         key = (str(r.get("attack")), res.get("_defense") or str(r.get("defense")), str(r.get("defense")),
                str(r.get("data")), str(r.get("model")), _poison_rate(res))
