@@ -268,19 +268,33 @@ def cmd_list(argv: list[str]) -> int:
 
 def cmd_report(argv: list[str]) -> int:
     from backdoorbench.report import write_report
+    from backdoorbench.report.reference import DEFAULT_CSV
 
     p = argparse.ArgumentParser(prog="python -m backdoorbench report")
-    p.add_argument("dirs", nargs="+", metavar="DIR", help="run or multirun directories (several are merged)")
+    p.add_argument("dirs", nargs="*", metavar="DIR", help="run or multirun directories (several are merged)")
     p.add_argument("--out", default=None,
                    help="where to write summary.md, report.md, ... (default: DIR; with several DIRs: ./report)")
+    p.add_argument("--reference", nargs="?", const=DEFAULT_CSV, default=None, metavar="CSV",
+                   help="put the published figures beside ours (default CSV: the package's published.csv)")
+    p.add_argument("--update-docs", action="store_true",
+                   help="rewrite the docs' generated tables from their kept records (run from the repository root)")
+    p.add_argument("--check-docs", action="store_true",
+                   help="check that the docs' generated tables equal their records, and that no table is unmarked")
     ns = p.parse_args(argv)
+    if ns.update_docs or ns.check_docs:
+        from backdoorbench.report.blocks import docs_command
+
+        return docs_command(Path.cwd(), check=ns.check_docs)
+    if not ns.dirs:
+        p.error("give at least one DIR (or --update-docs / --check-docs)")
     out = Path(ns.out) if ns.out else (Path(ns.dirs[0]) if len(ns.dirs) == 1 else Path("report"))
     try:
         defaults = config_dir()  # the components' default configs, for the name#hash labels
     except FileNotFoundError:
         defaults = None
     try:
-        md = write_report([Path(d) for d in ns.dirs], out, defaults)
+        md = write_report([Path(d) for d in ns.dirs], out, defaults,
+                          reference=Path(ns.reference) if ns.reference else None)
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -10,17 +10,13 @@ the component's default (its YAML under ``configs/``, else its registered datacl
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import logging
 import math
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
-
-from backdoorbench.store import atomic_write_text
 
 log = logging.getLogger("backdoorbench.report")
 
@@ -29,8 +25,10 @@ SUMMARY_METRICS = [
     "ba", "asr", "far", "frr", "auroc", "ba_after_rejection", "asr_after_rejection", "ba_after", "asr_after",
     "r_acc_after", "der", "poison_recall", "clean_removed_fraction", "sample_auroc",
 ]
-#: versions.json keys that do not make two runs different experiments
-IGNORED_VERSION_KEYS = {"platform"}
+#: versions.json keys that do not make two runs different experiments (the environments: environment_warnings)
+IGNORED_VERSION_KEYS = {"platform", "environment", "victim_environment"}
+#: the keys of a recorded environment (engine.determinism.environment) a table should not mix
+ENVIRONMENT_KEYS = ("cpu", "device", "gpu", "threads", "interop_threads", "torch", "transformers", "lightning", "numpy")
 
 
 @dataclass
@@ -293,10 +291,34 @@ def reproducibility_warnings(runs: list[dict[str, Any]]) -> list[str]:
     counts = sorted({run_threads(r) for r in runs})
     if len(counts) > 1:
         out.append(f"different CPU thread counts: {' | '.join(counts)} (results depend on it; docs/reproducibility.md)")
+    out += environment_warnings(runs)
     ops = sorted({op for r in runs for op in (r.get("reproducibility") or {}).get("nondeterministic_ops") or []})
     if ops:
         n = sum(bool((r.get("reproducibility") or {}).get("nondeterministic_ops")) for r in runs)
         out.append(f"{n} run(s) used operations without a deterministic implementation: {', '.join(ops)}")
+    return out
+
+
+def environment_warnings(runs: list[dict[str, Any]]) -> list[str]:
+    """Runs that ran, or whose victims were trained, in different environments (CPU model, device, thread counts,
+    library versions: ``versions.json``'s ``environment`` / ``victim_environment``). The runs' own thread counts
+    are left to :func:`reproducibility_warnings`; records without an environment (older runs) are counted."""
+    out = []
+    for key, who in (("environment", "the runs ran"), ("victim_environment", "their victims were trained")):
+        envs = [(r.get("_versions") or {}).get(key) for r in runs]
+        known = [e for e in envs if isinstance(e, dict)]
+        if not known:
+            continue
+        skip = {"threads", "interop_threads"} if key == "environment" else set()
+        parts = []
+        for k in ENVIRONMENT_KEYS:
+            values = sorted({str(e.get(k)) for e in known}) if k not in skip else []
+            if len(values) > 1:
+                parts.append(f"{k}: {' | '.join(values)}")
+        if parts:
+            out.append(f"{who} in different environments: {'; '.join(parts)}")
+        if len(known) < len(envs):
+            out.append(f"{len(envs) - len(known)} of {len(envs)} run(s) without a recorded environment ({key})")
     return out
 
 
@@ -317,63 +339,3 @@ def _differing(runs: list[dict[str, Any]], attr: str, only: set[str] | None, gro
         if len(values) > 1:
             parts.append(f"{k}: {' | '.join(values)}")
     return "; ".join(parts)
-
-
-# -- the summary -------------------------------------------------------------------------------------------
-def _mean_std_cell(rec: dict[str, Any], metric: str) -> str:
-    mean, std, n = rec[f"{metric}_mean"], rec[f"{metric}_std"], rec[f"{metric}_n"]
-    if n == 0:
-        return "—"
-    cell = f"{100 * mean:.1f} ± {100 * std:.1f}" if n >= 2 else f"{100 * mean:.1f}"
-    return cell if n == rec["n"] else f"{cell} (n={n})"
-
-
-def write_summary(coll: Collection, out: Path) -> str:
-    """``summary.md`` / ``summary.csv``: one row per (data, model, attack config, defense config) with mean ±
-    std (ddof=1, shown from n = 2) and n over its runs, each seed's run one sample; then the legend of the
-    config hashes, what groups mix, the failed jobs and the skipped files. Returns the markdown."""
-    groups = summarise(coll.runs)
-    metrics = [m for m in SUMMARY_METRICS if any(g[f"{m}_n"] for g in groups)]
-    buf = io.StringIO()
-    fields = ["data", "model", "attack", "defense", "n", "seeds"]
-    fields += [f"{m}_{s}" for m in metrics for s in ("mean", "std", "n")] + ["warnings"]
-    w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
-    w.writeheader()
-    for g in groups:
-        w.writerow({**g, "seeds": " ".join(map(str, g["seeds"])), "warnings": " / ".join(g["warnings"])})
-    atomic_write_text(out / "summary.csv", buf.getvalue())
-
-    lines = ["# Summary", "", f"{len(coll.runs)} runs in {len(groups)} groups; rates in %, mean ± std over "
-             "the runs of a group (one per seed, std with ddof=1), n = runs.", ""]
-    if groups:
-        head = ["data", "model", "attack", "defense", "n", "seeds", *metrics]
-        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for i, g in enumerate(groups, 1):
-            mark = f" ⚠{i}" if g["warnings"] else ""
-            cells = [g["data"], g["model"], g["attack"], g["defense"] + mark, str(g["n"]),
-                     " ".join(map(str, g["seeds"]))]
-            lines.append("| " + " | ".join(cells + [_mean_std_cell(g, m) for m in metrics]) + " |")
-    if coll.legend:
-        lines += ["", "Configs that differ from the component's default:", ""]
-        lines += [f"- `{lab}`: " + ", ".join(f"{k}={json.dumps(v, default=str)}" for k, v in sorted(diff.items()))
-                  for lab, diff in sorted(coll.legend.items())]
-    mixed = [(i, g) for i, g in enumerate(groups, 1) if g["warnings"]]
-    if mixed:
-        lines += ["", "## Groups that mix runs they should not", ""]
-        for i, g in mixed:
-            lines += [f"- ⚠{i} {g['data']} / {g['model']} / {g['attack']} / {g['defense']}:"]
-            lines += [f"  - {warning}" for warning in g["warnings"]]
-    if coll.failed:
-        lines += ["", f"## Failed jobs ({len(coll.failed)})", "", "| job directory | error | overrides |",
-                  "|---|---|---|"]
-        lines += [f"| {f['dir']} | {_cell(f['error'])} | {_cell(f['overrides'])} |" for f in coll.failed]
-    if coll.skipped:
-        lines += ["", f"## Skipped files ({len(coll.skipped)})", "", "| file | reason |", "|---|---|"]
-        lines += [f"| {s['path']} | {_cell(s['reason'])} |" for s in coll.skipped]
-    md = "\n".join(lines) + "\n"
-    atomic_write_text(out / "summary.md", md)
-    return md
-
-
-def _cell(text: str) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")

@@ -71,6 +71,12 @@ def test_missing_poison_file_is_an_error_or_rebuilt(tiny_bert_dir: Path, tmp_pat
     hit = run_experiment(_cfg(tiny_bert_dir, cache), tmp_path / "run2")
     assert hit["cache"]["hit"] is True and hit["cache"]["verified"] is True
     assert hit["metrics"] == first["metrics"]
+    # where the victim was trained is kept with it, and each run's versions.json carries it beside its own
+    env = json.loads((entry / "meta.json").read_text())["environment"]
+    assert env["device"] == "cpu" and env["cpu"] and isinstance(env["threads"], int) and env["torch"]
+    for run in ("run1", "run2"):
+        versions = json.loads((tmp_path / run / "versions.json").read_text())
+        assert versions["victim_environment"] == env and versions["environment"]["threads"] >= 1
 
     # the poisoned set is gone: an error naming the entry, not a silent run without it
     (entry / "poison.json").unlink()

@@ -87,3 +87,43 @@ def reproducibility_record(threads_configured: int | None, device: Any, ops: lis
         "nondeterministic_ops": list(ops),
         "deterministic": torch.are_deterministic_algorithms_enabled() and not ops,
     }
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``'s first ``model name``; else what :mod:`platform` knows)."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def environment(device: Any) -> dict[str, Any]:
+    """Where the work happens, as the process runs it: the thread counts in force (``torch.get_num_threads()``,
+    not the configured ``threads``), the device (and the GPU's name), the CPU model, and the versions of the
+    libraries the arithmetic depends on. Recorded in a cached victim's ``meta.json`` (where it was trained) and in
+    every run's ``versions.json`` (where the run ran, beside its victim's); ``report`` warns when a table mixes
+    them (report_groups.environment_warnings)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    env: dict[str, Any] = {
+        "threads": torch.get_num_threads(),
+        "interop_threads": torch.get_num_interop_threads(),
+        "device": str(device),
+        "cpu": cpu_model(),
+        "python": platform.python_version(),
+    }
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name(torch.device(str(device)))
+    for pkg in ("torch", "transformers", "lightning", "numpy"):
+        try:
+            env[pkg] = version(pkg)
+        except PackageNotFoundError:
+            env[pkg] = None
+    return env

@@ -21,7 +21,12 @@ from backdoorbench.attacks.base import Attack
 from backdoorbench.data.base import DatasetBundle
 from backdoorbench.data.split import threat_model_split
 from backdoorbench.defenses.base import Defense, Detector
-from backdoorbench.engine.determinism import record_nondeterminism, reproducibility_record, set_determinism
+from backdoorbench.engine.determinism import (
+    environment,
+    record_nondeterminism,
+    reproducibility_record,
+    set_determinism,
+)
 from backdoorbench.engine.protocols import RunContext, Timer, protocol_for
 from backdoorbench.engine.rundir import check_locations, draw, write_results, write_scores
 from backdoorbench.engine.spec import RunSpec, validate, versions
@@ -77,6 +82,8 @@ def _run(
     new_model = model_factory(spec, bundle)
     with timer("attack"):
         victim = obtain_victim(spec, attack, splits, bundle, new_model, store)
+    env = {"environment": environment(spec.device), "victim_environment": victim.cache.get("environment")}
+    atomic_write_text(out / "versions.json", json.dumps({**versions(), **env}, indent=2))  # now with the victim's
 
     triggered, trig_idx = attack.triggered_test(splits.test)
     target = attack.target_labels(triggered.labels)  # what each triggered input should become (ASR)

@@ -17,6 +17,7 @@ from backdoorbench.attacks.base import Attack, AttackContext, AttackResult
 from backdoorbench.data.base import DatasetBundle
 from backdoorbench.data.poisoned import PoisonedDataset
 from backdoorbench.data.split import Splits
+from backdoorbench.engine.determinism import environment
 from backdoorbench.engine.spec import RunSpec, versions
 from backdoorbench.modality.base import Classifier
 from backdoorbench.store import ArtifactStore, CacheError, cache_key, key_lock
@@ -144,7 +145,8 @@ def _run_attack(
     result: AttackResult = attack.run(ctx)
     result.model.eval()
     info = dict(result.info)
-    entry: dict[str, Any] = {"key": key, "hit": False, "info": info, "resumed": resumed}
+    env = environment(spec.device)  # where the victim was trained: kept with it in meta.json
+    entry: dict[str, Any] = {"key": key, "hit": False, "info": info, "resumed": resumed, "environment": env}
     if not attack.cacheable:  # no cache entry: nothing to key a defense's stage checkpoints on (defense_work_dir)
         entry.update(key=None, stored=False)
     if store is not None:
@@ -152,6 +154,7 @@ def _run_attack(
         suffix = ".safetensors" if poisoned is not None and isinstance(poisoned.inputs, torch.Tensor) else ".json"
         writers = {"model.safetensors": lambda p: save_model(result.model, str(p))}
         meta: dict[str, Any] = {"spec": attack_cache_spec(spec, attack), "info": info, "versions": versions(),
+                                "environment": env,
                                 "poison_file": None, "poisoned_split": None}  # every key _load_victim requires
         if poisoned is not None:
             writers["poison" + suffix] = poisoned.save_delta
@@ -216,6 +219,7 @@ def _load_victim(
         "info": meta["info"],
         "verified": verified,
         "verify_s": verify_s,
+        "environment": meta.get("environment"),  # None: an entry cached before environments were recorded
     })
 
 
