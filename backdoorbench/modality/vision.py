@@ -128,7 +128,7 @@ class VisionClassifier(Classifier):
         """The images as they are (uint8 stays uint8: a quarter of float32's bytes to copy to the device)."""
         return {"pixels": inputs if isinstance(inputs, torch.Tensor) else torch.stack(list(inputs))}
 
-    def batch_table(self, inputs: Sequence[torch.Tensor] | torch.Tensor) -> BatchTable:
+    def batch_table(self, inputs: Sequence[torch.Tensor] | torch.Tensor | ImageArray) -> BatchTable:
         """The images themselves: a batch is one gather of uint8 rows (:class:`ImageTable`)."""
         return ImageTable(inputs)
 
