@@ -184,7 +184,8 @@ class ImageArray:
         if isinstance(key, tuple):  # e.g. x[:, :, 0:3] or x[0, 2]: rows first, then the rest on the tensor
             if isinstance(key[0], (int, np.integer)):
                 return self[key[0]][key[1:]]
-            return self.take(key[0])[(slice(None), *key[1:])]
+            rest = (slice(None), *key[1:])  # (a name: mypy reads x[(a, *b)] as 3.11's x[a, *b])
+            return self.take(key[0])[rest]
         return self.take(key)
 
     def __getitems__(self, indices: Sequence[int]) -> torch.Tensor:
