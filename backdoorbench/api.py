@@ -104,7 +104,7 @@ def _yaml_defaults(group: str, name: str) -> dict[str, Any]:
         return {}
     node = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
     assert isinstance(node, dict)
-    return {k: v for k, v in node.items() if k != "defaults" and not str(k).startswith("_")}
+    return {str(k): v for k, v in node.items() if k != "defaults" and not str(k).startswith("_")}  # field names
 
 
 def create_attack(name: str, seed: int = 0, **overrides: Any) -> Any:
@@ -218,7 +218,7 @@ _ENV_KEYS = ("CUBLAS_WORKSPACE_CONFIG", "PL_GLOBAL_SEED", "PL_SEED_WORKERS", "HF
 def preserved_global_state() -> Iterator[None]:
     """Restore torch's global settings (threads, deterministic algorithms, default dtype, cuDNN flags), the
     torch / numpy / ``random`` RNG states and the environment variables the pipeline sets, on exit."""
-    saved = {
+    saved: dict[str, Any] = {
         "threads": torch.get_num_threads(),
         "deterministic": torch.are_deterministic_algorithms_enabled(),
         "warn_only": torch.is_deterministic_algorithms_warn_only_enabled(),
