@@ -223,7 +223,7 @@ class ImageArray:
         return getattr(self.to_tensor(), name)  # any other tensor method: on the materialised rows
 
     # -- views ---------------------------------------------------------------------------------------------
-    def select(self, indices: Sequence[int] | np.ndarray) -> ImageArray:
+    def select(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> ImageArray:
         """The view of the images at ``indices``: shares the base and the patch, copies nothing but indices."""
         pos = self._positions(indices)
         patch_of = None if self.patch_of is None else self.patch_of[pos]
