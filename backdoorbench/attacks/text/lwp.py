@@ -131,7 +131,6 @@ class LayerwisePoisonModule(ClassifierModule):
 
     model: TextClassifier  # the text victim it trains (ClassifierModule's model)
 
-
     def __init__(self, model: TextClassifier, cfg: TrainConfig, head: nn.Module, output_loss: bool = True) -> None:
         params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
         super().__init__(model, cfg, params=params)

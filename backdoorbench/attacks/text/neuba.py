@@ -188,7 +188,6 @@ class NeuBAModule(ClassifierModule):
     model: TextClassifier  # the text victim it trains (ClassifierModule's model)
     targets: torch.Tensor  # a buffer
 
-
     def __init__(
         self,
         model: TextClassifier,
