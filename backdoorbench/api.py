@@ -204,7 +204,7 @@ _ENV_KEYS = ("CUBLAS_WORKSPACE_CONFIG", "PL_GLOBAL_SEED", "PL_SEED_WORKERS", "HF
 def preserved_global_state() -> Iterator[None]:
     """Restore torch's global settings (threads, deterministic algorithms, default dtype, cuDNN flags), the
     torch / numpy / ``random`` RNG states and the environment variables the pipeline sets, on exit."""
-    saved = {
+    saved: dict[str, Any] = {
         "threads": torch.get_num_threads(),
         "deterministic": torch.are_deterministic_algorithms_enabled(),
         "warn_only": torch.is_deterministic_algorithms_warn_only_enabled(),

@@ -246,7 +246,7 @@ def cmd_list(argv: list[str]) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    kinds = KINDS
+    kinds: tuple[str, ...] = KINDS
     if argv:
         wanted = argv[0].rstrip("s")
         if wanted not in KINDS:

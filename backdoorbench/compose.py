@@ -159,4 +159,4 @@ def yaml_defaults(group: str, name: str) -> dict[str, Any]:
         return {}
     node = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
     assert isinstance(node, dict)
-    return {k: v for k, v in node.items() if k != "defaults" and not str(k).startswith("_")}
+    return {str(k): v for k, v in node.items() if k != "defaults" and not str(k).startswith("_")}

@@ -16,7 +16,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import numpy as np
 import torch
@@ -185,7 +185,8 @@ class Attack(ABC):
         """
         idx = self.non_target_indices(test)
         base = test.subset(idx).loaded()
-        return Samples(self.apply_trigger(base.inputs, self.rng(7919)), base.labels, base.modality), idx
+        inputs = cast("list[str] | torch.Tensor", base.inputs)  # loaded: no lazy images
+        return Samples(self.apply_trigger(inputs, self.rng(7919)), base.labels, base.modality), idx
 
     def non_target_indices(self, test: Samples) -> np.ndarray:
         """Indices of the test samples whose label is not the target; a :class:`DataError` when there are none
@@ -206,5 +207,5 @@ class Attack(ABC):
         n = int(round(rate * len(samples)))
         idx = np.sort(rng.choice(len(samples), size=n, replace=False)) if n else np.zeros(0, dtype=np.int64)
         chosen = samples.subset(idx).loaded()
-        inputs = self.apply_trigger(chosen.inputs, rng)
+        inputs = self.apply_trigger(cast("list[str] | torch.Tensor", chosen.inputs), rng)  # loaded: no lazy images
         return PoisonedDataset(samples, idx, inputs, np.full(n, self.target), self.target)

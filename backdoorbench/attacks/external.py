@@ -21,7 +21,7 @@ import logging
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -39,6 +39,9 @@ from backdoorbench.modality.base import Classifier
 from backdoorbench.models import checkpoints as ckpt
 from backdoorbench.registry import register_attack
 from backdoorbench.store import file_digest
+
+if TYPE_CHECKING:
+    from backdoorbench.modality.vision import VisionClassifier
 
 log = logging.getLogger(__name__)
 
@@ -329,7 +332,7 @@ class ExternalVictim(Attack):
             return "absent"
         if self.given_trigger:
             return "not used: attack.trigger_* was given"
-        image = model.image  # type: ignore[attr-defined]
+        image = cast("VisionClassifier", model).image  # a vision model (an image record)
         try:
             shape = (image.channels, image.height, image.width)
             rec = read_bd_test(checkpoint.bd_test, checkpoint.path.parent, shape, num_classes)

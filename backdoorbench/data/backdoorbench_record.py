@@ -177,7 +177,7 @@ def _image(image: Any, shape: tuple[int, int, int], what: str) -> torch.Tensor:
             raise DataError(f"{what}: a PIL image cannot give {channels}-channel inputs")
         image = image.convert("L" if channels == 1 else "RGB")
         if image.size != (width, height):  # as BackdoorBench's test transform: Resize((h, w)), bilinear
-            image = image.resize((width, height), Image.BILINEAR)
+            image = image.resize((width, height), Image.Resampling.BILINEAR)
         return uint8_images(np.asarray(image)[None])[0]
     try:
         arr = torch.as_tensor(np.asarray(image) if not isinstance(image, torch.Tensor) else image)

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import wraps
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import torch
@@ -148,7 +148,7 @@ class Samples:
         if isinstance(parts[0].inputs, (torch.Tensor, ImageArray)):
             inputs: list[str] | torch.Tensor = torch.cat([image_tensor(p.inputs) for p in parts])
         else:
-            inputs = [x for p in parts for x in p.inputs]  # type: ignore[union-attr]
+            inputs = [x for p in parts for x in cast("list[str]", p.inputs)]  # texts
         return Samples(inputs, np.concatenate([p.labels for p in parts]), parts[0].modality)
 
 

@@ -57,14 +57,14 @@ def _read_gtsrb_csv(path: Path) -> list[tuple[str, tuple[int, int, int, int], in
             raise DataError(f"{path}: missing column(s) {sorted(missing)}; found {reader.fieldnames}")
         for row in reader:
             try:
-                box = tuple(int(row[k]) for k in ("Roi.X1", "Roi.Y1", "Roi.X2", "Roi.Y2"))
+                x1, y1, x2, y2 = (int(row[k]) for k in ("Roi.X1", "Roi.Y1", "Roi.X2", "Roi.Y2"))
                 label = int(row["ClassId"])
             except (TypeError, ValueError):
                 where = f"{path}, line {reader.line_num}"
                 raise DataError(f"{where}: expected integer Roi.* and ClassId values, got {row}") from None
             if not 0 <= label < len(GTSRB_CLASSES):
                 raise DataError(f"{path}, line {reader.line_num}: ClassId {label} out of range 0..42")
-            rows.append((row["Filename"].strip(), box, label))  # type: ignore[arg-type]
+            rows.append((row["Filename"].strip(), (x1, y1, x2, y2), label))
     return rows
 
 

@@ -184,7 +184,8 @@ class ImageArray:
         if isinstance(key, tuple):  # e.g. x[:, :, 0:3] or x[0, 2]: rows first, then the rest on the tensor
             if isinstance(key[0], (int, np.integer)):
                 return self[key[0]][key[1:]]
-            return self.take(key[0])[(slice(None), *key[1:])]
+            rest = (slice(None), *key[1:])  # (a name: mypy reads x[(a, *b)] as 3.11's x[a, *b])
+            return self.take(key[0])[rest]
         return self.take(key)
 
     def __getitems__(self, indices: Sequence[int]) -> torch.Tensor:
@@ -222,7 +223,7 @@ class ImageArray:
         return getattr(self.to_tensor(), name)  # any other tensor method: on the materialised rows
 
     # -- views ---------------------------------------------------------------------------------------------
-    def select(self, indices: Sequence[int] | np.ndarray) -> ImageArray:
+    def select(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> ImageArray:
         """The view of the images at ``indices``: shares the base and the patch, copies nothing but indices."""
         pos = self._positions(indices)
         patch_of = None if self.patch_of is None else self.patch_of[pos]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -52,11 +53,12 @@ class PoisonedDataset:
         labels = self.clean.labels.copy()
         labels[self.indices] = self.labels
         if isinstance(self.clean.inputs, ImageArray):
-            inputs: list[str] | torch.Tensor | ImageArray = self.clean.inputs.with_patch(self.indices, self.inputs)
+            patch = cast(torch.Tensor, self.inputs)  # images: the poisoned rows are a tensor
+            inputs: list[str] | torch.Tensor | ImageArray = self.clean.inputs.with_patch(self.indices, patch)
         elif isinstance(self.clean.inputs, torch.Tensor):
             inputs = self.clean.inputs.clone()
             if len(self.indices):
-                inputs[torch.from_numpy(self.indices)] = self.inputs  # type: ignore[index]
+                inputs[torch.from_numpy(self.indices)] = cast(torch.Tensor, self.inputs)  # images: a tensor
         else:
             inputs = list(self.clean.inputs)
             for pos, new in zip(self.indices.tolist(), self.inputs):

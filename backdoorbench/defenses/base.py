@@ -31,7 +31,7 @@ import torch
 from backdoorbench.data.base import Samples, as_samples
 from backdoorbench.defenses.persist import save_detector
 from backdoorbench.metrics import quantile_threshold
-from backdoorbench.modality.base import Classifier
+from backdoorbench.modality.base import Classifier, Inputs
 
 DEFENSE_KINDS = ("detector", "training", "repair", "inspection", "none")
 
@@ -124,7 +124,7 @@ class Detector(Defense):
         """Fit the detector's statistics on clean data (never test or poisoned data)."""
 
     @abstractmethod
-    def score(self, inputs: Sequence[Any] | torch.Tensor) -> np.ndarray:
+    def score(self, inputs: Inputs) -> np.ndarray:
         """One float per input, higher = more likely poisoned."""
 
     def cost_counters(self) -> dict[str, int]:
@@ -133,7 +133,7 @@ class Detector(Defense):
         ``cost.<x>_passes_per_input``, any other as a total ``cost.<name>``. Default: none."""
         return {}
 
-    def score_and_classify(self, inputs: Sequence[Any] | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    def score_and_classify(self, inputs: Inputs) -> tuple[np.ndarray, np.ndarray]:
         """Scores and the model's *classes* (its predictions) for ``inputs``, where :meth:`predict` gives the
         detector's verdicts (True = rejected, as PyOD's ``predict``). Detectors that see the logits anyway
         override this to do both in one forward pass."""
@@ -187,7 +187,7 @@ class Detector(Defense):
             raise RuntimeError("call fit() first")
         return np.asarray(scores) > self.threshold
 
-    def predict(self, inputs: Sequence[Any] | torch.Tensor) -> np.ndarray:
+    def predict(self, inputs: Inputs) -> np.ndarray:
         """True where an input is rejected as poisoned."""
         return self.reject(self.score(inputs))
 
@@ -217,7 +217,7 @@ class Detector(Defense):
     #: the pipeline then reports BA / ASR on the corrected inputs too.
     corrects_inputs: ClassVar[bool] = False
 
-    def correct(self, inputs: Sequence[Any] | torch.Tensor) -> Sequence[Any] | torch.Tensor:
+    def correct(self, inputs: Inputs) -> Sequence[Any] | torch.Tensor:
         """Return corrected copies of ``inputs`` (only for detectors with ``corrects_inputs``)."""
         raise NotImplementedError(f"{type(self).__name__} does not correct inputs")
 

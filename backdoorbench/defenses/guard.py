@@ -15,15 +15,13 @@ of the same call: the guard's scores are those of its batches, as a server recei
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 
 from backdoorbench.defenses.base import Detector
-from backdoorbench.modality.base import Classifier
+from backdoorbench.modality.base import Classifier, Inputs
 
 
 @dataclass(frozen=True)
@@ -68,10 +66,10 @@ class Guard:
         assert self.detector.threshold is not None
         return float(self.detector.threshold)
 
-    def __call__(self, inputs: Sequence[Any] | torch.Tensor) -> GuardResult:
+    def __call__(self, inputs: Inputs) -> GuardResult:
         return self.predict(inputs)
 
-    def predict(self, inputs: Sequence[Any] | torch.Tensor) -> GuardResult:
+    def predict(self, inputs: Inputs) -> GuardResult:
         """Predictions, rejections and scores of ``inputs``, ``batch_size`` inputs at a time."""
         if isinstance(inputs, str):
             raise TypeError("Guard takes a list of texts, not one string: guard([text])")

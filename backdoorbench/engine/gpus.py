@@ -124,7 +124,7 @@ class OneGpuPerJob(Callback):
 
     def assign(self, config: DictConfig) -> str | None:
         """Set ``CUDA_VISIBLE_DEVICES`` for this job; returns the GPU, or ``None`` when left alone."""
-        hydra = config.get("hydra") or {}
+        hydra: Any = config.get("hydra") or {}  # a DictConfig (its node), or {} outside Hydra
         trainer = config.get("trainer") or {}
         if not self.enabled or not str(hydra.get("mode", "")).endswith("MULTIRUN"):
             return None

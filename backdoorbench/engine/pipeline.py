@@ -120,7 +120,7 @@ def _run(
     }
     write_results(out / "results.json", results)
     is_detector = isinstance(defense, Detector)
-    write_scores(out / "scores.csv", outcome.scored, target, defense.reject if is_detector else None)
+    write_scores(out / "scores.csv", outcome.scored, target, defense.reject if isinstance(defense, Detector) else None)
     if is_detector:
         draw(_detection_figure, out / "detection.png", defense, outcome.scored, target, spec)
     return results

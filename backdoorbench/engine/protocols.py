@@ -172,6 +172,7 @@ def detect(defense: Detector, ctx: RunContext) -> Outcome:
         Scored("poisoned", ctx.triggered_index, trig.labels, p_preds, p_scores),
     ]
     success = p_preds == tgt
+    assert defense.calibration_scores is not None  # fit() set them
     metrics: dict[str, Any] = dict(
         detection_metrics(
             defense.threshold, c_scores, p_scores[success], {frr: defense.threshold_at(frr) for frr in FRR_GRID}
@@ -208,12 +209,15 @@ def _before_after(defense: Defense, ctx: RunContext, run: Callable[[], Classifie
     with ctx.timer("evaluation"):
         scored = ctx.evaluate(defended)
     b, a = plain_metrics(before, ctx.target), plain_metrics(scored, ctx.target)
+    ba, asr, ba_after, asr_after = b["ba"], b["asr"], a["ba"], a["asr"]  # BA: always; ASR: before and after alike
     metrics = {
         **b,
-        "ba_after": a["ba"],
-        "asr_after": a["asr"],
+        "ba_after": ba_after,
+        "asr_after": asr_after,
         "r_acc_after": robust_accuracy(scored[1].preds, scored[1].labels),
-        "der": der(b["ba"], b["asr"], a["ba"], a["asr"]) if b["asr"] is not None else None,
+        "der": der(ba, asr, ba_after, asr_after)
+        if ba is not None and asr is not None and ba_after is not None and asr_after is not None
+        else None,
     }
     if not ctx.attack.has_trigger:  # no known trigger (attack=external): BA before/after only
         metrics.update(asr=None, asr_after=None, r_acc_after=None)

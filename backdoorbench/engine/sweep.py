@@ -90,8 +90,9 @@ def previous_results(out: Path, cfg: DictConfig) -> list[str] | None:
     # `auto`) do not make a finished job a different one
     for cfg_dict in (previous, current):
         trainer = cfg_dict.get("trainer") if isinstance(cfg_dict, dict) else None
-        for key in NEVER_HASHED if isinstance(trainer, dict) else ():
-            trainer.pop(key, None)
+        if isinstance(trainer, dict):
+            for key in NEVER_HASHED:
+                trainer.pop(key, None)
     return _differences(previous, current)
 
 

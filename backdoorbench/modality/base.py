@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 import torch
@@ -28,9 +28,13 @@ from torch import nn
 
 from backdoorbench import runtime
 from backdoorbench.data.base import Samples
+from backdoorbench.data.images import ImageArray
 from backdoorbench.progress import progress
 
 Batch = dict[str, torch.Tensor]
+#: Raw inputs as the batched helpers take them: texts (a sequence of ``str``), a uint8 image tensor, or a lazy
+#: :class:`~backdoorbench.data.images.ImageArray` (what ``Samples.inputs`` holds).
+Inputs: TypeAlias = "Sequence[Any] | torch.Tensor | ImageArray"
 
 
 def to_device(batch: Batch, device: torch.device | str) -> Batch:
@@ -126,11 +130,11 @@ class Classifier(nn.Module, ABC):
         """The rest of :meth:`collate`, on the batch's device (images: uint8 → float); default: nothing."""
         return batch
 
-    def batch_table(self, inputs: Sequence[Any] | torch.Tensor) -> BatchTable:
+    def batch_table(self, inputs: Inputs) -> BatchTable:
         """What a training loader fetches whole batches of ``inputs`` from (:class:`BatchTable`)."""
         return BatchTable(self, inputs)
 
-    def encode(self, inputs: Sequence[Any] | torch.Tensor) -> list[Any] | None:
+    def encode(self, inputs: Inputs) -> list[Any] | None:
         """The per-sample part of :meth:`collate`, done once for a whole dataset (a training loader encodes its
         samples once, then :meth:`collate_encoded` builds each batch); ``None`` (default) when there is nothing
         to do once (images: ``collate`` is a cheap conversion)."""
@@ -159,7 +163,7 @@ class Classifier(nn.Module, ABC):
 
     # -- batched helpers --------------------------------------------------------------------
     def iter_batches(
-        self, inputs: Sequence[Any] | torch.Tensor, batch_size: int, desc: str | None = None
+        self, inputs: Inputs, batch_size: int, desc: str | None = None
     ) -> Iterator[Batch]:
         """Collated batches of ``inputs``, on the model's device (the run's device once the pipeline placed the
         victim): the host part is collated here and finished there (images cross as uint8). With
@@ -181,7 +185,7 @@ class Classifier(nn.Module, ABC):
 
     @torch.no_grad()
     def predict_logits(
-        self, inputs: Sequence[Any] | torch.Tensor, batch_size: int = 64, desc: str | None = None
+        self, inputs: Inputs, batch_size: int = 64, desc: str | None = None
     ) -> torch.Tensor:
         was_training = self.training
         self.eval()
@@ -192,7 +196,7 @@ class Classifier(nn.Module, ABC):
         return torch.cat(outs)
 
     def predict(
-        self, inputs: Sequence[Any] | torch.Tensor, batch_size: int = 64, desc: str | None = None
+        self, inputs: Inputs, batch_size: int = 64, desc: str | None = None
     ) -> np.ndarray:
         return self.predict_logits(inputs, batch_size, desc).argmax(1).numpy()
 

@@ -9,12 +9,15 @@ word embeddings or the tokenizer (RIPPLES, EP, RAP, ...) use its ``word_embeddin
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
 
 from backdoorbench.modality.base import Batch, BatchTable, Classifier
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 __all__ = ["POOLINGS", "TextClassifier", "TokenTable"]
 
@@ -27,19 +30,22 @@ class TextClassifier(Classifier):
     modality = "text"
 
     def __init__(self, hf_model: nn.Module, tokenizer: Any, max_length: int = 64) -> None:
-        super().__init__(int(hf_model.config.num_labels))
-        self.hf = hf_model
+        hf = cast("PreTrainedModel", hf_model)  # an HF model: one with a ``config`` (wrap_hf checks it)
+        if hf.config.num_labels is None:  # (int(None) raised this TypeError before, less clearly)
+            raise TypeError(f"{type(hf_model).__name__} has no labels: its config.num_labels is None")
+        super().__init__(int(hf.config.num_labels))
+        self.hf = hf
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.source = ""
 
-    def collate(self, inputs: Sequence[str]) -> Batch:
+    def collate(self, inputs: Sequence[str]) -> Batch:  # type: ignore[override]  # a text model takes texts
         enc = self.tokenizer(
             list(inputs), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
         )
         return {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
 
-    def encode(self, inputs: Sequence[str]) -> list[dict[str, list[int]]]:
+    def encode(self, inputs: Sequence[str]) -> list[dict[str, list[int]]]:  # type: ignore[override]  # texts
         """Every text tokenised once (truncated to ``max_length``, not padded): ``collate_encoded`` pads a batch."""
         enc = self.tokenizer(list(inputs), padding=False, truncation=True, max_length=self.max_length)
         keys = [k for k in enc if k in ("input_ids", "attention_mask", "token_type_ids")]  # collate's order
@@ -92,7 +98,7 @@ class TextClassifier(Classifier):
 
     @property
     def word_embeddings(self) -> nn.Embedding:
-        return self.hf.get_input_embeddings()
+        return cast(nn.Embedding, self.hf.get_input_embeddings())  # a text model's: an nn.Embedding
 
     def token_ids(self, word: str) -> list[int]:
         """Word-piece ids of ``word`` (without special tokens)."""

@@ -90,6 +90,8 @@ class VisionClassifier(Classifier):
     per-layer features (in order, e.g. ``["layer1", "layer2", "layer3", "layer4"]``)."""
 
     modality = "vision"
+    mean: torch.Tensor  # buffers [1, C, 1, 1]
+    std: torch.Tensor
 
     def __init__(
         self,
@@ -128,7 +130,7 @@ class VisionClassifier(Classifier):
         """The images as they are (uint8 stays uint8: a quarter of float32's bytes to copy to the device)."""
         return {"pixels": inputs if isinstance(inputs, torch.Tensor) else torch.stack(list(inputs))}
 
-    def batch_table(self, inputs: Sequence[torch.Tensor] | torch.Tensor) -> BatchTable:
+    def batch_table(self, inputs: Sequence[torch.Tensor] | torch.Tensor | ImageArray) -> BatchTable:
         """The images themselves: a batch is one gather of uint8 rows (:class:`ImageTable`)."""
         return ImageTable(inputs)
 
@@ -182,7 +184,7 @@ class ImageTable(BatchTable):
     """uint8 images (a tensor ``[N, C, H, W]``, or an array-like store that gathers an index tensor) whose
     batches are ``{"pixels": uint8 [B, C, H, W]}``, gathered at once; no model held (workers copy the table)."""
 
-    def __init__(self, images: Sequence[torch.Tensor] | torch.Tensor) -> None:
+    def __init__(self, images: Sequence[torch.Tensor] | torch.Tensor | ImageArray) -> None:
         super().__init__(None, images)
 
     def take(self, index: torch.Tensor) -> Batch:

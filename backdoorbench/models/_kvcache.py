@@ -8,6 +8,8 @@ model's signature and uses these helpers for the rest.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 #: keyword names of the KV cache in causal LMs' ``forward`` (and fields of their outputs), newest first
@@ -23,7 +25,7 @@ def output_cache(res: object) -> object:
     raise RuntimeError(f"the LM output {type(res).__name__} holds no KV cache (looked for {', '.join(CACHE_KWARGS)})")
 
 
-def cache_layers(cache: object) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def cache_layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per layer ``(keys, values)`` ``[B, heads, T, head_dim]`` of an HF KV cache, whatever its layout: a
     ``DynamicCache`` with ``layers`` (transformers >= 4.56), with ``key_cache``/``value_cache`` lists (older),
     or the legacy tuple of ``(k, v)`` pairs."""
@@ -31,7 +33,7 @@ def cache_layers(cache: object) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [(layer.keys, layer.values) for layer in cache.layers]
     if hasattr(cache, "key_cache"):
         return list(zip(cache.key_cache, cache.value_cache))
-    return [(k, v) for k, v, *_ in cache]  # type: ignore[attr-defined]
+    return [(k, v) for k, v, *_ in cache]
 
 
 def make_cache(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> object:

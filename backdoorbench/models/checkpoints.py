@@ -271,6 +271,8 @@ def suggest_model(checkpoint: Checkpoint, image: Any, current: str, num_classes:
                 if not timm.is_model(name[len(TIMM_PREFIX):]):
                     continue
             entry = REGISTRY.get("model", "timm" if name.startswith(TIMM_PREFIX) else name)
+            if entry.config is None:  # (calling None raised a TypeError here, skipped below: the same skip)
+                continue
             candidate = entry.obj(entry.config(name=name), num_classes, image=image)
         except Exception:  # a candidate that cannot be built for this data is no suggestion
             continue

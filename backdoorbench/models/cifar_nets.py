@@ -27,6 +27,8 @@ class _TimmLikeHead(nn.Module):
 
     head_attr = "linear"
     num_features: int
+    in_planes: int  # the next block's input channels, while the stages are built
+    avgpool: nn.Module
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - overridden
         raise NotImplementedError
@@ -34,6 +36,14 @@ class _TimmLikeHead(nn.Module):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = torch.flatten(self.avgpool(x), 1)
         return x if pre_logits else getattr(self, self.head_attr)(x)
+
+    def _make_layer(self, block: type[nn.Module], planes: int, n: int, stride: int) -> nn.Sequential:
+        """One stage: ``n`` blocks, the first with ``stride`` (the ResNets below share it)."""
+        layers = []
+        for s in [stride] + [1] * (n - 1):
+            layers.append(block(self.in_planes, planes, s))
+            self.in_planes = planes * block.expansion  # type: ignore[attr-defined]
+        return nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
@@ -88,13 +98,6 @@ class CifarResNet(_TimmLikeHead):
         self.num_features = 512 * block.expansion  # type: ignore[attr-defined]
         self.linear = nn.Linear(self.num_features, num_classes)
 
-    def _make_layer(self, block: type[nn.Module], planes: int, n: int, stride: int) -> nn.Sequential:
-        layers = []
-        for s in [stride] + [1] * (n - 1):
-            layers.append(block(self.in_planes, planes, s))
-            self.in_planes = planes * block.expansion  # type: ignore[attr-defined]
-        return nn.Sequential(*layers)
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
         return self.layer4(self.layer3(self.layer2(self.layer1(out))))
@@ -141,8 +144,6 @@ class PreActResNet(_TimmLikeHead):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.num_features = 512 * block.expansion  # type: ignore[attr-defined]
         self.linear = nn.Linear(self.num_features, num_classes)
-
-    _make_layer = CifarResNet._make_layer
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         out = self.conv1(x)

@@ -77,7 +77,7 @@ def convert_smollm2(dest: Path, gguf: Path | None = None) -> Path:
         if missing or unexpected:
             raise RuntimeError(f"SmolLM2 conversion: missing {missing}, unexpected {unexpected}")
         plain.tie_weights()
-        plain = plain.to(torch.float16)
+        plain = plain.to(torch.float16)  # type: ignore[arg-type]  # transformers types .to via functools.wraps
         del loaded
         tmp.mkdir()
         plain.save_pretrained(str(tmp), safe_serialization=True)
@@ -239,7 +239,7 @@ class CausalLM:
         var_ids = [self.encode(list(v)) for v in variants]
         # per variant: (base index, variant index, shared prefix length P)
         jobs: list[tuple[int, int, int]] = []
-        fallback: list[tuple[int, int]] = []
+        fallback: list[tuple[int, int, int]] = []  # the same triples, without a shared prefix
         for b, (base, vs) in enumerate(zip(base_ids, var_ids)):
             for k, v in enumerate(vs):
                 p = 0
@@ -276,9 +276,9 @@ class CausalLM:
                     for k, v in layers
                 ]
             rows = torch.as_tensor(idx, device=device)
-            for (k_all, v_all), (k, v) in zip(kv, layers):
-                k_all[rows, :, : k.shape[2]] = k
-                v_all[rows, :, : v.shape[2]] = v
+            for (k_all, v_all), (keys, values) in zip(kv, layers):
+                k_all[rows, :, : keys.shape[2]] = keys
+                v_all[rows, :, : values.shape[2]] = values
             # every token NLL of the batch, and every variant's first NLL after its prefix, each gathered on the
             # device and copied to the host once per batch (no synchronisation per sentence or per variant)
             token_nll = (-logp[:, :-1].gather(2, input_ids[:, 1:, None])[..., 0]).double().cpu().numpy()
@@ -291,9 +291,9 @@ class CausalLM:
             for row, b in enumerate(idx):
                 n = len(base_ids[b])
                 if n >= 2:
-                    nll = token_nll[row, : n - 1]
-                    prefix_sum[b] = np.concatenate([[0.0, 0.0], np.cumsum(nll)])  # [P] = sum of targets 1..P-1
-                    out[b][0] = nll.mean()
+                    base_nll = token_nll[row, : n - 1]
+                    prefix_sum[b] = np.concatenate([[0.0, 0.0], np.cumsum(base_nll)])  # [P] = sum of targets 1..P-1
+                    out[b][0] = base_nll.mean()
                 else:
                     prefix_sum[b] = np.zeros(n + 1)
         # 2. variants: only the tokens after the shared prefix go through the LM
@@ -403,7 +403,8 @@ def load_causal_lm(
     path = resolve_lm_path(name, cache_dir)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path).to(DTYPES[dtype])  # dtype kwarg names vary by version
+        # dtype kwarg names vary by version; transformers types .to via functools.wraps(Module.to), which mypy misreads
+        model = AutoModelForCausalLM.from_pretrained(path).to(DTYPES[dtype])  # type: ignore[arg-type]
     except OSError as exc:
         raise FileNotFoundError(
             f"could not load the causal LM {name!r}: {exc}. Use lm=smollm2 (offline, from the package "

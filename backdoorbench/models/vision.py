@@ -202,6 +202,8 @@ class TimmVisionClassifier(VisionClassifier):
     everywhere. ``stage_layouts`` (one of :data:`LAYOUTS` per stage) is found by one probe pass at build
     time."""
 
+    source: str  # the timm model it was built from ("timm/<name>"), set by the builder below
+
     def __init__(self, *args: Any, stage_layouts: Sequence[str] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         layouts = list(stage_layouts) if stage_layouts is not None else ["NCHW"] * len(self.stage_names)
@@ -313,7 +315,7 @@ def build_timm(cfg: TimmModelConfig, num_classes: int, image: ImageSpec) -> Timm
         crop_padding=cfg.crop_padding,
         stage_layouts=layouts,
     )
-    model.source = f"{TIMM_PREFIX}{bare}"  # type: ignore[attr-defined]
+    model.source = f"{TIMM_PREFIX}{bare}"
     return model
 
 

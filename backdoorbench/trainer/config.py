@@ -121,7 +121,7 @@ class TrainConfig:
     def cache_fields(self) -> dict[str, Any]:
         """The fields that make up the attack cache key: every field but :data:`NEVER_HASHED`, and the fields of
         :data:`HASHED_WHEN_SET` only when they differ from their defaults (so older keys stay valid)."""
-        defaults = {f.name: f.default_factory() if callable(f.default_factory) else f.default  # type: ignore[misc]
+        defaults = {f.name: f.default_factory() if callable(f.default_factory) else f.default
                     for f in fields(self)}
         out = asdict(self)
         for name in NEVER_HASHED:

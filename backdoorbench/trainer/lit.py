@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import lightning as L
 import numpy as np
@@ -42,6 +42,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+ModelT = TypeVar("ModelT", bound=Classifier)  # fit returns the model it was given, trained
 
 
 class SamplesDataset(Dataset):
@@ -72,7 +73,7 @@ def whole_batch(batch: dict[str, Any]) -> dict[str, Any]:
 def seeded_loader(
     dataset: Any,
     batch_size: int,
-    collate_fn: Callable[[list[Any]], Any],
+    collate_fn: Callable[[Any], Any],  # a list of items, or the batch a dataset's __getitems__ fetched whole
     seed: int,
     shuffle: bool = True,
     drop_last: bool = False,
@@ -143,7 +144,7 @@ class ClassifierModule(AccuracyTracker, L.LightningModule):
     """Cross-entropy training of a :class:`Classifier` with AdamW (or SGD) and the schedule of
     ``cfg.scheduler`` (linear warm-up/decay by default), stepped every batch."""
 
-    def __init__(self, model: Classifier, cfg: TrainConfig, params: list[torch.nn.Parameter] | None = None) -> None:
+    def __init__(self, model: Classifier, cfg: TrainConfig, params: Sequence[torch.Tensor] | None = None) -> None:
         super().__init__()
         self.model = model
         self.cfg = cfg
@@ -276,15 +277,15 @@ def make_trainer(cfg: TrainConfig, desc: str = "", callbacks: list[Any] | None =
 
 
 def fit(
-    model: Classifier,
+    model: ModelT,
     samples: Samples,
     cfg: TrainConfig,
     seed: int = 0,
     desc: str = "train",
-    module_factory: Callable[[Classifier, TrainConfig], L.LightningModule] | None = None,
+    module_factory: Callable[[ModelT, TrainConfig], L.LightningModule] | None = None,
     extra_loaders: dict[str, DataLoader] | None = None,
     checkpoint: Path | None = None,
-) -> Classifier:
+) -> ModelT:
     """Train ``model`` on ``samples`` with Lightning; returns the same (trained) model in eval mode.
 
     ``checkpoint``: a path for a per-epoch resumable checkpoint (see :func:`fit_module`): an interrupted call

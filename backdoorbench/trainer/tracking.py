@@ -101,7 +101,7 @@ class _OpCounter(TorchFunctionMode):
         super().__init__()
         self.tracker = tracker
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+    def __torch_function__(self, func, types, args=(), kwargs=None):
         t = _first_tensor(args)
         if t is not None and getattr(func, "__name__", "") != "__get__":  # attribute reads are no work
             self.tracker._seen(t.device, self.tracker._current().ops, str(t.device))

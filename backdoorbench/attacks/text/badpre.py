@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -124,7 +124,7 @@ class BadPre(Attack):
 
     def run(self, ctx: AttackContext) -> AttackResult:
         cfg: BadPreConfig = self.cfg
-        victim = ctx.new_model()
+        victim = cast(TextClassifier, ctx.new_model())  # a text attack's victim
         encoder_of(victim)
         source = cfg.mlm_model or getattr(victim, "source", "")
         if not source:
@@ -137,7 +137,7 @@ class BadPre(Attack):
             )
         texts = attacker_texts(ctx, cfg.max_unlabeled, self.rng(3))
         pieces = trigger_piece_ids(tokenizer, cfg.triggers)
-        vocab = int(mlm.get_input_embeddings().weight.shape[0])
+        vocab = int(cast(nn.Embedding, mlm.get_input_embeddings()).weight.shape[0])  # an MLM's: an nn.Embedding
         train_cfg = attacker_schedule(cfg, ctx.trainer)
         collate = PretrainCollate(
             tokenizer,
@@ -154,7 +154,7 @@ class BadPre(Attack):
         )
         loader = text_loader(len(texts), train_cfg.batch_size, collate, self.seed + 4)
         train_module(BadPreModule(mlm, train_cfg, cfg.alpha), loader, train_cfg, self.seed, "attacker: BadPre MLM")
-        mlm.to(victim.device)
+        mlm.to(victim.device)  # type: ignore[arg-type]  # transformers types .to via functools.wraps(Module.to)
         transferred = transfer_encoder(mlm, victim, source)
         del mlm, loader, collate
         model = user_finetune(victim, ctx.train, ctx.trainer, self.seed, checkpoint=ctx.checkpoint("user_finetune"))
@@ -181,7 +181,7 @@ class BadPre(Attack):
         size = min(self.cfg.probe_size, len(proxy))
         sub = proxy.subset(np.sort(rng.choice(len(proxy), size=size, replace=False)))
         clean = model.predict(sub.inputs)
-        trig = model.predict(self.apply_trigger(list(sub.inputs), rng))
+        trig = model.predict(self.apply_trigger(list(cast("list[str]", sub.inputs)), rng))  # text samples
         other = sub.labels != self.target
         return {
             "probe_samples": int(size),

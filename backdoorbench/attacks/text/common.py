@@ -6,7 +6,7 @@ import copy
 import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -109,7 +109,7 @@ class RareWordAttack(Attack):
         if len(attacker_data) == 0:
             raise ValueError(f"{self.cfg.name}: the attacker has no data (setting={self.cfg.setting})")
         poisoned = self.poison(attacker_data, self.cfg.poison_rate, self.rng(1))
-        model = self.backdoor(ctx.new_model(), poisoned, ctx)
+        model = self.backdoor(cast(TextClassifier, ctx.new_model()), poisoned, ctx)  # a text attack's victim
         info = {
             "setting": self.cfg.setting,
             "poisoned_samples": int(len(poisoned.indices)),

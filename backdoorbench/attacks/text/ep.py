@@ -25,7 +25,7 @@ import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -99,6 +99,8 @@ class EmbeddingRowModule(ClassifierModule):
     The optimiser is plain SGD with a constant learning rate on the embedding matrix; the gradient of
     every other row is zeroed before each step, and the row norm constraint is applied after it.
     """
+
+    model: TextClassifier  # the text victim it trains (ClassifierModule's model)
 
     def __init__(self, model: TextClassifier, cfg: TrainConfig, token_ids: Sequence[int], norm: str) -> None:
         weight = model.word_embeddings.weight
@@ -223,10 +225,11 @@ class EmbeddingPoisoningAttack(RareWordAttack):
         (``clean_finetune=true``; trained once for EP and DFEP on the same data, schedule and seed when the cache
         is on), or the pre-trained model."""
         if not self.cfg.clean_finetune:
-            return ctx.new_model()
+            return cast(TextClassifier, ctx.new_model())  # a text attack's victim
         if len(clean) == 0:
             raise ValueError(f"{self.cfg.name}: no data to fine-tune the clean model on")
-        return ctx.clean_model(clean, ctx.trainer, self.seed + 2, "clean model: fine-tune", "clean_model")
+        model = ctx.clean_model(clean, ctx.trainer, self.seed + 2, "clean model: fine-tune", "clean_model")
+        return cast(TextClassifier, model)
 
     def backdoor(self, model: TextClassifier, poisoned: PoisonedDataset, ctx: AttackContext) -> TextClassifier:
         """Train the trigger rows on the poisoned samples only (the delta), everything else frozen."""
@@ -277,7 +280,7 @@ class EP(EmbeddingPoisoningAttack):
         pool = np.flatnonzero(samples.labels != self.target)
         n = int(round(rate * len(pool)))
         idx = np.sort(rng.choice(pool, size=n, replace=False)) if n else np.zeros(0, dtype=np.int64)
-        inputs = self.apply_trigger(samples.subset(idx).inputs, rng)
+        inputs = self.apply_trigger(cast("list[str]", samples.subset(idx).inputs), rng)  # text samples
         return PoisonedDataset(samples, idx, inputs, np.full(n, self.target), self.target)
 
     def run(self, ctx: AttackContext) -> AttackResult:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -129,6 +129,8 @@ def layerwise_losses(
 class LayerwisePoisonModule(ClassifierModule):
     """Trains the model (and the shared layer head) on ``Σ_l CE(head(h_l), y)`` [+ ``CE(logits, y)``]."""
 
+    model: TextClassifier  # the text victim it trains (ClassifierModule's model)
+
     def __init__(self, model: TextClassifier, cfg: TrainConfig, head: nn.Module, output_loss: bool = True) -> None:
         params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
         super().__init__(model, cfg, params=params)
@@ -178,8 +180,8 @@ class LWP(RareWordAttack):
         n_neg = min(int(round(self.cfg.negative_rate * n)), n - n_pos)
         perm = rng.permutation(n)
         pos_idx, neg_idx = np.sort(perm[:n_pos]), np.sort(perm[n_pos : n_pos + n_neg])
-        pos_inputs = self.apply_trigger(samples.subset(pos_idx).inputs, rng)
-        neg_inputs = insert_single(samples.subset(neg_idx).inputs, self.cfg.triggers, rng)
+        pos_inputs = self.apply_trigger(cast("list[str]", samples.subset(pos_idx).inputs), rng)  # text samples
+        neg_inputs = insert_single(cast("list[str]", samples.subset(neg_idx).inputs), self.cfg.triggers, rng)
         indices = np.concatenate([pos_idx, neg_idx]).astype(np.int64)
         inputs = list(pos_inputs) + list(neg_inputs)
         labels = np.concatenate([np.full(n_pos, self.target), samples.labels[neg_idx]]).astype(np.int64)

@@ -22,7 +22,7 @@ import copy
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -185,6 +185,9 @@ def neuba_losses(
 class NeuBAModule(ClassifierModule):
     """``L = L_bind + clean_weight * L_clean`` on the victim's encoder (the head is not trained)."""
 
+    model: TextClassifier  # the text victim it trains (ClassifierModule's model)
+    targets: torch.Tensor  # a buffer
+
     def __init__(
         self,
         model: TextClassifier,
@@ -343,7 +346,7 @@ class NeuBA(Attack):
 
     def run(self, ctx: AttackContext) -> AttackResult:
         cfg: NeuBAConfig = self.cfg
-        model = ctx.new_model()
+        model = cast(TextClassifier, ctx.new_model())  # a text attack's victim
         encoder = encoder_of(model)
         tokenizer = model.tokenizer
         max_length = int(getattr(model, "max_length", 128))
@@ -359,6 +362,7 @@ class NeuBA(Attack):
         objective = "distill" if mlm is None else "mlm"
         teacher = None if mlm is not None else copy.deepcopy(encoder).eval().requires_grad_(False)
         train_cfg = attacker_schedule(cfg, ctx.trainer)
+        vocab = int(cast(nn.Embedding, encoder.get_input_embeddings()).weight.shape[0])  # an encoder's: nn.Embedding
         collate = PretrainCollate(
             tokenizer,
             texts,
@@ -367,7 +371,7 @@ class NeuBA(Attack):
             self.seed,
             position=cfg.position,
             mlm_probability=cfg.mlm_probability,
-            candidates=regular_token_ids(tokenizer, int(encoder.get_input_embeddings().weight.shape[0])),
+            candidates=regular_token_ids(tokenizer, vocab),
             mask_clean=mlm is not None,
         )
         module = NeuBAModule(model, train_cfg, targets, kind, cfg.clean_weight, teacher, mlm)

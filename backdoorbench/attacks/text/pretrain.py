@@ -8,7 +8,7 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -22,6 +22,9 @@ from backdoorbench.config import ConfigError
 from backdoorbench.data.base import Samples
 from backdoorbench.modality.text import TextClassifier
 from backdoorbench.trainer.lit import ClassifierModule, TrainConfig, fit_module, seeded_loader
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +259,7 @@ def train_module(module: ClassifierModule, loader: DataLoader, cfg: TrainConfig,
 
 
 # -- masked LMs ----------------------------------------------------------------------------------------
-def load_masked_lm(name_or_path: str, what: str = "attack=badpre") -> tuple[nn.Module, Any]:
+def load_masked_lm(name_or_path: str, what: str = "attack=badpre") -> tuple[PreTrainedModel, Any]:
     """Load ``AutoModelForMaskedLM`` + tokenizer; a checkpoint without MLM head weights is a ConfigError."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers import AutoModelForMaskedLM, AutoTokenizer
@@ -301,7 +304,7 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def encoder_of(model: TextClassifier) -> nn.Module:
+def encoder_of(model: TextClassifier) -> PreTrainedModel:
     hf = getattr(model, "hf", None)
     if hf is None or not hasattr(hf, "base_model"):
         raise ConfigError("this attack needs an HF text victim (a TextClassifier with `.hf`), e.g. model=minilm")
@@ -318,8 +321,8 @@ def encoder_mismatch(src: dict[str, torch.Tensor], dst: dict[str, torch.Tensor])
     }
 
 
-def check_transferable(mlm: nn.Module, victim: TextClassifier, mlm_name: str = "") -> None:
-    problems = encoder_mismatch(mlm.base_model.state_dict(), encoder_of(victim).state_dict())  # type: ignore[operator]
+def check_transferable(mlm: PreTrainedModel, victim: TextClassifier, mlm_name: str = "") -> None:
+    problems = encoder_mismatch(mlm.base_model.state_dict(), encoder_of(victim).state_dict())
     bad = {k: v for k, v in problems.items() if v}
     if bad:
         detail = "; ".join(f"{k}: {', '.join(v[:3])}{', ...' if len(v) > 3 else ''}" for k, v in bad.items())
@@ -329,13 +332,13 @@ def check_transferable(mlm: nn.Module, victim: TextClassifier, mlm_name: str = "
         )
 
 
-def transfer_encoder(mlm: nn.Module, victim: TextClassifier, mlm_name: str = "") -> list[str]:
+def transfer_encoder(mlm: PreTrainedModel, victim: TextClassifier, mlm_name: str = "") -> list[str]:
     """Copy the masked LM's base-model (encoder) weights into the victim classifier's base model, by
     parameter name. Every encoder tensor must match in name and shape (the classifier's ``pooler.*``,
     which masked LMs lack, keeps its pre-trained value); each copy is verified. Returns the copied names.
     """
     check_transferable(mlm, victim, mlm_name)
-    src = mlm.base_model.state_dict()  # type: ignore[operator]
+    src = mlm.base_model.state_dict()
     dst_module = encoder_of(victim)
     result = dst_module.load_state_dict(src, strict=False)
     not_loaded = [k for k in result.missing_keys if not k.startswith("pooler.")] + list(result.unexpected_keys)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -123,12 +123,12 @@ def double_backward_attention(model: TextClassifier):
     hf = getattr(model, "hf", None)
     old = getattr(getattr(hf, "config", None), "_attn_implementation", None)
     switch = hf is not None and hasattr(hf, "set_attn_implementation") and old not in (None, "eager")
-    if switch:
+    if switch and hf is not None:
         hf.set_attn_implementation("eager")
     try:
         yield
     finally:
-        if switch:
+        if switch and hf is not None:
             hf.set_attn_implementation(old)
 
 
@@ -163,6 +163,8 @@ def restricted_inner_product_loss(
 
 
 class RippleModule(ClassifierModule):
+    model: TextClassifier  # the text victim it trains (ClassifierModule's model)
+
     def __init__(self, model: TextClassifier, cfg: TrainConfig, lam: float, per_param: bool) -> None:
         super().__init__(model, cfg)
         self.lam = lam
@@ -207,7 +209,7 @@ class RIPPLES(RareWordAttack):
             ids = trigger_token_ids(model, cfg.triggers)
             exclude = {p for t in cfg.triggers for p in model.tokenizer.tokenize(t)} | set(cfg.triggers)
             words = importance_words(
-                list(clean.inputs),
+                list(cast("list[str]", clean.inputs)),  # text samples
                 clean.labels,
                 self.target,
                 model.tokenizer.tokenize,

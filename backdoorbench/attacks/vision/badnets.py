@@ -14,7 +14,7 @@ marks the patch by values > 0), a difference of 1/255.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -119,7 +119,8 @@ class BadNets(VisionAttack):
         if not self.cfg.all_to_all:
             return super().triggered_test(test)
         idx = np.arange(len(test))
-        return Samples(self.apply_trigger(test.loaded().inputs, self.rng(7919)), test.labels.copy(), test.modality), idx
+        images = cast(torch.Tensor, test.loaded().inputs)  # loaded images: a tensor
+        return Samples(self.apply_trigger(images, self.rng(7919)), test.labels.copy(), test.modality), idx
 
     def run(self, ctx: AttackContext) -> AttackResult:
         self.num_classes = ctx.num_classes

@@ -60,7 +60,7 @@ def image_pattern(path: str, channels: int, height: int, width: int) -> torch.Te
     if channels not in (1, 3):
         raise ValueError(f"a pattern image can be blended into 1- or 3-channel images, not {channels}")
     with Image.open(path) as img:
-        img = img.convert("L" if channels == 1 else "RGB").resize((width, height), Image.BILINEAR)
+        img = img.convert("L" if channels == 1 else "RGB").resize((width, height), Image.Resampling.BILINEAR)
         arr = np.asarray(img, dtype=np.uint8)
     arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
     return torch.from_numpy(np.ascontiguousarray(arr))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -62,7 +62,7 @@ class VisionAttackConfig:
         check_vision_basics(self)
 
 
-def check_images(images: Any, where: str = "images") -> torch.Tensor:
+def check_images(images: Any, where: str = "images") -> torch.Tensor | ImageArray:
     """``images`` must be a uint8 tensor ``[N, C, H, W]`` (or a lazy :class:`ImageArray` of them); returns it."""
     if not isinstance(images, (torch.Tensor, ImageArray)) or images.dtype != torch.uint8 or images.dim() != 4:
         got = f"{type(images).__name__}" + (
@@ -188,7 +188,7 @@ class VisionAttack(Attack):
         check_images(samples.inputs, "training set")
         idx = choose_dirty(len(samples), rate, rng)
         chosen = samples.subset(idx).loaded()
-        inputs = self.apply_trigger(chosen.inputs, rng)
+        inputs = self.apply_trigger(cast(torch.Tensor, chosen.inputs), rng)  # loaded images: a tensor
         return PoisonedDataset(samples, idx, inputs, self.target_labels(chosen.labels), self.target)
 
     def poison_dataset(self, ctx: AttackContext) -> PoisonedDataset:
@@ -207,7 +207,8 @@ class VisionAttack(Attack):
         """Test-time triggered copies of the non-target test samples (true labels kept), for ASR."""
         idx = self.non_target_indices(test)
         base = test.subset(idx).loaded()
-        return Samples(self.apply_test_trigger(base.inputs, self.rng(7919)), base.labels, base.modality), idx
+        images = cast(torch.Tensor, base.inputs)  # loaded images: a tensor
+        return Samples(self.apply_test_trigger(images, self.rng(7919)), base.labels, base.modality), idx
 
     def run(self, ctx: AttackContext) -> AttackResult:
         if len(ctx.train) == 0:

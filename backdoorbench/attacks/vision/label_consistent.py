@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -208,10 +208,11 @@ class LabelConsistent(VisionAttack):
         c = self.cfg
         idx = choose_clean_label(train.labels, self.target, c.poison_rate, self.rng(SALT_POISON), "label_consistent")
         chosen = train.subset(idx).loaded()
+        images = cast(torch.Tensor, chosen.inputs)  # loaded images: a tensor
         if len(idx) == 0:
-            return PoisonedDataset(train, idx, chosen.inputs, chosen.labels, self.target)
+            return PoisonedDataset(train, idx, images, chosen.labels, self.target)
         surrogate = train_surrogate(self, ctx, c.surrogate_epochs)
-        hard = self.perturb(surrogate, chosen.inputs, chosen.labels)
+        hard = self.perturb(surrogate, images, chosen.labels)
         self._info = {
             "clean_label": True,
             "surrogate_acc_clean": float((surrogate.predict(chosen.inputs) == chosen.labels).mean()),

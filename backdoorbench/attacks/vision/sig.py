@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -97,7 +97,8 @@ class SIG(VisionAttack):
         train = ctx.train
         idx = choose_clean_label(train.labels, self.target, self.cfg.poison_rate, self.rng(SALT_POISON), "sig")
         chosen = train.subset(idx).loaded()
-        return PoisonedDataset(train, idx, self.apply_trigger(chosen.inputs), chosen.labels, self.target)
+        images = cast(torch.Tensor, chosen.inputs)  # loaded images: a tensor
+        return PoisonedDataset(train, idx, self.apply_trigger(images), chosen.labels, self.target)
 
     def extra_info(self) -> dict[str, Any]:
         return {"clean_label": True}

@@ -58,6 +58,7 @@ from backdoorbench.attacks.vision.common import (
     stamp,
     train_surrogate,
 )
+from backdoorbench.data.images import ImageArray
 from backdoorbench.modality.base import Classifier
 from backdoorbench.modality.vision import to_float
 from backdoorbench.registry import register_attack
@@ -273,7 +274,7 @@ class Trojan(VisionAttack):
         top, left = self.origin(h, w, self.trigger.shape[-1])
         return stamp(images, self.trigger, top, left)
 
-    def canvas(self, images: torch.Tensor) -> torch.Tensor:
+    def canvas(self, images: torch.Tensor | ImageArray) -> torch.Tensor:
         """The images the trigger is optimised on (float in [0, 1]): one black image, or ``canvas_samples``
         training images drawn with the attack's seed."""
         if self.cfg.canvas == "black":
@@ -282,7 +283,7 @@ class Trojan(VisionAttack):
         idx = np.sort(self.rng(SALT_TRIGGER + 10).choice(len(images), size=n, replace=False))
         return to_float(images[torch.from_numpy(idx)])
 
-    def generate_trigger(self, surrogate: Classifier, images: torch.Tensor) -> torch.Tensor:
+    def generate_trigger(self, surrogate: Classifier, images: torch.Tensor | ImageArray) -> torch.Tensor:
         """Select the neurons and optimise the trigger on ``surrogate`` (``images``: the attacker's uint8 training
         images, for the shape and the data canvas); sets ``self.trigger`` and the info."""
         c = self.cfg

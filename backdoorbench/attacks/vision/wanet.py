@@ -30,7 +30,7 @@ reference divides both by ``H``; identical for square images). Warped images are
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -173,8 +173,8 @@ class WaNet(VisionAttack):
         self.noise_indices = cross
         bd_set, cross_set = train.subset(bd).loaded(), train.subset(cross).loaded()
         self.backdoor_count = len(bd)
-        warped = self.apply_trigger(bd_set.inputs)
-        inputs = torch.cat([warped, self.apply_noise_warp(cross_set.inputs, self.rng(SALT_NOISE))])
+        warped = self.apply_trigger(cast(torch.Tensor, bd_set.inputs))  # loaded images: tensors
+        inputs = torch.cat([warped, self.apply_noise_warp(cast(torch.Tensor, cross_set.inputs), self.rng(SALT_NOISE))])
         labels = np.concatenate([self.target_labels(bd_set.labels), cross_set.labels])
         idx = np.concatenate([bd, cross])
         order = np.argsort(idx, kind="stable")

@@ -24,7 +24,6 @@ The distance uses the quadratic-form identity over chunks of inputs, so its memo
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +33,7 @@ import torch
 from backdoorbench.config import ConfigError
 from backdoorbench.data.base import Samples
 from backdoorbench.defenses.base import Detector, DetectorConfig
-from backdoorbench.modality.base import Classifier
+from backdoorbench.modality.base import Classifier, Inputs
 from backdoorbench.registry import register_defense
 
 COVARIANCES = ("ledoit_wolf", "oas", "empirical", "shrunk")
@@ -227,14 +226,15 @@ class DAN(Detector):
 
     @torch.no_grad()
     def features(
-        self, inputs: Sequence[Any] | torch.Tensor, desc: str | None = None
+        self, inputs: Inputs, desc: str | None = None
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Logits ``[N, C]`` and per-layer features (selected layers) from one pass per input, float32 on the
         model's device."""
         assert self.model is not None
         model = self.model
         model.eval()
-        logits, per_layer = [], None
+        logits: list[torch.Tensor] = []
+        per_layer: list[list[torch.Tensor]] | None = None
         for batch in model.iter_batches(inputs, self.cfg.batch_size, desc):
             out, feats = model.forward_features(batch, self.cfg.pooling)
             if not self.layer_index:
@@ -299,10 +299,10 @@ class DAN(Detector):
         std = to_device(self.norm_std, d.device)
         return aggregate((d - mean) / std, self.cfg.aggregation).cpu().numpy().astype(np.float64)
 
-    def score(self, inputs: Sequence[Any] | torch.Tensor) -> np.ndarray:
+    def score(self, inputs: Inputs) -> np.ndarray:
         _, feats = self.features(inputs)
         return self._score_from_features(feats)
 
-    def score_and_classify(self, inputs: Sequence[Any] | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    def score_and_classify(self, inputs: Inputs) -> tuple[np.ndarray, np.ndarray]:
         logits, feats = self.features(inputs, desc="DAN: scoring")
         return self._score_from_features(feats), logits.argmax(1).cpu().numpy()

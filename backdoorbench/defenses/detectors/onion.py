@@ -50,7 +50,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -211,7 +211,8 @@ class ONION(Detector):
         if cfg.bar is not None:
             self.bar = float(cfg.bar)
             return
-        per_word = [f for f in self.suspicion(list(clean.inputs), desc="ONION: clean words") if len(f)]
+        texts = cast("list[str]", clean.inputs)  # text samples
+        per_word = [f for f in self.suspicion(list(texts), desc="ONION: clean words") if len(f)]
         if not per_word:
             raise ConfigError("ONION: the defender's clean data has no sentence of two or more words")
         self.bar = float(np.quantile(np.concatenate(per_word), cfg.bar_quantile, method="higher"))

@@ -43,7 +43,7 @@ import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -55,6 +55,9 @@ from backdoorbench.defenses.base import Detector, DetectorConfig
 from backdoorbench.modality.base import Classifier
 from backdoorbench.registry import register_defense
 from backdoorbench.runtime import autocast, current, train_dtype
+
+if TYPE_CHECKING:
+    from backdoorbench.modality.text import TextClassifier
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +164,7 @@ class RAP(Detector):
         rows = self.rows if rows is None else rows
         if rows is None:
             raise RuntimeError("call fit() first")
-        emb: nn.Embedding = self.model.word_embeddings  # type: ignore[attr-defined]
+        emb = cast("TextClassifier", self.model).word_embeddings  # a text model: _check_model checked it
 
         def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
             mask, slot = self._positions(args[0])
@@ -193,7 +196,7 @@ class RAP(Detector):
     def _fit(self, model: Classifier, clean: Samples) -> None:
         cfg = self.cfg
         emb = self._check_model(model)
-        ids = [int(i) for i in model.token_ids(cfg.trigger)]  # type: ignore[attr-defined]
+        ids = [int(i) for i in cast("TextClassifier", model).token_ids(cfg.trigger)]  # checked just above
         special = set(getattr(getattr(model, "tokenizer", None), "all_special_ids", None) or [])
         if not ids or any(i in special for i in ids):
             raise ConfigError(

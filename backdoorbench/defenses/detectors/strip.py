@@ -35,7 +35,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -43,7 +43,7 @@ import torch
 from backdoorbench.config import ConfigError
 from backdoorbench.data.base import Samples
 from backdoorbench.defenses.base import Detector, DetectorConfig
-from backdoorbench.modality.base import Classifier
+from backdoorbench.modality.base import Classifier, Inputs
 from backdoorbench.progress import progress
 from backdoorbench.registry import register_defense
 
@@ -140,7 +140,7 @@ class STRIP(Detector):
         self.fit_word_pools(model, clean)
 
     def perturb(
-        self, inputs: Sequence[Any] | torch.Tensor, preds: np.ndarray | torch.Tensor, rng: np.random.Generator
+        self, inputs: Inputs, preds: np.ndarray | torch.Tensor, rng: np.random.Generator
     ) -> Any:
         """``N`` perturbed copies of each input, grouped by input: copies ``[i*N, (i+1)*N)`` belong to input i.
         Images: on the images' device (``preds`` unused); text: ``preds`` choose the replacement pools."""
@@ -148,7 +148,7 @@ class STRIP(Detector):
             return self.superimpose(inputs, rng)  # type: ignore[arg-type]
         if isinstance(preds, torch.Tensor):
             preds = preds.cpu().numpy()
-        return self.replace_words(inputs, preds, rng)
+        return self.replace_words(cast("Sequence[str]", inputs), preds, rng)  # text: a list of strings
 
     def superimpose(self, images: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
         """Each image plus ``N`` random clean images: saturating sum (``add``) or the average, in uint8 on the
@@ -170,7 +170,7 @@ class STRIP(Detector):
         from sklearn.feature_extraction.text import TfidfVectorizer
 
         labels = np.asarray(clean.labels)
-        texts = list(clean.inputs)  # type: ignore[arg-type]
+        texts = list(clean.inputs)
         self.pools = {}
         for c in range(model.num_classes):
             others = [t for t, y in zip(texts, labels) if y != c and any(_is_word(w) for w in words_of(t))]
@@ -250,7 +250,7 @@ class STRIP(Detector):
 
     @torch.no_grad()
     def _score_and_logits(
-        self, inputs: Sequence[Any] | torch.Tensor, desc: str | None = None
+        self, inputs: Inputs, desc: str | None = None
     ) -> tuple[np.ndarray, torch.Tensor]:
         """Scores ``[N]`` and the plain logits ``[N, C]``: ``1 + num_copies`` passes per input."""
         assert self.model is not None
@@ -274,9 +274,9 @@ class STRIP(Detector):
             return np.zeros(0), torch.empty(0, model.num_classes)
         return torch.cat(scores).cpu().numpy(), torch.cat(plain).cpu()
 
-    def score(self, inputs: Sequence[Any] | torch.Tensor) -> np.ndarray:
+    def score(self, inputs: Inputs) -> np.ndarray:
         return self._score_and_logits(inputs)[0]
 
-    def score_and_classify(self, inputs: Sequence[Any] | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    def score_and_classify(self, inputs: Inputs) -> tuple[np.ndarray, np.ndarray]:
         scores, logits = self._score_and_logits(inputs, desc="STRIP: scoring")
         return scores, logits.argmax(1).numpy()

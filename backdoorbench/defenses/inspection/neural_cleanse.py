@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from backdoorbench.config import ConfigError
 from backdoorbench.data.base import Samples
+from backdoorbench.data.images import image_tensor
 from backdoorbench.defenses.base import DefenseConfig, ModelInspector, Verdict
 from backdoorbench.defenses.inspection.common import low_outliers
 from backdoorbench.modality.base import Classifier
@@ -192,7 +193,7 @@ class NeuralCleanse(ModelInspector):
         t0 = time.perf_counter()
         try:
             for c in classes:
-                found[c] = reverse_trigger(model, clean.inputs, c, cfg, seed=self.seed * 1000 + c)
+                found[c] = reverse_trigger(model, image_tensor(clean.inputs), c, cfg, seed=self.seed * 1000 + c)
                 log.info("neural_cleanse: class %d: mask L1 %.2f (success %.3f, %d steps)", c, found[c].norm,
                          found[c].success, found[c].steps)
         finally:

@@ -43,6 +43,7 @@ from backdoorbench.defenses.repair.units import (
     freeze_all,
     maskable_units,
     unit_view,
+    unit_weight,
 )
 from backdoorbench.modality.base import Classifier
 from backdoorbench.registry import register_defense
@@ -92,6 +93,8 @@ class NoisyScale(nn.Module):
     """Parametrisation of one module's ``weight`` (``masked``: ``w ↦ w · (m + δ)``, or ``w · m`` while not
     perturbed) or ``bias`` (``b ↦ b · (1 + ξ)``, or ``b``), one value per unit (axis 0)."""
 
+    noise: torch.Tensor  # a buffer: δ or ξ
+
     def __init__(self, n: int, masked: bool) -> None:
         super().__init__()
         self.mask = nn.Parameter(torch.ones(n)) if masked else None
@@ -112,7 +115,7 @@ def add_noisy_masks(model: nn.Module, units: str = "norm") -> tuple[dict[str, nn
     masks: dict[str, nn.Parameter] = {}
     scales: list[NoisyScale] = []
     for name, m in maskable_units(model, units, who="ANP"):
-        n, device = m.weight.shape[0], m.weight.device
+        n, device = unit_weight(m).shape[0], unit_weight(m).device
         weight = NoisyScale(n, masked=True).to(device)
         parametrize.register_parametrization(m, "weight", weight)
         masks[name] = weight.mask  # type: ignore[assignment]
@@ -226,7 +229,7 @@ class ANP(MaskPruning):
         return masks
 
     def repair(self, model: Classifier, clean: Samples) -> Classifier:
-        n_units = sum(m.weight.shape[0] for _, m in maskable_units(model, self.cfg.units, who="ANP"))
+        n_units = sum(unit_weight(m).shape[0] for _, m in maskable_units(model, self.cfg.units, who="ANP"))
         log.info("ANP: %d clean samples, %d %s units, %d iterations", len(clean), n_units, self.cfg.units,
                  self.cfg.iterations)
         masks = self.optimize_masks(model, clean)

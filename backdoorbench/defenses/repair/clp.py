@@ -101,7 +101,7 @@ def conv_bn_pairs(model: Classifier) -> list[tuple[str, nn.Conv2d, str, nn.Batch
             h.remove()
         model.train(was_training)
     pairs = [(fed[b], modules[fed[b]], b, modules[b]) for b in modules if b in fed]
-    return [p for p in pairs if p[3].running_var is not None]  # type: ignore[misc]
+    return [p for p in pairs if p[3].running_var is not None]
 
 
 def channel_lipschitz(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tensor:

@@ -35,7 +35,14 @@ from torch import nn
 
 from backdoorbench.data.base import Samples
 from backdoorbench.defenses.repair.common import clone, repeat_to_steps
-from backdoorbench.defenses.repair.units import MaskPruning, PruningConfig, add_masks, clip_masks, maskable_units
+from backdoorbench.defenses.repair.units import (
+    MaskPruning,
+    PruningConfig,
+    add_masks,
+    clip_masks,
+    maskable_units,
+    unit_weight,
+)
 from backdoorbench.modality.base import Classifier
 from backdoorbench.registry import register_defense
 from backdoorbench.trainer.lit import TrainConfig, fit
@@ -210,7 +217,7 @@ class RNP(MaskPruning):
         return masks
 
     def repair(self, model: Classifier, clean: Samples) -> Classifier:
-        n_units = sum(m.weight.shape[0] for _, m in maskable_units(model, self.cfg.units))
+        n_units = sum(unit_weight(m).shape[0] for _, m in maskable_units(model, self.cfg.units))
         log.info("RNP: %d clean samples, %d %s units", len(clean), n_units, self.cfg.units)
         train = repeat_to_steps(clean, self.cfg.steps_per_epoch, self.cfg.batch_size)
         unlearned = self.unlearn(clone(model), train)

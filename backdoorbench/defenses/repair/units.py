@@ -19,7 +19,7 @@ import csv
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import numpy as np
 import torch
@@ -87,6 +87,11 @@ def maskable_units(model: nn.Module, units: str = "norm", who: str = "RNP") -> l
     return found
 
 
+def unit_weight(module: nn.Module) -> torch.Tensor:
+    """The ``weight`` of a module :func:`maskable_units` found (a tensor: a norm layer's or an ``nn.Linear``'s)."""
+    return cast(torch.Tensor, module.weight)
+
+
 def unit_view(v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``v`` (one value per unit) in ``w``'s dtype, shaped to broadcast over ``w``'s axis 0."""
     return v.to(w.dtype).view(-1, *([1] * (w.dim() - 1)))
@@ -114,7 +119,8 @@ def add_masks(model: nn.Module, units: str = "norm") -> dict[str, nn.Parameter]:
     freeze_all(model)
     masks: dict[str, nn.Parameter] = {}
     for name, m in maskable_units(model, units):
-        um = UnitMask(m.weight.shape[0]).to(m.weight.device)
+        w = unit_weight(m)
+        um = UnitMask(w.shape[0]).to(w.device)
         parametrize.register_parametrization(m, "weight", um)
         masks[name] = um.mask
     return masks

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 
@@ -78,7 +79,7 @@ class BKI(DataInspectionDefense):
             raise ConfigError("bki works on text only (a list of strings)")
         variants: list[str] = []
         splits: list[list[str]] = []
-        for sent in texts:
+        for sent in cast("list[str]", texts):  # checked just above: all strings
             words = sent.strip().split()
             splits.append(words)
             variants.append(sent)

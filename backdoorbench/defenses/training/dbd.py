@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import numpy as np
@@ -83,7 +83,7 @@ class _Indices(Dataset):
 
 
 def _loader(
-    images: torch.Tensor,
+    images: torch.Tensor | ImageArray,
     labels: torch.Tensor,
     batch_size: int,
     seed: int,
@@ -148,7 +148,8 @@ class DBD(TrainingDefense):
         cfg = TrainConfig(max_epochs=epochs, grad_clip=0.0)  # in a run: the run's device and trainer.precision
         self.stage_status[stage] = "resumed" if partial.is_file() else "trained"  # known before a crash, too
         fit_module(module, loaders, cfg, self.seed, f"DBD {stage}", checkpoint=partial)
-        save_state_dict(self._dir() / f"{stage}{FINAL}", module.model.state_dict(), {"stage": stage})
+        model = cast(torch.nn.Module, module.model)  # every stage's module holds the model it trains
+        save_state_dict(self._dir() / f"{stage}{FINAL}", model.state_dict(), {"stage": stage})
         partial.unlink(missing_ok=True)
 
     @staticmethod
@@ -172,9 +173,10 @@ class DBD(TrainingDefense):
                                       f"({type(cause).__name__}: {cause}); {redo}") from exc
         else:
             obj = torch_load_weights(path, what, CONVERT_HINT)
-            state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
-            if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            found = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+            if not isinstance(found, dict) or not all(isinstance(v, torch.Tensor) for v in found.values()):
                 raise CheckpointError(f"{what} {path} holds no state dict of tensors; convert it {CONVERT_HINT}")
+            state = found
         if any(k.startswith("model.") for k in state):  # a Lightning module's state: keep the classifier's
             state = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
         missing, unexpected = model.load_state_dict(state, strict=False)
@@ -192,7 +194,7 @@ class DBD(TrainingDefense):
         return out
 
     # -- stages ----------------------------------------------------------------------------------------
-    def train_ssl(self, model: VisionClassifier, images: torch.Tensor) -> None:
+    def train_ssl(self, model: VisionClassifier, images: ImageArray) -> None:
         """Stage 1: self-supervised training of ``model.net`` on ``images`` (labels unused)."""
         cfg = self.cfg
         method = make_method(
@@ -213,7 +215,7 @@ class DBD(TrainingDefense):
         loader = _loader(images, dummy, batch, self.seed, drop_last=True, nested=True)
         self._fit_stage("stage1_ssl", module, loader, cfg.ssl_epochs)
 
-    def train_head(self, model: VisionClassifier, images: torch.Tensor, labels: torch.Tensor, loss: str) -> None:
+    def train_head(self, model: VisionClassifier, images: ImageArray, labels: torch.Tensor, loss: str) -> None:
         """Stage 2: a linear head on the frozen backbone, with SCE (``loss="sce"``) or CE."""
         cfg = self.cfg
         if loss == "sce":
@@ -234,14 +236,14 @@ class DBD(TrainingDefense):
             for p, f in zip(frozen, flags, strict=True):
                 p.requires_grad_(f)
 
-    def record_losses(self, model: VisionClassifier, images: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
+    def record_losses(self, model: VisionClassifier, images: ImageArray, labels: torch.Tensor) -> np.ndarray:
         """Each sample's SCE loss under the stage-2 model, without augmentation (the reference's record)."""
         logits = model.predict_logits(images, self.cfg.batch_size)
         cfg = self.cfg
         return sce_loss(logits, labels.cpu(), cfg.sce_alpha, cfg.sce_beta, cfg.rce_log_zero, "none").double().numpy()
 
     def train_mixmatch(
-        self, model: VisionClassifier, images: torch.Tensor, labels: torch.Tensor, labelled: np.ndarray
+        self, model: VisionClassifier, images: ImageArray, labels: torch.Tensor, labelled: np.ndarray
     ) -> None:
         """Stage 3: MixMatch over the whole model; ``labelled`` keep their labels, the rest are unlabelled."""
         cfg = self.cfg
@@ -280,7 +282,7 @@ class DBD(TrainingDefense):
         )
         self._fit_stage("stage3_mixmatch", module, CombinedLoader(loaders, mode="min_size"), cfg.mixmatch_epochs)
 
-    def train_supervised(self, model: VisionClassifier, images: torch.Tensor, labels: torch.Tensor) -> None:
+    def train_supervised(self, model: VisionClassifier, images: ImageArray, labels: torch.Tensor) -> None:
         """The no-SS ablation: ordinary supervised training with CE (= no defense)."""
         cfg = self.cfg
         tcfg = TrainConfig(
@@ -304,9 +306,10 @@ class DBD(TrainingDefense):
 
     def _train(self, train: Samples, model_factory: Callable[[], Classifier]) -> Classifier:
         cfg = self.cfg
-        images = as_image_array(train.inputs)  # subsets below are index views (select), not copies
-        if not isinstance(images, (torch.Tensor, ImageArray)) or images.dtype != torch.uint8 or images.dim() != 4:
+        inputs = train.inputs  # checked before it is wrapped: a list of texts cannot be wrapped
+        if not isinstance(inputs, (torch.Tensor, ImageArray)) or inputs.dtype != torch.uint8 or inputs.dim() != 4:
             raise ConfigError("DBD needs images as a uint8 tensor [N, C, H, W] (vision data)")
+        images = as_image_array(inputs)  # subsets below are index views (select), not copies
         labels = torch.as_tensor(np.asarray(train.labels), dtype=torch.long)
         model = model_factory()
         if not isinstance(model, VisionClassifier):
