@@ -24,7 +24,7 @@ from conftest import REPO_ROOT
 
 _BLOCK = re.compile(r"^(?:<!-- (file|no-test): *(.*?) *-->\n)?```python\n(.*?)^```", re.S | re.M)
 PAGES = sorted(
-    str(p.relative_to(REPO_ROOT)) for p in (REPO_ROOT / "docs").rglob("*.md") if "```python" in p.read_text()
+    str(p.relative_to(REPO_ROOT)) for p in (REPO_ROOT / "docs").rglob("*.md") if _BLOCK.search(p.read_text())
 )
 
 
