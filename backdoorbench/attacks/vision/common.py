@@ -62,6 +62,17 @@ class VisionAttackConfig:
         check_vision_basics(self)
 
 
+def check_placement(cfg: Any) -> None:
+    """The checks of a patch's placement keys, ``attack.position``, ``attack.margin`` and ``attack.offset`` (the
+    patch's fit in the images is checked against the data by :func:`check_patch_fits`)."""
+    if cfg.position not in CORNERS:
+        raise ValueError(f"attack.position must be one of {CORNERS}, got {cfg.position!r}")
+    if cfg.margin < 0:
+        raise ValueError(f"attack.margin must be >= 0, got {cfg.margin}")
+    if cfg.offset is not None and (len(cfg.offset) != 2 or min(cfg.offset) < 0):
+        raise ValueError(f"attack.offset must be null or [row, col] with both >= 0, got {cfg.offset}")
+
+
 def check_images(images: Any, where: str = "images") -> torch.Tensor:
     """``images`` must be a uint8 tensor ``[N, C, H, W]`` (or a lazy :class:`ImageArray` of them); returns it."""
     if not isinstance(images, (torch.Tensor, ImageArray)) or images.dtype != torch.uint8 or images.dim() != 4:
