@@ -19,6 +19,9 @@ from typing import Any
 from backdoorbench.registry import REGISTRY
 
 GROUP_OF_KIND = {"attack": "attack", "defense": "defense", "dataset": "data", "model": "model"}
+# The data/model/trainer options a vision-only attack selects instead of config.yaml's text defaults; the vision
+# attacks' YAMLs say the same with `override /data@_global_.data: mnist5k`, ... (tests/test_config.py checks it)
+VISION_DEFAULTS = {"data": "mnist5k", "model": "wrn16_1", "trainer": "vision"}
 
 
 def config_dir() -> Path:
@@ -85,7 +88,8 @@ def register_model_option(value: str, cdir: Path) -> str:
 
 def register_plugin_configs(cdir: Path) -> None:
     """Give every registered component without a YAML file a config node built from its dataclass, so
-    that ``defense=<plugin>`` works for pip-installed plugins."""
+    that ``defense=<plugin>`` works for pip-installed plugins. A vision-only attack's node also selects the
+    vision data/model/trainer defaults (:data:`VISION_DEFAULTS`), as the built-in vision attacks' YAMLs do."""
     from hydra.core.config_store import ConfigStore
 
     cs = ConfigStore.instance()
@@ -98,6 +102,8 @@ def register_plugin_configs(cdir: Path) -> None:
             if entry.config is not None and is_dataclass(entry.config):
                 node = asdict(entry.config())
             node["name"] = entry.name
+            if kind == "attack" and entry.modality == ("vision",):
+                node["defaults"] = [{f"override /{g}@_global_.{g}": o} for g, o in VISION_DEFAULTS.items()]
             cs.store(group=group, name=entry.name, node=node)
 
 

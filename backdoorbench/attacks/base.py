@@ -31,6 +31,17 @@ from backdoorbench.trainer.lit import TrainConfig, fit
 SETTINGS = ("afm", "apmf")
 
 
+def check_attacker_schedule(cfg: Any) -> None:
+    """The checks of the attacker's schedule keys every attack config has: ``attack.epochs``, ``attack.batch_size``
+    and ``attack.lr``, each a positive value or null (the user's ``trainer.*`` value)."""
+    for key in ("epochs", "batch_size"):
+        v = getattr(cfg, key)
+        if v is not None and v < 1:
+            raise ValueError(f"attack.{key} must be >= 1 or null (= the trainer's value), got {v}")
+    if cfg.lr is not None and cfg.lr <= 0:
+        raise ValueError(f"attack.lr must be > 0 or null (= the trainer's value), got {cfg.lr}")
+
+
 @dataclass
 class AttackContext:
     """Everything an attack may use. Never contains the test set."""

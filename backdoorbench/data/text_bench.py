@@ -14,7 +14,7 @@ import csv
 from pathlib import Path
 from typing import Any
 
-from backdoorbench.data._textfiles import hub_pairs, local_missing, open_text, resolve_dir, to_samples
+from backdoorbench.data._textfiles import hub_pairs, local_missing, open_text, resolve_dir, text_bundle, to_samples
 from backdoorbench.data.base import DatasetBundle, reads_data_file
 from backdoorbench.errors import DataError
 from backdoorbench.registry import register_dataset
@@ -46,14 +46,9 @@ def _read_ag_news_csv(path: Path) -> list[tuple[str, int]]:
 
 def _hub_ag_news(hf: Any) -> DatasetBundle:
     ds = hf.load_dataset("ag_news")
-    dropped: dict[str, Any] = {}
     # hub labels are already 0..3 (World, Sports, Business, Sci/Tech) and text = title + " " + description
-    train = to_samples(hub_pairs(ds["train"]), 4, "ag_news train", dropped, "train")
-    test = to_samples(hub_pairs(ds["test"]), 4, "ag_news test", dropped, "test")
-    return DatasetBundle(
-        "ag_news", "text", list(AG_NEWS_CLASSES), train=train, test=test,
-        info={"source": "huggingface:ag_news", "dropped": dropped},
-    )  # fmt: skip
+    train, test = (hub_pairs(ds["train"]), "ag_news train"), (hub_pairs(ds["test"]), "ag_news test")
+    return text_bundle("ag_news", AG_NEWS_CLASSES, train, test, {"source": "huggingface:ag_news"})
 
 
 @register_dataset(
@@ -83,14 +78,11 @@ def load_ag_news(root: str | None = None, *, hub: bool = True) -> DatasetBundle:
             _hub_ag_news,
             "ag_news",
         )
-    dropped: dict[str, Any] = {}
-    train = to_samples(_read_ag_news_csv(folder / "train.csv"), 4, str(folder / "train.csv"), dropped, "train")
+    train = (_read_ag_news_csv(folder / "train.csv"), str(folder / "train.csv"))
     test_path = folder / "test.csv"
-    test = to_samples(_read_ag_news_csv(test_path), 4, str(test_path), dropped, "test") if test_path.exists() else None
-    return DatasetBundle(
-        "ag_news", "text", list(AG_NEWS_CLASSES), train=train, test=test,
-        info={"source": str(folder), "format": "ag_news_csv (title + description)", "dropped": dropped},
-    )  # fmt: skip
+    test = (_read_ag_news_csv(test_path), str(test_path)) if test_path.exists() else None
+    info = {"source": str(folder), "format": "ag_news_csv (title + description)"}
+    return text_bundle("ag_news", AG_NEWS_CLASSES, train, test, info)
 
 
 # -- hsol ----------------------------------------------------------------------------------------

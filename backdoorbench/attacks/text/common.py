@@ -10,7 +10,7 @@ from typing import Any, cast
 
 import numpy as np
 
-from backdoorbench.attacks.base import SETTINGS, Attack, AttackContext, AttackResult
+from backdoorbench.attacks.base import SETTINGS, Attack, AttackContext, AttackResult, check_attacker_schedule
 from backdoorbench.attacks.text.triggers import insert_rare_words
 from backdoorbench.data.base import Samples
 from backdoorbench.data.poisoned import PoisonedDataset
@@ -28,12 +28,7 @@ def check_attack_basics(cfg: Any) -> None:
         raise ValueError(f"attack.setting must be one of {SETTINGS}, got {cfg.setting!r}")
     if cfg.target < 0:
         raise ValueError(f"attack.target must be >= 0, got {cfg.target}")
-    for key in ("epochs", "batch_size"):
-        v = getattr(cfg, key)
-        if v is not None and v < 1:
-            raise ValueError(f"attack.{key} must be >= 1 or null, got {v}")
-    if cfg.lr is not None and cfg.lr <= 0:
-        raise ValueError(f"attack.lr must be > 0 or null, got {cfg.lr}")
+    check_attacker_schedule(cfg)
 
 
 @dataclass

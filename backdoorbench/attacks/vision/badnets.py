@@ -21,11 +21,11 @@ import torch
 
 from backdoorbench.attacks.base import AttackContext, AttackResult
 from backdoorbench.attacks.vision.common import (
-    CORNERS,
     VisionAttack,
     VisionAttackConfig,
     check_images,
     check_patch_fits,
+    check_placement,
     patch_origin,
     stamp,
 )
@@ -53,12 +53,7 @@ class BadNetsConfig(VisionAttackConfig):
             raise ValueError(f"attack.pattern must be one of {PATTERNS}, got {self.pattern!r}")
         if self.size < 1:
             raise ValueError(f"attack.size must be >= 1 pixel, got {self.size}")
-        if self.position not in CORNERS:
-            raise ValueError(f"attack.position must be one of {CORNERS}, got {self.position!r}")
-        if self.margin < 0:
-            raise ValueError(f"attack.margin must be >= 0, got {self.margin}")
-        if self.offset is not None and (len(self.offset) != 2 or min(self.offset) < 0):
-            raise ValueError(f"attack.offset must be null or [row, col] with both >= 0, got {self.offset}")
+        check_placement(self)
 
 
 def patch_pattern(pattern: str, size: int) -> torch.Tensor:

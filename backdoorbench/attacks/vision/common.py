@@ -14,7 +14,7 @@ from typing import Any, cast
 import numpy as np
 import torch
 
-from backdoorbench.attacks.base import Attack, AttackContext, AttackResult
+from backdoorbench.attacks.base import Attack, AttackContext, AttackResult, check_attacker_schedule
 from backdoorbench.data.base import Samples
 from backdoorbench.data.images import ImageArray
 from backdoorbench.data.poisoned import PoisonedDataset
@@ -38,12 +38,7 @@ def check_vision_basics(cfg: Any) -> None:
         raise ValueError(f"attack.target must be an integer label >= 0, got {cfg.target!r}")
     if not 0.0 <= cfg.poison_rate <= 1.0:
         raise ValueError(f"attack.poison_rate must be in [0, 1], got {cfg.poison_rate}")
-    for key in ("epochs", "batch_size"):
-        v = getattr(cfg, key)
-        if v is not None and v < 1:
-            raise ValueError(f"attack.{key} must be >= 1 or null (= the trainer's value), got {v}")
-    if cfg.lr is not None and cfg.lr <= 0:
-        raise ValueError(f"attack.lr must be > 0 or null (= the trainer's value), got {cfg.lr}")
+    check_attacker_schedule(cfg)
 
 
 @dataclass
@@ -60,6 +55,17 @@ class VisionAttackConfig:
 
     def __post_init__(self) -> None:
         check_vision_basics(self)
+
+
+def check_placement(cfg: Any) -> None:
+    """The checks of a patch's placement keys, ``attack.position``, ``attack.margin`` and ``attack.offset`` (the
+    patch's fit in the images is checked against the data by :func:`check_patch_fits`)."""
+    if cfg.position not in CORNERS:
+        raise ValueError(f"attack.position must be one of {CORNERS}, got {cfg.position!r}")
+    if cfg.margin < 0:
+        raise ValueError(f"attack.margin must be >= 0, got {cfg.margin}")
+    if cfg.offset is not None and (len(cfg.offset) != 2 or min(cfg.offset) < 0):
+        raise ValueError(f"attack.offset must be null or [row, col] with both >= 0, got {cfg.offset}")
 
 
 def check_images(images: Any, where: str = "images") -> torch.Tensor | ImageArray:

@@ -48,12 +48,12 @@ from torch import nn
 from backdoorbench import runtime
 from backdoorbench.attacks.base import AttackContext, AttackResult
 from backdoorbench.attacks.vision.common import (
-    CORNERS,
     SALT_TRIGGER,
     VisionAttack,
     VisionAttackConfig,
     check_images,
     check_patch_fits,
+    check_placement,
     patch_origin,
     stamp,
     train_surrogate,
@@ -92,12 +92,7 @@ class TrojanConfig(VisionAttackConfig):
         super().__post_init__()
         if self.size is not None and self.size < 1:
             raise ValueError(f"attack.size must be >= 1 pixel or null (7% of the image area), got {self.size}")
-        if self.position not in CORNERS:
-            raise ValueError(f"attack.position must be one of {CORNERS}, got {self.position!r}")
-        if self.margin < 0:
-            raise ValueError(f"attack.margin must be >= 0, got {self.margin}")
-        if self.offset is not None and (len(self.offset) != 2 or min(self.offset) < 0):
-            raise ValueError(f"attack.offset must be null or [row, col] with both >= 0, got {self.offset}")
+        check_placement(self)
         if self.num_neurons < 1:
             raise ValueError(f"attack.num_neurons must be >= 1, got {self.num_neurons}")
         if self.neuron_selection not in SELECTIONS:

@@ -23,7 +23,7 @@ every RNG state, see :mod:`backdoorbench.trainer.checkpoint`), exactly as the un
 ever unpickled: a given ``ssl_checkpoint`` in another format loads with ``torch.load(weights_only=True)``. The paper's
 ablations are ``defense.variant``: ``no_ss`` (supervised CE from scratch: no defense), ``ss_ce`` (frozen SSL
 backbone + linear head with CE), ``ss_sce`` (frozen SSL backbone + SCE head), ``dbd`` (the full defense).
-The settings and their checks are in ``dbd_config.py``.
+The settings and their checks are in ``dbd_config.py``, the checkpoint formats a stage loads in ``dbd_checkpoints.py``.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ from backdoorbench.config import ConfigError
 from backdoorbench.data.base import Samples
 from backdoorbench.data.images import ImageArray, as_image_array
 from backdoorbench.defenses.base import TrainingDefense
+from backdoorbench.defenses.training.dbd_checkpoints import load_model_state
 from backdoorbench.defenses.training.dbd_config import DBDConfig, DBDFullConfig
 from backdoorbench.defenses.training.mixmatch import MixMatchModule
 from backdoorbench.defenses.training.sce import LinearHeadModule, low_loss_indices, sce_loss
@@ -55,10 +56,7 @@ from backdoorbench.modality.vision import VisionClassifier, to_float
 from backdoorbench.registry import register_defense
 from backdoorbench.runtime import intra_op_threads
 from backdoorbench.trainer.checkpoint import (
-    CheckpointError,
-    load_state_dict,
     save_state_dict,
-    torch_load_weights,
 )
 from backdoorbench.trainer.lit import ClassifierModule, TrainConfig, fit_module, seeded_loader
 
@@ -67,7 +65,6 @@ log = logging.getLogger(__name__)
 SPLIT_FILE = "stage2_split.json"
 FINAL = ".safetensors"  # <stage>.safetensors: the finished stage's model weights
 PARTIAL = ".partial.safetensors"  # <stage>.partial.safetensors: the running stage's state after its last epoch
-CONVERT_HINT = "as docs/defenses/dbd.md ('Checkpoint files') shows"
 
 
 # -- data loading ------------------------------------------------------------------------------------------
@@ -151,39 +148,6 @@ class DBD(TrainingDefense):
         model = cast(torch.nn.Module, module.model)  # every stage's module holds the model it trains
         save_state_dict(self._dir() / f"{stage}{FINAL}", model.state_dict(), {"stage": stage})
         partial.unlink(missing_ok=True)
-
-    @staticmethod
-    def _load_model_state(model: VisionClassifier, path: Path, what: str) -> None:
-        """Load model weights from a safetensors file (ours: the model's ``state_dict``), or from a
-        ``.ckpt``/``.pt`` file that ``torch.load(weights_only=True)`` accepts (a Lightning checkpoint's
-        ``model.*`` entries, or a plain state dict); never unpickles anything else. ``what`` names the file: a
-        stage of the cache (ours: the error says to delete it), or the user's own ``defense.ssl_checkpoint``
-        (never to be deleted: the error names the option instead)."""
-        given = what.startswith("defense.")
-        redo = (f"give {what} the stage1_ssl.safetensors of a DBD run with this model, or leave it unset to train "
-                "stage 1") if given else "delete it to recompute it"
-        if path.suffix == ".safetensors":
-            try:
-                state = load_state_dict(path)
-            except CheckpointError as exc:
-                if not given:
-                    raise
-                cause = exc.__cause__ or exc
-                raise CheckpointError(f"{what} {path} is not a readable safetensors file "
-                                      f"({type(cause).__name__}: {cause}); {redo}") from exc
-        else:
-            obj = torch_load_weights(path, what, CONVERT_HINT)
-            found = obj.get("state_dict", obj) if isinstance(obj, dict) else None
-            if not isinstance(found, dict) or not all(isinstance(v, torch.Tensor) for v in found.values()):
-                raise CheckpointError(f"{what} {path} holds no state dict of tensors; convert it {CONVERT_HINT}")
-            state = found
-        if any(k.startswith("model.") for k in state):  # a Lightning module's state: keep the classifier's
-            state = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if unexpected or [k for k in missing if not k.startswith(("mean", "std"))]:
-            raise CheckpointError(
-                f"{what} {path} does not fit this model (missing {missing[:5]}, unexpected {unexpected[:5]}); {redo}"
-            )
 
     def _timed(self, stage: str, fn: Callable[[], Any]) -> Any:
         t0 = time.perf_counter()
@@ -368,13 +332,13 @@ class DBD(TrainingDefense):
         ckpt = self._dir() / f"{stage}{FINAL}"
         if ckpt.is_file():
             self.stage_status[stage] = "loaded"
-            self._timed(stage, lambda: self._load_model_state(model, ckpt, stage))
+            self._timed(stage, lambda: load_model_state(model, ckpt, stage))
             return
         self._timed(stage, run)
 
     def _load_given_ssl(self, model: VisionClassifier) -> None:
         self.stage_status["stage1_ssl"] = "loaded"
-        self._load_model_state(model, Path(self.cfg.ssl_checkpoint).expanduser(), "defense.ssl_checkpoint")
+        load_model_state(model, Path(self.cfg.ssl_checkpoint).expanduser(), "defense.ssl_checkpoint")
 
     def _save_split(self, split: np.ndarray, losses: np.ndarray) -> None:
         path = self._dir() / SPLIT_FILE
