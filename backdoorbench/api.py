@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from backdoorbench.compose import compose, yaml_defaults
+from backdoorbench.composition import compose, yaml_defaults
 from backdoorbench.config import ConfigError, DataConfig, component_config, to_dataclass
 from backdoorbench.registry import REGISTRY, Entry
 

@@ -12,7 +12,7 @@ naming the log file that keeps the traceback (``<run dir>/error.log``). A failed
 job and a count, and exits with 2 when every failure was expected, 1 otherwise. Re-running a sweep with the
 same ``hydra.sweep.dir`` skips the jobs whose results are there (:mod:`backdoorbench.engine.sweep`).
 
-Composing the config (the config folder, the overrides made ready for Hydra) is :mod:`backdoorbench.compose`,
+Composing the config (the config folder, the overrides made ready for Hydra) is :mod:`backdoorbench.composition`,
 which the Python API shares; this module sits beside :mod:`backdoorbench.api`, and neither imports the other.
 """
 
@@ -29,7 +29,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from backdoorbench.compose import (  # noqa: F401 - the last three re-exported (they lived here)
+from backdoorbench.composition import (  # noqa: F401 - the last three re-exported (they lived here)
     config_dir,
     prepared_overrides,
     register_model_option,

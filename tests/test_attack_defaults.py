@@ -1,5 +1,5 @@
 """The data/model/trainer defaults follow the attack's registered modality: a vision attack selects the vision
-defaults (``compose.VISION_DEFAULTS``) whether its config comes from a YAML or, without one, from its dataclass."""
+defaults (``composition.VISION_DEFAULTS``) whether its config comes from a YAML or, without one, from its dataclass."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from backdoorbench import api, cli, compose
+from backdoorbench import api, cli, composition
 from backdoorbench.attacks.vision.badnets import BadNets, BadNetsConfig
 from backdoorbench.engine import pipeline
 from backdoorbench.registry import REGISTRY
@@ -36,12 +36,12 @@ def test_every_vision_attack_yaml_selects_the_vision_defaults() -> None:
     for name in names:
         node = OmegaConf.load(CONFIG_DIR / "attack" / f"{name}.yaml")
         overrides = {k.split()[1].split("@")[0].lstrip("/"): v for d in node.defaults for k, v in d.items()}
-        assert overrides == compose.VISION_DEFAULTS, name
+        assert overrides == composition.VISION_DEFAULTS, name
 
 
 @pytest.mark.parametrize("attack", ["badnets", "wanet"])
 def test_a_vision_attack_resolves_to_the_vision_options(attack: str) -> None:
-    expected = _groups([f"{g}={o}" for g, o in compose.VISION_DEFAULTS.items()])
+    expected = _groups([f"{g}={o}" for g, o in composition.VISION_DEFAULTS.items()])
     assert _groups([f"attack={attack}"]) == expected
     assert _groups([f"attack={attack}"])["data"] != _groups(["attack=ripples"])["data"]  # text defaults differ
     assert _groups([f"attack={attack}", "data=cifar10"])["data"]["name"] == "cifar10"  # the command line wins
@@ -71,6 +71,6 @@ def test_a_vision_attack_without_a_yaml_gets_the_vision_defaults(new_vision_atta
     cfg = api.compose([f"attack={new_vision_attack}", "attack.size=4"])
     assert "defaults" not in cfg.attack and cfg.attack.size == 4
     spec = pipeline.validate(cfg)  # accepted: vision data for a vision attack
-    assert spec.attack.name == new_vision_attack and spec.dataset.name == compose.VISION_DEFAULTS["data"]
+    assert spec.attack.name == new_vision_attack and spec.dataset.name == composition.VISION_DEFAULTS["data"]
     assert spec.modality == "vision" and spec.attack_cfg.size == 4
     assert _groups([f"attack={new_vision_attack}", "model=resnet18"])["model"]["name"] == "resnet18"

@@ -1,6 +1,6 @@
-"""Imports run one way (docs/architecture.md): facade/cli → compose → engine → attacks/defenses →
+"""Imports run one way (docs/architecture.md): facade/cli → composition → engine → attacks/defenses →
 trainer/modality/models → data → registry/config → metrics/store. A module never imports from a layer above its
-own; the command line (cli) sits on the facade (api) or on the composition step they share (compose), and the
+own; the command line (cli) sits on the facade (api) or on the composition step they share (composition), and the
 facade never imports the command line; and no two modules import each other, however indirectly."""
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ RANK = {
     "report": 7,
     "report_groups": 7,
     "components": 8,
-    "compose": 8,  # composing a run's config from overrides: shared by the CLI and the API, below both
+    "composition": 8,  # composing a run's config from overrides: shared by the CLI and the API, below both
     "cli": 9,
     "api": 9,
     "__main__": 10,
@@ -149,10 +149,10 @@ def test_imports_never_run_back_up_the_layers() -> None:
 
 
 def test_the_api_never_imports_the_cli() -> None:
-    """Only ``python -m backdoorbench`` imports the command line; the API composes through compose.py."""
+    """Only ``python -m backdoorbench`` imports the command line; the API composes through composition.py."""
     importers = {me for _, me, them in package_imports() if them == "cli" and me != "cli"}
-    assert importers <= {"__main__"}, f"{sorted(importers - {'__main__'})} import cli; import backdoorbench.compose"
-    assert "backdoorbench.compose" in module_graph()["backdoorbench.api"]
+    assert importers <= {"__main__"}, f"{sorted(importers - {'__main__'})} import cli; import backdoorbench.composition"
+    assert "backdoorbench.composition" in module_graph()["backdoorbench.api"]
 
 
 def test_no_import_cycles() -> None:
