@@ -81,13 +81,19 @@ class Runtime:
     shared_dir: Path | None = None
     #: what each stage ran in, filled while the run goes (results.json's ``stages``); see :func:`record_stage`
     stages: dict[str, dict[str, Any]] = field(default_factory=dict, compare=False)
-    #: the artifact cache at :attr:`cache_dir` (None when the cache is off); built from it, never set
-    store: ArtifactStore | None = field(init=False, default=None, compare=False, repr=False)
+    #: the artifact cache at :attr:`cache_dir` (None when the cache is off): built once from ``cache_dir`` and
+    #: handed on to every context derived from this one (:meth:`attack_folders`, :meth:`defense_folders`)
+    store: ArtifactStore | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.cache_dir is not None:
             object.__setattr__(self, "cache_dir", Path(self.cache_dir))
-            object.__setattr__(self, "store", ArtifactStore(self.cache_dir))
+            if self.store is None or self.store.root != self.cache_dir:
+                object.__setattr__(self, "store", ArtifactStore(self.cache_dir))
+        elif self.store is not None:
+            object.__setattr__(self, "cache_dir", self.store.root)
+        if self.run_dir is not None:
+            object.__setattr__(self, "run_dir", Path(self.run_dir))
         if self.inference_precision not in INFERENCE_PRECISIONS:
             allowed = ", ".join(INFERENCE_PRECISIONS)
             raise ValueError(f"inference_precision must be one of {allowed}, got {self.inference_precision!r}")

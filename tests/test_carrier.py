@@ -31,7 +31,7 @@ def test_the_context_names_every_folder_under_the_cache(tmp_path: Path) -> None:
     outside = rt.defense_folders(None, "")
     assert (outside.work_dir, outside.shared_dir) == (tmp_path / "run" / "defense_work", None)
     # the derived contexts keep everything else, the stage record included (one record per run)
-    assert defense.device == rt.device and defense.stages is rt.stages and defense.store is not None
+    assert defense.device == rt.device and defense.stages is rt.stages and defense.store is rt.store
 
 
 def test_without_a_cache_there_is_no_cache_folder(tmp_path: Path) -> None:
