@@ -1,15 +1,27 @@
-"""The execution settings of the run in progress: its one device, its training and inference precision, its run
-directory, the loader workers, the training logger and the artifact cache folder (for caches that never change
-results), and the record of the device and precision each stage actually ran in.
+"""The run's context: the one carrier of run-wide settings. Its one device, its training and inference precision,
+its CPU thread count, its run directory, the loader workers, the training logger, the artifact cache
+(:class:`~backdoorbench.store.ArtifactStore`) with every folder under it, the stage folders of the component now
+running, and the record of the device and precision each stage actually ran in.
+
+**Folders.** Components never assemble paths or get them set on their objects: they ask the context.
+:meth:`Runtime.attack_folders` and :meth:`Runtime.defense_folders` give the context in which an attack or a
+defense runs (the engine enters it with :func:`run_scope`), whose :attr:`Runtime.work_dir` (resumable stage
+checkpoints) and :attr:`Runtime.shared_dir` (stages shared between components) the component reads;
+:meth:`Runtime.cache_folder` names a folder under the cache (ONION's suspicions, decoded images) and
+:meth:`Runtime.lm_dir` the converted language models' folder.
 
 The pipeline resolves them once per run (:func:`backdoorbench.trainer.lit.runtime_for`) and sets them for the
 duration of the run with :func:`run_scope`. The training toolkit (every ``fit_module``: victim training,
 attack and defense stages), the modality interface (``Classifier.iter_batches``) and the hand-written loops
 (label-consistent PGD, Trojan's trigger search: :func:`train_autocast`) read them with :func:`current`, so that
 no attack or defense has to thread them through its own configs. Outside a run (the library used directly, unit
-tests) :func:`current` returns the defaults: no fixed device (each trainer resolves its own ``accelerator``),
-no fixed precision (each stage's own ``TrainConfig.precision``), no run directory (no training logs),
-single-process loaders, full-precision inference, nothing recorded.
+tests) :func:`current` returns the **default context** ``Runtime()``: no fixed device (each trainer resolves its
+own ``accelerator``), no fixed precision (each stage's own ``TrainConfig.precision``), the thread count in
+force, no run directory (no training logs, no figures), no artifact cache (no stage folders: stages start from
+scratch and share nothing; DBD, which needs one, asks for ``run_scope(Runtime(run_dir=...))``), language models
+converted under the default cache folder (:func:`~backdoorbench.store.default_cache_dir`), single-process
+loaders, full-precision inference, nothing recorded. Set a context of your own with
+``with run_scope(Runtime(cache_dir=..., run_dir=...)):`` to give a component folders.
 
 Apart from the precisions, these settings never change what a run computes on a given device, which is why
 most of them stay out of the attack cache key (``TrainConfig.cache_fields``; the precisions are in it).
@@ -21,11 +33,13 @@ import contextlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from backdoorbench.store import ArtifactStore, default_cache_dir
 
 __all__ = [
     "INFERENCE_PRECISIONS", "TRAIN_AUTOCAST", "Runtime", "autocast", "current", "inference_dtype", "inference_probe",
@@ -55,18 +69,73 @@ class Runtime:
     num_workers: int = 0  # loader worker processes of the loaders that allow them (trainer.num_workers resolved)
     pin_memory: bool = False  # page-locked batches (trainer.pin_memory resolved: CUDA only)
     inference_precision: str = "32"  # 32 | bf16 | 16: autocast of Classifier.iter_batches
-    cache_dir: Path | None = None  # the run's artifact cache (ONION keeps its suspicions there); None: off
+    cache_dir: Path | None = None  # the run's artifact cache folder (cache.dir); None: the cache is off
     precision: str | None = None  # trainer.precision of every training stage; None: each stage's own
     deterministic: bool | None = None  # trainer.deterministic of every training stage; None: each stage's own
+    threads: int | None = None  # the run's torch intra-op thread count (trainer threads); None: the count in force
+    #: the stage folder of the component now running: an attack's or a defense's resumable stage checkpoints
+    #: (:meth:`attack_folders`, :meth:`defense_folders`); None: stages start from scratch
+    work_dir: Path | None = None
+    #: the folder of stages the component now running shares with others (clean models attacks start from; a
+    #: victim's fine-tuning shared by repair defenses); None: share nothing
+    shared_dir: Path | None = None
     #: what each stage ran in, filled while the run goes (results.json's ``stages``); see :func:`record_stage`
     stages: dict[str, dict[str, Any]] = field(default_factory=dict, compare=False)
+    #: the artifact cache at :attr:`cache_dir` (None when the cache is off): built once from ``cache_dir`` and
+    #: handed on to every context derived from this one (:meth:`attack_folders`, :meth:`defense_folders`)
+    store: ArtifactStore | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
+        if self.cache_dir is not None:
+            object.__setattr__(self, "cache_dir", Path(self.cache_dir))
+            if self.store is None or self.store.root != self.cache_dir:
+                object.__setattr__(self, "store", ArtifactStore(self.cache_dir))
+        elif self.store is not None:
+            object.__setattr__(self, "cache_dir", self.store.root)
+        if self.run_dir is not None:
+            object.__setattr__(self, "run_dir", Path(self.run_dir))
         if self.inference_precision not in INFERENCE_PRECISIONS:
             allowed = ", ".join(INFERENCE_PRECISIONS)
             raise ValueError(f"inference_precision must be one of {allowed}, got {self.inference_precision!r}")
         if self.precision is not None and self.precision not in TRAIN_AUTOCAST:
             raise ValueError(f"precision must be one of {', '.join(TRAIN_AUTOCAST)}, got {self.precision!r}")
+
+    # -- the folders: named here, nowhere else ---------------------------------------------------------------
+    def cache_folder(self, *parts: str) -> Path | None:
+        """``<cache>/<parts...>``: a folder of the artifact cache (ONION's suspicions ``onion/<key>``, decoded
+        images ``images``); None when the cache is off."""
+        return None if self.store is None else self.store.root.joinpath(*parts)
+
+    def lm_dir(self, name: str) -> Path:
+        """Where the converted language model ``name`` is kept: ``<cache>/lm/<name>``, under the default cache
+        folder when the cache is off or outside a run (the conversion never changes results)."""
+        root = self.store.root if self.store is not None else default_cache_dir()
+        return root / "lm" / name
+
+    def attack_folders(self, victim_key: str) -> Runtime:
+        """The context the attack that builds victim ``victim_key`` runs in: its stage checkpoints in
+        ``<cache>/partial-<victim key>/`` (:attr:`work_dir`), the clean models attacks share in
+        ``<cache>/clean-models/`` (:attr:`shared_dir`); neither without a cache."""
+        return replace(self, work_dir=self.cache_folder(f"partial-{victim_key}"),
+                       shared_dir=self.cache_folder("clean-models"))
+
+    def defense_folders(self, victim_key: str | None, stage_key: str) -> Runtime:
+        """The context a training or repair defense runs in: its stage checkpoints (:attr:`work_dir`) in
+        ``<cache>/defense-<stage key>/`` (``stage_key``: the victim, the defense and its config, the seed), so
+        that an interrupted run resumes there, or in ``<run dir>/defense_work/`` without a cache or a victim key;
+        the stages it shares with other defenses of the same victim (:attr:`shared_dir`) in
+        ``<cache>/stages-<victim key>/`` (None without either)."""
+        cached = self.store is not None and victim_key is not None
+        work = self.cache_folder(f"defense-{stage_key}") if cached else None
+        if work is None and self.run_dir is not None:
+            work = self.run_dir / "defense_work"
+        shared = self.cache_folder(f"stages-{victim_key}") if cached else None
+        return replace(self, work_dir=work, shared_dir=shared)
+
+    @property
+    def stage_folder_locked(self) -> bool:
+        """Whether :attr:`work_dir` is under the cache, where two jobs may meet (the engine locks it then)."""
+        return self.store is not None and self.work_dir is not None and self.store.root in self.work_dir.parents
 
 
 _DEFAULT = Runtime()

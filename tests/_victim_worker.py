@@ -26,7 +26,7 @@ from backdoorbench.data.base import Samples
 from backdoorbench.engine.spec import RunSpec
 from backdoorbench.engine.victim import Victim, obtain_victim
 from backdoorbench.modality.vision import ImageSpec, VisionClassifier
-from backdoorbench.store import ArtifactStore
+from backdoorbench.runtime import Runtime, run_scope
 from backdoorbench.trainer.lit import TrainConfig
 
 K, SIZE = 4, 16
@@ -81,7 +81,8 @@ def setting(cache: Path, epochs: int = 1) -> tuple[RunSpec, MarkedBadNets, Simpl
 
 def obtain(cache: Path, epochs: int = 1) -> Victim:
     spec, attack, splits, bundle = setting(cache, epochs)
-    return obtain_victim(spec, attack, splits, bundle, new_model, ArtifactStore(cache))  # type: ignore[arg-type]
+    with run_scope(Runtime(cache_dir=cache)):  # the run's context holds the artifact store
+        return obtain_victim(spec, attack, splits, bundle, new_model)  # type: ignore[arg-type]
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from _victim_worker import new_model, obtain, setting
 from conftest import PYTHON, REPO_ROOT, subprocess_env
 
 import backdoorbench.trainer.lit as lit
-from backdoorbench.engine.victim import partial_dir
+from backdoorbench.runtime import Runtime
 from backdoorbench.store import ArtifactStore, key_lock
 from backdoorbench.trainer.checkpoint import checkpoint_progress
 
@@ -83,7 +83,7 @@ def test_one_victim_trained_once_by_concurrent_jobs_and_a_killed_holder_does_not
     key = trained[0]["key"]
     assert f"(lock {cache / (key + '.lock')})" in everything()
     assert ArtifactStore(cache).has(key)
-    assert not partial_dir(ArtifactStore(cache), key).exists()  # stage checkpoints removed once stored
+    assert not Runtime(cache_dir=cache).attack_folders(key).work_dir.exists()  # stage checkpoints removed once stored
 
 
 def test_key_lock_logs_progress_while_waiting(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

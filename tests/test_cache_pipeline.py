@@ -150,14 +150,18 @@ def _engine(cfg):
     from backdoorbench.engine.pipeline import model_factory
     from backdoorbench.engine.spec import validate
     from backdoorbench.engine.victim import obtain_victim
-    from backdoorbench.store import ArtifactStore
+    from backdoorbench.runtime import Runtime, run_scope
 
     spec = validate(cfg)
     bundle = spec.dataset.obj(root=spec.data_cfg.root, **spec.data_cfg.options)
     splits = threat_model_split(bundle, spec.data_cfg, spec.seed)
     attack = spec.attack.obj(spec.attack_cfg, spec.seed)
     new_model = model_factory(spec, bundle)
-    return lambda: obtain_victim(spec, attack, splits, bundle, new_model, ArtifactStore(spec.cache_dir))
+    def obtain():  # type: ignore[no-untyped-def]
+        with run_scope(Runtime(cache_dir=spec.cache_dir)):
+            return obtain_victim(spec, attack, splits, bundle, new_model)
+
+    return obtain
 
 
 def test_tampered_metadata_is_refused(tiny_bert_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

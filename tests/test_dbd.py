@@ -25,6 +25,7 @@ from backdoorbench.defenses.training.ssl import SimCLRAugment, make_method, pair
 from backdoorbench.modality.vision import ImageSpec
 from backdoorbench.models.vision import VisionModelConfig, create_wrn16_1
 from backdoorbench.registry import REGISTRY
+from backdoorbench.runtime import Runtime, run_scope
 
 SPEC = ImageSpec(channels=1, height=12, width=12, mean=(0.5,), std=(0.5,), flip=False)
 TINY_DBD = dict(
@@ -42,6 +43,12 @@ TINY_DBD = dict(
 def tiny_model():
     torch.manual_seed(0)
     return create_wrn16_1(VisionModelConfig(name="wrn16_1"), 3, SPEC)
+
+
+def train_in(defense: DBD, data: Samples, work: Path) -> object:
+    """``defense.train`` in a context whose stage folder (``Defense.work_dir``) is ``work``."""
+    with run_scope(Runtime(work_dir=work)):
+        return defense.train(data, tiny_model)
 
 
 def tiny_images(n: int = 48) -> Samples:
@@ -253,23 +260,22 @@ def test_stages_checkpoint_and_resume(tmp_path: Path, monkeypatch: pytest.Monkey
         monkeypatch.setattr(DBD, attr, counted)
     data = tiny_images()
     cfg = DBDConfig(**TINY_DBD)
-    first = DBD(cfg, seed=0)
-    first.work_dir, first.run_dir = tmp_path / "work", tmp_path / "run"
-    model = first.train(data, tiny_model)
+    first, work = DBD(cfg, seed=0), tmp_path / "work"
+    with run_scope(Runtime(work_dir=work, run_dir=tmp_path / "run")):  # the folders come with the context
+        model = first.train(data, tiny_model)
     assert calls == {"ssl": 1, "head": 1, "mixmatch": 1}
-    files = sorted(p.name for p in first.work_dir.iterdir())
+    files = sorted(p.name for p in work.iterdir())
     stages = ["stage1_ssl.safetensors", "stage2_sce.safetensors", "stage2_split.json", "stage3_mixmatch.safetensors"]
     assert files == stages
     assert len(first.labelled_indices) == 24 and set(first.stage_times) >= {"stage1_ssl", "stage2_sce"}
-    split = json.loads((first.work_dir / "stage2_split.json").read_text())
+    split = json.loads((work / "stage2_split.json").read_text())
     losses = np.array(split["losses"])
     assert split["labelled"] == sorted(np.argsort(losses, kind="stable")[:24].tolist())
     assert json.loads((tmp_path / "run" / "dbd_stages.json").read_text())["stage_status"]["stage1_ssl"] == "trained"
 
     # everything finished: nothing is retrained and the same model comes back
     again = DBD(cfg, seed=0)
-    again.work_dir = first.work_dir
-    model2 = again.train(data, tiny_model)
+    model2 = train_in(again, data, work)
     assert calls == {"ssl": 1, "head": 1, "mixmatch": 1}
     assert np.array_equal(again.labelled_indices, first.labelled_indices)
     for a, b in zip(model.state_dict().values(), model2.state_dict().values(), strict=True):
@@ -277,10 +283,9 @@ def test_stages_checkpoint_and_resume(tmp_path: Path, monkeypatch: pytest.Monkey
 
     # interrupted after stage 1: stage 1 is loaded, stages 2 and 3 run
     for name in ("stage2_sce.safetensors", "stage2_split.json", "stage3_mixmatch.safetensors"):
-        (first.work_dir / name).unlink()
+        (work / name).unlink()
     third = DBD(cfg, seed=0)
-    third.work_dir = first.work_dir
-    third.train(data, tiny_model)
+    train_in(third, data, work)
     assert calls == {"ssl": 1, "head": 2, "mixmatch": 2}
     assert third.stage_status["stage1_ssl"] == "loaded" and third.stage_status["stage3_mixmatch"] == "trained"
     assert np.array_equal(third.labelled_indices, first.labelled_indices)  # same backbone, same split
@@ -296,15 +301,13 @@ def test_an_interrupted_stage_resumes_from_its_last_epoch(tmp_path: Path, monkey
     monkeypatch.setattr(SSLModule, "on_train_epoch_start", crash, raising=False)
     cfg = DBDConfig(**{**TINY_DBD, "ssl_epochs": 2})
     d = DBD(cfg)
-    d.work_dir = tmp_path
     with pytest.raises(RuntimeError, match="power cut"):
-        d.train(tiny_images(), tiny_model)
+        train_in(d, tiny_images(), tmp_path)
     assert (tmp_path / "stage1_ssl.partial.safetensors").is_file()
     assert not (tmp_path / "stage1_ssl.safetensors").exists()
     monkeypatch.undo()
     again = DBD(cfg)
-    again.work_dir = tmp_path
-    again.train(tiny_images(), tiny_model)
+    train_in(again, tiny_images(), tmp_path)
     assert again.stage_status["stage1_ssl"] == "resumed" and again.stage_status["stage2_sce"] == "trained"
     assert (tmp_path / "stage1_ssl.safetensors").is_file() and not list(tmp_path.glob("*.partial.safetensors"))
 
@@ -312,8 +315,7 @@ def test_an_interrupted_stage_resumes_from_its_last_epoch(tmp_path: Path, monkey
 @pytest.mark.parametrize(("variant", "final"), [("ss_ce", "stage2_ce"), ("no_ss", "supervised")])
 def test_ablation_variants(tmp_path: Path, variant: str, final: str) -> None:
     d = DBD(DBDConfig(variant=variant, supervised_epochs=1, **TINY_DBD))
-    d.work_dir = tmp_path
-    model = d.train(tiny_images(), tiny_model)
+    model = train_in(d, tiny_images(), tmp_path)
     assert (tmp_path / f"{final}.safetensors").is_file() and not (tmp_path / "stage3_mixmatch.safetensors").exists()
     assert len(d.labelled_indices) == 48  # trained with every label
     assert model.predict(tiny_images().inputs[:4], 4).shape == (4,)
@@ -321,12 +323,10 @@ def test_ablation_variants(tmp_path: Path, variant: str, final: str) -> None:
 
 def test_ssl_checkpoint_is_reused(tmp_path: Path) -> None:
     first = DBD(DBDConfig(variant="ss_sce", **TINY_DBD))
-    first.work_dir = tmp_path / "a"
-    first.train(tiny_images(), tiny_model)
+    train_in(first, tiny_images(), tmp_path / "a")
     ckpt = tmp_path / "a" / "stage1_ssl.safetensors"
     second = DBD(DBDConfig(variant="ss_ce", ssl_checkpoint=str(ckpt), **TINY_DBD))
-    second.work_dir = tmp_path / "b"
-    second.train(tiny_images(), tiny_model)
+    train_in(second, tiny_images(), tmp_path / "b")
     assert second.stage_status["stage1_ssl"] == "loaded" and not (tmp_path / "b" / "stage1_ssl.safetensors").exists()
 
 

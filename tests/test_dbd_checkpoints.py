@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -16,13 +18,24 @@ from backdoorbench.defenses.training.dbd import DBD, _head_prefix
 from backdoorbench.defenses.training.dbd_config import DBDConfig
 from backdoorbench.defenses.training.mixmatch import MixMatchModule
 from backdoorbench.defenses.training.ssl import SSLModule
+from backdoorbench.runtime import current, run_scope
 from backdoorbench.trainer.checkpoint import CheckpointError, load_state_dict
 
 
+class _InFolders(DBD):
+    """DBD whose ``train`` runs in the current context with the stage folder ``work`` and run directory ``run``."""
+
+    def __init__(self, cfg: DBDConfig, work: Path, run: Path | None) -> None:
+        super().__init__(cfg, seed=0)
+        self.folders = {"work_dir": work, "run_dir": run}
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        with run_scope(replace(current(), **self.folders)):
+            return super().train(*args, **kwargs)
+
+
 def _dbd(work: Path, run: Path | None = None, **cfg: object) -> DBD:
-    d = DBD(DBDConfig(**{**TINY_DBD, **cfg}), seed=0)
-    d.work_dir, d.run_dir = work, run
-    return d
+    return _InFolders(DBDConfig(**{**TINY_DBD, **cfg}), work, run)
 
 
 def test_a_crafted_ssl_checkpoint_runs_no_code(tmp_path: Path) -> None:

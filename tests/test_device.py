@@ -22,7 +22,6 @@ from backdoorbench.engine.spec import validate
 from backdoorbench.engine.victim import obtain_victim
 from backdoorbench.modality.vision import ImageSpec, VisionClassifier
 from backdoorbench.runtime import Runtime, current, run_scope
-from backdoorbench.store import ArtifactStore
 from backdoorbench.trainer.lit import (
     ClassifierModule,
     TrainConfig,
@@ -119,18 +118,19 @@ def test_the_victim_is_on_the_run_device_after_a_miss_and_after_a_hit(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     spec = validate(compose_cfg("attack=badnets", "defense=none", f"cache.dir={tmp_path}"))
-    spec.device = torch.device("meta")  # stands for an accelerator: a CPU model can be moved there
+    meta = Runtime(device=torch.device("meta"), cache_dir=tmp_path)  # stands for an accelerator's run
     attack = spec.attack.obj(spec.attack_cfg, spec.seed)
     trained = tiny_classifier()
     monkeypatch.setattr(type(attack), "run", lambda self, ctx: AttackResult(trained, info={}))
-    store = ArtifactStore(tmp_path)
     splits = SimpleNamespace(train=None, proxy=None)
     bundle = SimpleNamespace(num_classes=3, unlabeled=None)
 
-    miss = obtain_victim(spec, attack, splits, bundle, tiny_classifier, store)  # type: ignore[arg-type]
+    with run_scope(meta):  # the device and the cache come with the run's context
+        miss = obtain_victim(spec, attack, splits, bundle, tiny_classifier)  # type: ignore[arg-type]
     assert miss.cache["hit"] is False and miss.model.device == torch.device("meta")
 
-    hit = obtain_victim(spec, attack, splits, bundle, tiny_classifier, store)  # type: ignore[arg-type]
+    with run_scope(meta):
+        hit = obtain_victim(spec, attack, splits, bundle, tiny_classifier)  # type: ignore[arg-type]
     assert hit.cache["hit"] is True
     assert {p.device for p in hit.model.parameters()} == {torch.device("meta")}
 

@@ -16,12 +16,13 @@ RANK = {
     "_compat": 0,
     "errors": 0,
     "progress": 0,
-    "runtime": 0,  # the run in progress: device, run directory, loader/logger/inference settings
+    "seeds": 0,  # the one derivation of random streams and sub-stage seeds from the run's seed
     "assets": 0,
     "metrics": 0,
     "registry": 1,
     "config": 2,
     "store": 3,
+    "runtime": 3,  # the run's context: device, precision, threads, run directory, the artifact store and its folders
     "arraycache": 3,  # on-disk arrays for caches that never change results (ONION suspicions)
     "data": 3,
     "modality": 4,

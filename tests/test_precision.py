@@ -22,7 +22,7 @@ from backdoorbench.cli import config_dir, main, prepared_overrides
 from backdoorbench.config import ConfigError, to_dataclass
 from backdoorbench.engine.pipeline import run_experiment
 from backdoorbench.engine.spec import validate
-from backdoorbench.engine.victim import defense_work_dir
+from backdoorbench.engine.victim import defense_context
 from backdoorbench.runtime import Runtime, run_scope
 from backdoorbench.trainer.lit import TrainConfig
 
@@ -75,7 +75,9 @@ def test_dbd_stage_folders_keep_their_keys(name: str, tmp_path: Path) -> None:
     cdir, overrides = prepared_overrides([f"defense={name}", "attack=badnets", "cache.dir=/tmp/x"])
     with initialize_config_dir(config_dir=str(cdir), version_base="1.3"):
         spec = validate(compose("config", overrides=overrides))
-    assert defense_work_dir(spec, {"key": "0123456789abcdef0123"}, tmp_path).name == OLD_DBD_FOLDERS[name]
+    with run_scope(Runtime(cache_dir=tmp_path)):  # the context names the folder, from the engine's key
+        work = defense_context(spec, {"key": "0123456789abcdef0123"}).work_dir
+    assert work == tmp_path / OLD_DBD_FOLDERS[name]
 
 
 # -- hand-written loops and the stages below the pipeline ----------------------------------------------------
@@ -108,13 +110,7 @@ def test_rnp_and_dbd_stages_train_in_the_run_precision() -> None:
     with run_scope(Runtime(device=torch.device("cpu"), precision="bf16-mixed")) as rt:
         rnp = RNP(RNPConfig(unlearn_epochs=1, recover_epochs=1, batch_size=16), 0)
         rnp.repair(augmented_classifier(), colour_images(32))
-        dbd = DBD(DBDConfig(**TINY_DBD), 0)
-        dbd.work_dir = None
-        import tempfile
-
-        with tempfile.TemporaryDirectory() as work:
-            dbd.work_dir = Path(work)
-            dbd.train(dbd_images(), tiny_model)
+        DBD(DBDConfig(**TINY_DBD), 0).train(dbd_images(), tiny_model)  # its stage folder: a temporary one
     assert_ran_in(rt.stages, "bfloat16", None,
                   ["RNP unlearn", "RNP recover", "DBD stage1_ssl", "DBD stage2_sce", "DBD stage3_mixmatch"])
 

@@ -20,8 +20,10 @@ from backdoorbench.defenses.repair.common import finetune, finetune_key, shared_
 from backdoorbench.defenses.repair.finetune import Finetune, FinetuneConfig
 from backdoorbench.defenses.repair.nad import NAD, NADConfig
 from backdoorbench.engine.pipeline import run_experiment
+from backdoorbench.modality.base import Classifier
 from backdoorbench.modality.vision import ImageSpec
 from backdoorbench.models.vision import VisionModelConfig, create_wrn16_1
+from backdoorbench.runtime import Runtime, run_scope
 
 SPEC = ImageSpec(channels=1, height=12, width=12, mean=(0.5,), std=(0.5,), flip=False)
 
@@ -129,12 +131,12 @@ def test_nad_teacher_reuses_fine_tuning_and_its_student_is_unchanged(tmp_path: P
     student_alone = alone.repair(model, clean)  # no shared folder: teacher (4 steps) and student (2 steps)
     assert len(steps) == 6
     ft = Finetune(FinetuneConfig(epochs=2, batch_size=16), seed=0)
-    ft.shared_dir = tmp_path
-    fine_tuned = ft.repair(model, clean)
+    with run_scope(Runtime(shared_dir=tmp_path)):  # the shared folder comes with the run's context
+        fine_tuned = ft.repair(model, clean)
     assert len(steps) == 10
     shared = NAD(nad_cfg, seed=0)
-    shared.shared_dir = tmp_path
-    student_shared = shared.repair(model, clean)
+    with run_scope(Runtime(shared_dir=tmp_path)):
+        student_shared = shared.repair(model, clean)
     assert len(steps) == 12  # only the student trained: the teacher was fine-tuning's result
     assert_same_weights(shared.teacher, fine_tuned)
     assert_same_weights(shared.teacher, alone.teacher)
@@ -168,12 +170,11 @@ def test_a_killed_nad_student_resumes_to_the_uninterrupted_weights(
     model, clean = wrn(), tiny_images()
     cfg = NADConfig(epochs=3, teacher_epochs=1, batch_size=16)
 
-    def nad(work: str) -> NAD:
-        defense = NAD(cfg, seed=0)
-        defense.shared_dir, defense.work_dir = tmp_path / "shared", tmp_path / work
-        return defense
+    def nad(work: str) -> Classifier:
+        with run_scope(Runtime(shared_dir=tmp_path / "shared", work_dir=tmp_path / work)):
+            return NAD(cfg, seed=0).repair(model, clean)
 
-    reference = nad("a").repair(model, clean)  # teacher (shared from now on) and an uninterrupted student
+    reference = nad("a")  # teacher (shared from now on) and an uninterrupted student
     assert (tmp_path / "a" / "student.safetensors").is_file()
     original = common.RepairModule.training_step
     student_steps: list[int] = []
@@ -186,13 +187,13 @@ def test_a_killed_nad_student_resumes_to_the_uninterrupted_weights(
 
     monkeypatch.setattr(common.RepairModule, "training_step", killed_in_epoch_3)
     with pytest.raises(RuntimeError, match="killed"):
-        nad("b").repair(model, clean)
+        nad("b")
     assert len(student_steps) == 4  # epochs 1 and 2 (2 batches each) are in the checkpoint
     torch.rand(7)  # another RNG state, as in a fresh process
     monkeypatch.setattr(common.RepairModule, "training_step", lambda *a: student_steps.append(0) or original(*a))
-    resumed = nad("b").repair(model, clean)
+    resumed = nad("b")
     assert len(student_steps) == 6  # only epoch 3 trained
     assert_same_weights(resumed, reference)
-    again = nad("b").repair(model, clean)  # a finished student is loaded, not trained
+    again = nad("b")  # a finished student is loaded, not trained
     assert len(student_steps) == 6
     assert_same_weights(again, reference)

@@ -60,6 +60,7 @@ def test_dbd_trains_with_its_own_thread_count(tmp_path: Path) -> None:
     threads (CPU convolution backward sums in a thread-count-dependent order, so unpinned they may differ)."""
     from backdoorbench.defenses.training.dbd import DBD
     from backdoorbench.defenses.training.dbd_config import DBDConfig
+    from backdoorbench.runtime import Runtime, run_scope
 
     before = torch.get_num_threads()
     states, recorded = [], []
@@ -67,10 +68,11 @@ def test_dbd_trains_with_its_own_thread_count(tmp_path: Path) -> None:
         for run_threads in (1, 2):
             torch.set_num_threads(run_threads)
             d = DBD(DBDConfig(**TINY_DBD, threads=1))
-            d.work_dir, d.run_dir = tmp_path / f"w{run_threads}", tmp_path / f"r{run_threads}"
-            states.append(d.train(tiny_images(), tiny_model).state_dict())
+            run = tmp_path / f"r{run_threads}"
+            with run_scope(Runtime(work_dir=tmp_path / f"w{run_threads}", run_dir=run)):
+                states.append(d.train(tiny_images(), tiny_model).state_dict())
             assert torch.get_num_threads() == run_threads  # the run's count again afterwards
-            recorded.append(json.loads((d.run_dir / "dbd_stages.json").read_text())["threads"])
+            recorded.append(json.loads((run / "dbd_stages.json").read_text())["threads"])
     finally:
         torch.set_num_threads(before)
     for k, v in states[0].items():

@@ -21,10 +21,12 @@ from typing import Any, ClassVar, cast
 import numpy as np
 import torch
 
+from backdoorbench import runtime
 from backdoorbench.data.base import Samples
 from backdoorbench.data.poisoned import PoisonedDataset
 from backdoorbench.errors import DataError
 from backdoorbench.modality.base import Classifier, weights_fingerprint
+from backdoorbench.seeds import stream
 from backdoorbench.store import cache_key, shared_checkpoint
 from backdoorbench.trainer.lit import TrainConfig, fit
 
@@ -54,12 +56,19 @@ class AttackContext:
     seed: int = 0
     unlabeled: list[str] | None = None
     model_cfg: Any = None  # the model= group's config (name, max_length, ...)
-    #: a stable folder (under the cache, keyed by the victim) for the training stages' per-epoch checkpoints,
-    #: so a killed job's successor resumes them; None: stages always start from scratch
-    work_dir: Path | None = None
-    #: a folder (under the cache) for clean models several attacks start from (:meth:`clean_model`); None:
-    #: each attack trains its own
-    shared_dir: Path | None = None
+
+    @property
+    def work_dir(self) -> Path | None:
+        """A stable folder (under the cache, keyed by the victim: ``Runtime.attack_folders``) for the training
+        stages' per-epoch checkpoints, so a killed job's successor resumes them; None: stages always start from
+        scratch. From the run's context, like every folder."""
+        return runtime.current().work_dir
+
+    @property
+    def shared_dir(self) -> Path | None:
+        """A folder (under the cache) for clean models several attacks start from (:meth:`clean_model`); None:
+        each attack trains its own. From the run's context."""
+        return runtime.current().shared_dir
 
     def checkpoint(self, stage: str) -> Path | None:
         """The resumable checkpoint of training stage ``stage`` (``<work_dir>/<stage>.partial.safetensors``) to
@@ -147,7 +156,7 @@ class Attack(ABC):
         return np.full(len(true_labels), self.target, dtype=np.int64)
 
     def rng(self, salt: int = 0) -> np.random.Generator:
-        return np.random.default_rng([self.seed, salt])
+        return stream(self.seed, "attack", salt)
 
     @abstractmethod
     def apply_trigger(self, inputs: list[str] | torch.Tensor, rng: np.random.Generator) -> list[str] | torch.Tensor:

@@ -48,7 +48,7 @@ def folder_samples(
     bad = labels[(labels < 0) | (labels >= num_classes)]
     if bad.size:
         raise DataError(f"{where}: label {int(bad[0])} out of range 0..{num_classes - 1}")
-    images: ImageArray = decode_to_store(list(files), decode, settings, where, runtime.current().cache_dir)
+    images: ImageArray = decode_to_store(list(files), decode, settings, where, runtime.current().cache_folder("images"))
     return Samples(images, labels, "vision")
 
 

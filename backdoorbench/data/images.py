@@ -287,22 +287,23 @@ def _write(f: IO[bytes], files: Sequence[Path], decode: Callable[[Path], np.ndar
 
 def decode_to_store(
     files: Sequence[Path], decode: Callable[[Path], np.ndarray], settings: dict[str, Any], where: str,
-    cache_dir: Path | None,
+    folder: Path | None,
 ) -> ImageArray:
     """Decode ``files`` (``decode(path)`` → ``uint8 [C, H, W]``) once into a store and return its view.
 
-    With a ``cache_dir`` the store is ``<cache_dir>/images/<key>.npy`` (reused by later runs, written atomically);
-    without one it is an anonymous temporary file that lives as long as the returned view."""
+    With a ``folder`` (the run's ``Runtime.cache_folder("images")``: ``<cache>/images``) the store is
+    ``<folder>/<key>.npy`` (reused by later runs, written atomically); without one it is an anonymous temporary
+    file that lives as long as the returned view."""
     from backdoorbench.store import atomic_path
 
     if not files:
         raise DataError(f"{where}: no images found")
-    if cache_dir is None:
+    if folder is None:
         handle = tempfile.TemporaryFile()
         shape, offset = _write(handle, files, decode, where)
         handle.flush()
         return ImageArray(ImageFile(None, shape, offset, handle))
-    path = Path(cache_dir) / "images" / f"{store_key(settings, files)}.npy"
+    path = Path(folder) / f"{store_key(settings, files)}.npy"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp, open(tmp, "wb") as f:

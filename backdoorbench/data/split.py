@@ -22,6 +22,7 @@ import numpy as np
 
 from backdoorbench.config import ConfigError, DataConfig
 from backdoorbench.data.base import DatasetBundle, Samples
+from backdoorbench.seeds import stream
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ class Splits:
 
 
 def threat_model_split(bundle: DatasetBundle, cfg: DataConfig, seed: int) -> Splits:
-    rng = np.random.default_rng([seed, 20240601])
+    rng = stream(seed, "split")
     pool = bundle.train
     if bundle.test is None:
         perm = rng.permutation(len(pool))

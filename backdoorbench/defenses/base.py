@@ -28,10 +28,12 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from backdoorbench import runtime
 from backdoorbench.data.base import Samples, as_samples
 from backdoorbench.defenses.persist import save_detector
 from backdoorbench.metrics import quantile_threshold
 from backdoorbench.modality.base import Classifier, Inputs
+from backdoorbench.seeds import stream
 
 DEFENSE_KINDS = ("detector", "training", "repair", "inspection", "none")
 
@@ -88,20 +90,30 @@ class Defense(ABC):  # noqa: B024 - the three kinds below declare the abstract m
     def __init__(self, cfg: Any, seed: int = 0) -> None:
         self.cfg = cfg
         self.seed = seed
-        #: set by the pipeline before a training or repair defense runs: ``work_dir`` is a stable folder
-        #: for stage checkpoints (the same for the same attack, data, model, defense config and seed, so an
-        #: interrupted run resumes there), ``run_dir`` the run's output folder, for figures.
-        self.work_dir: Path | None = None
-        self.run_dir: Path | None = None
-        #: set by the pipeline for repair defenses when the artifact cache is on: a folder per victim (attack,
-        #: data, model, trainer, seed) whatever the defense, for stages several defenses share (fine-tuning is
-        #: NAD's teacher); None = share nothing
-        self.shared_dir: Path | None = None
         #: wall time (s) of each stage of the defense in this run, reported as ``timing.defense_<stage>``
         self.stage_times: dict[str, float] = {}
 
     def rng(self, salt: int = 0) -> np.random.Generator:
-        return np.random.default_rng([self.seed, 104729, salt])
+        return stream(self.seed, "defense", salt)
+
+    # -- the folders, from the run's context (backdoorbench.runtime): never set on the defense ------------------
+    @property
+    def work_dir(self) -> Path | None:
+        """The stable folder of this defense's stage checkpoints (``Runtime.defense_folders``: the same for the
+        same attack, data, model, defense config and seed, so an interrupted run resumes there); None outside a
+        defense's context."""
+        return runtime.current().work_dir
+
+    @property
+    def run_dir(self) -> Path | None:
+        """The run's output folder, for figures and summaries; None outside a run."""
+        return runtime.current().run_dir
+
+    @property
+    def shared_dir(self) -> Path | None:
+        """The victim's folder for stages several defenses share (fine-tuning is NAD's teacher): one per victim
+        (attack, data, model, trainer, seed) whatever the defense, when the cache is on; None = share nothing."""
+        return runtime.current().shared_dir
 
 
 class Detector(Defense):

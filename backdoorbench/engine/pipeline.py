@@ -33,7 +33,7 @@ from backdoorbench.engine.spec import RunSpec, validate, versions
 from backdoorbench.engine.victim import obtain_victim
 from backdoorbench.modality.base import Classifier
 from backdoorbench.runtime import current, run_scope
-from backdoorbench.store import ArtifactStore, atomic_write_text
+from backdoorbench.store import atomic_write_text, default_cache_dir
 from backdoorbench.trainer.lit import runtime_for
 
 __all__ = ["run_experiment", "set_determinism", "validate"]
@@ -47,27 +47,27 @@ def run_experiment(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     out = Path(out_dir)
     spec = validate(cfg)
     check_locations(out, spec.cache_dir, spec.cache_enabled)  # before any work: unwritable folders fail now
-    set_determinism(spec.seed, spec.threads, spec.trainer_cfg.deterministic)
+    # the run's context, the one carrier of its device, precisions, threads, run directory and artifact cache: every
+    # stage below reads it (runtime.current()), nothing else carries them
+    cache = (spec.cache_dir or default_cache_dir()) if spec.cache_enabled else None
+    rt = runtime_for(spec.trainer_cfg, out, spec.device, cache, spec.threads)
+    set_determinism(spec.seed, rt.threads, spec.trainer_cfg.deterministic)
     timer = Timer()
     atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     atomic_write_text(out / "versions.json", json.dumps(versions(), indent=2))
     t = spec.trainer_cfg
     log.info(
         "device: %s, %d CPU threads, precision: %s (training), %s (inference)",
-        spec.device, torch.get_num_threads(), t.precision, t.inference_precision,
+        rt.device, torch.get_num_threads(), t.precision, t.inference_precision,
     )
-    # every stage below: the run's device, training logs, loader workers, inference precision, cache folder
-    store = ArtifactStore(spec.cache_dir) if spec.cache_enabled else None
     with (
-        run_scope(runtime_for(spec.trainer_cfg, out, spec.device, store.root if store else None)),
+        run_scope(rt),
         record_nondeterminism() as ops,  # the operations that ran without a deterministic implementation
     ):
-        return _run(spec, out, timer, t_start, store, ops)
+        return _run(spec, out, timer, t_start, ops)
 
 
-def _run(
-    spec: RunSpec, out: Path, timer: Timer, t_start: float, store: ArtifactStore | None, ops: list[str]
-) -> dict[str, Any]:
+def _run(spec: RunSpec, out: Path, timer: Timer, t_start: float, ops: list[str]) -> dict[str, Any]:
     with timer("data"):
         bundle: DatasetBundle = spec.dataset.obj(root=spec.data_cfg.root, **spec.data_cfg.options)
         splits = threat_model_split(bundle, spec.data_cfg, spec.seed)
@@ -81,8 +81,8 @@ def _run(
         attack.check_image_size(image.height, image.width)
     new_model = model_factory(spec, bundle)
     with timer("attack"):
-        victim = obtain_victim(spec, attack, splits, bundle, new_model, store)
-    env = {"environment": environment(spec.device), "victim_environment": victim.cache.get("environment")}
+        victim = obtain_victim(spec, attack, splits, bundle, new_model)
+    env = {"environment": environment(current().device), "victim_environment": victim.cache.get("environment")}
     atomic_write_text(out / "versions.json", json.dumps({**versions(), **env}, indent=2))  # now with the victim's
 
     triggered, trig_idx = attack.triggered_test(splits.test)
@@ -115,7 +115,7 @@ def _run(
         # what each stage that ran really ran in (measured on its first forward pass; runtime.stage_probe)
         "stages": dict(current().stages),
         # the thread count in force and whether every operation ran deterministically (docs/reproducibility.md)
-        "reproducibility": reproducibility_record(spec.threads, spec.device, ops),
+        "reproducibility": reproducibility_record(current().threads, current().device, ops),
         **outcome.extra,
     }
     write_results(out / "results.json", results)
@@ -127,7 +127,8 @@ def _run(
 
 
 def model_factory(spec: RunSpec, bundle: DatasetBundle) -> Any:
-    """A function returning a fresh (pre-trained) victim for this run's data, seeded, on the run's device."""
+    """A function returning a fresh (pre-trained) victim for this run's data, seeded, on the run's device
+    (``runtime.current().device``; outside a run: where the model is built)."""
     kwargs: dict[str, Any] = {}
     if spec.modality == "vision":  # channels, size and normalisation come from the data
         from backdoorbench.modality.vision import image_spec
@@ -136,7 +137,9 @@ def model_factory(spec: RunSpec, bundle: DatasetBundle) -> Any:
 
     def new_model() -> Classifier:
         torch.manual_seed(spec.seed)
-        return spec.model.obj(spec.model_cfg, bundle.num_classes, **kwargs).to(spec.device)
+        model = spec.model.obj(spec.model_cfg, bundle.num_classes, **kwargs)
+        device = current().device
+        return model.to(device) if device is not None else model
 
     return new_model
 

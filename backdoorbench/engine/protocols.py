@@ -43,7 +43,7 @@ from backdoorbench.defenses.inspection.common import save_trigger_images
 from backdoorbench.defenses.training.inspection import DataInspectionDefense
 from backdoorbench.engine.rundir import Scored, draw, write_curve, write_sample_scores
 from backdoorbench.engine.spec import RunSpec
-from backdoorbench.engine.victim import Victim, defense_lock, defense_work_dir, victim_shared_dir
+from backdoorbench.engine.victim import Victim, defense_context, defense_lock
 from backdoorbench.metrics import (
     FRR_GRID,
     accuracy,
@@ -54,7 +54,7 @@ from backdoorbench.metrics import (
     robust_accuracy,
 )
 from backdoorbench.modality.base import Classifier
-from backdoorbench.runtime import inference_probe
+from backdoorbench.runtime import inference_probe, run_scope
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,8 @@ class _Stage:
 
 @dataclass
 class RunContext:
-    """Everything a protocol may use. The defense itself only ever gets what its protocol hands it."""
+    """Everything a protocol may use. The defense itself only ever gets what its protocol hands it. The device,
+    the precisions and the folders are the run's context's (:mod:`backdoorbench.runtime`), not repeated here."""
 
     spec: RunSpec
     splits: Splits
@@ -94,11 +95,6 @@ class RunContext:
     new_model: Callable[[], Classifier]
     timer: Timer
     out: Path
-
-    @property
-    def device(self) -> Any:
-        """The run's one device (``spec.device``): the victim, every defense stage and the evaluation run there."""
-        return self.spec.device
 
     @property
     def batch(self) -> int:
@@ -199,11 +195,9 @@ def _before_after(defense: Defense, ctx: RunContext, run: Callable[[], Classifie
     """BA/ASR of the victim, the defense's run (its stage times recorded), BA/ASR/R-Acc/DER after."""
     with ctx.timer("evaluation"):
         before = ctx.evaluate(ctx.victim.model)
-    defense.run_dir = ctx.out
-    defense.work_dir = defense_work_dir(ctx.spec, ctx.victim.cache, ctx.out)
-    defense.shared_dir = victim_shared_dir(ctx.spec, ctx.victim.cache)
-    with defense_lock(ctx.spec, defense.work_dir), ctx.timer("defense"):  # timed once the lock is held
-        defended = run()
+    # the defense's stage folders (Defense.work_dir / shared_dir) come with its context
+    with run_scope(defense_context(ctx.spec, ctx.victim.cache)) as rt, defense_lock(rt), ctx.timer("defense"):
+        defended = run()  # timed once the lock is held
     for stage, seconds in defense.stage_times.items():
         ctx.timer.times[f"defense_{stage}"] = seconds
     with ctx.timer("evaluation"):
@@ -278,7 +272,6 @@ def inspection_outcome(
 
 def inspect_model(defense: ModelInspector, ctx: RunContext) -> Outcome:
     clean = ctx.defender_clean()
-    defense.run_dir = ctx.out
     with ctx.timer("defense"):
         verdict = defense.inspect(ctx.victim.model, clean)
     for stage, seconds in defense.stage_times.items():

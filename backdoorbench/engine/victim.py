@@ -7,8 +7,7 @@ import contextlib
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -20,6 +19,7 @@ from backdoorbench.data.split import Splits
 from backdoorbench.engine.determinism import environment
 from backdoorbench.engine.spec import RunSpec, versions
 from backdoorbench.modality.base import Classifier
+from backdoorbench.runtime import Runtime, current, run_scope
 from backdoorbench.store import ArtifactStore, CacheError, cache_key, key_lock
 
 log = logging.getLogger(__name__)
@@ -67,23 +67,23 @@ def attack_cache_spec(spec: RunSpec, attack: Attack) -> dict[str, Any]:
     }
 
 
-def obtain_victim(
-    spec: RunSpec, attack: Attack, splits: Splits, bundle: DatasetBundle, new_model: Any, store: ArtifactStore | None
-) -> Victim:
-    """Load the backdoored victim from the cache (verified), or run the attack and store its products. Either
-    way the victim is returned on the run's device (``spec.device``).
+def obtain_victim(spec: RunSpec, attack: Attack, splits: Splits, bundle: DatasetBundle, new_model: Any) -> Victim:
+    """Load the backdoored victim from the run's artifact cache (verified; ``runtime.current().store``, None:
+    the cache is off), or run the attack and store its products. Either way the victim is returned on the run's
+    device (``runtime.current().device``).
 
     Concurrent jobs that need the same victim train it once: the attack runs under the entry's file lock
     (``<cache>/<key>.lock``), and the cache is checked again once the lock is held, so a job that waited loads
     what the holder stored. The attack's training stages checkpoint every epoch under
-    ``<cache>/partial-<key>/`` (``AttackContext.work_dir``), so a killed job's successor resumes them; the
-    folder is removed once the entry is stored. Clean models an attack starts from (EP/DFEP, the
-    label-consistent/Trojan surrogate) are kept under ``<cache>/clean-models/`` (``AttackContext.shared_dir``)
-    and shared between attacks.
+    ``<cache>/partial-<key>/`` (``AttackContext.work_dir``, from ``Runtime.attack_folders``), so a killed
+    job's successor resumes them; the folder is removed once the entry is stored. Clean models an attack starts
+    from (EP/DFEP, the label-consistent/Trojan surrogate) are kept under ``<cache>/clean-models/``
+    (``AttackContext.shared_dir``) and shared between attacks.
 
     A damaged entry raises :class:`~backdoorbench.store.CacheError`, or with ``cache.rebuild=true`` is
     removed and built again (under the lock); it is never silently replaced by something else."""
     key = cache_key(attack_cache_spec(spec, attack))
+    store = current().store
     if not attack.cacheable:  # a user's own model (attack=external) is never copied into the artifact cache
         store = None
     if store is None:
@@ -114,11 +114,6 @@ def _cached_victim(
         return None
 
 
-def partial_dir(store: ArtifactStore, key: str) -> Path:
-    """Where the attack's training stages for victim ``key`` keep their per-epoch checkpoints."""
-    return store.root / f"partial-{key}"
-
-
 def _run_attack(
     spec: RunSpec, attack: Attack, splits: Splits, bundle: DatasetBundle, new_model: Any,
     store: ArtifactStore | None, key: str,
@@ -126,7 +121,9 @@ def _run_attack(
     """Run the attack (its stages resuming from ``partial-<key>/`` when a cache is used) and store its products."""
     from safetensors.torch import save_model
 
-    work_dir = partial_dir(store, key) if store is not None else None
+    rt = current()
+    scope = rt.attack_folders(key) if store is not None else replace(rt, work_dir=None, shared_dir=None)
+    work_dir = scope.work_dir
     resumed = work_dir is not None and any(work_dir.glob("*.partial.safetensors"))
     if resumed:
         log.info("victim %s: resuming the interrupted attack's training stages from %s", key, work_dir)
@@ -139,10 +136,9 @@ def _run_attack(
         seed=spec.seed,
         unlabeled=bundle.unlabeled,
         model_cfg=spec.model_cfg,
-        work_dir=work_dir,
-        shared_dir=store.root / "clean-models" if store is not None else None,
     )
-    result: AttackResult = attack.run(ctx)
+    with run_scope(scope):  # the attack's stage folders (AttackContext.work_dir / shared_dir)
+        result: AttackResult = attack.run(ctx)
     result.model.eval()
     info = dict(result.info)
     env = environment(spec.device)  # where the victim was trained: kept with it in meta.json
@@ -163,7 +159,7 @@ def _run_attack(
         entry["path"] = str(path)
         if work_dir is not None:
             shutil.rmtree(work_dir, ignore_errors=True)  # the stored entry replaces the stage checkpoints
-    result.model.to(spec.device)  # the run's device, whatever the attack's last step left it on
+    _to_run_device(result.model)  # the run's device, whatever the attack's last step left it on
     return Victim(result.model, result.poisoned, result.poisoned_split, entry)
 
 
@@ -198,7 +194,7 @@ def _load_victim(
     try:
         model = new_model()
         load_model(model, str(entry / name), strict=True, device=str(model.device))
-        model.to(spec.device)  # the run's device (a factory may build the model elsewhere)
+        _to_run_device(model)  # the run's device (a factory may build the model elsewhere)
         model.eval()
         poisoned, poisoned_split = None, None
         if poison_file:
@@ -223,39 +219,37 @@ def _load_victim(
     })
 
 
-def _cached_victim_key(spec: RunSpec, cache_entry: dict[str, Any]) -> str | None:
-    """The victim's cache key, or None when the cache is off or the victim is outside it (no key)."""
-    return cache_entry.get("key") if spec.cache_enabled else None
+def _to_run_device(model: Classifier) -> None:
+    device = current().device
+    if device is not None:  # outside a run: where the model is
+        model.to(device)
 
 
-def defense_work_dir(spec: RunSpec, cache_entry: dict[str, Any], out: Path) -> Path:
-    """A stable folder for a training/repair defense's stage checkpoints: under the artifact cache, keyed by
-    the victim (attack, data, model, trainer, seed) and the defense's config, so that re-running an
-    interrupted run resumes; inside the run directory when the cache is off."""
-    victim = _cached_victim_key(spec, cache_entry)
-    if victim is None:
-        return out / "defense_work"
+def defense_stage_key(spec: RunSpec, victim_key: str) -> str:
+    """The key of a training/repair defense's stage folder (``Runtime.defense_folders``): the victim (attack,
+    data, model, trainer, seed), the defense and its config, the seed, so that re-running an interrupted run
+    resumes there."""
     cfg = asdict(spec.defense_cfg) if hasattr(spec.defense_cfg, "__dataclass_fields__") else spec.defense_cfg
     # keys a config no longer has, with the values every earlier key held (DBD's accelerator / precision): the
     # folders of earlier runs keep their keys
     cfg = {**cfg, **getattr(spec.defense_cfg, "STAGE_KEY_COMPAT", {})} if isinstance(cfg, dict) else cfg
-    key = cache_key({"victim": victim, "defense": spec.defense.name, "cfg": cfg, "seed": spec.seed})
-    return Path(ArtifactStore(spec.cache_dir).path("defense-" + key))
+    return cache_key({"victim": victim_key, "defense": spec.defense.name, "cfg": cfg, "seed": spec.seed})
 
 
-def victim_shared_dir(spec: RunSpec, cache_entry: dict[str, Any]) -> Path | None:
-    """The per-victim folder under the artifact cache where defenses keep stages they share
-    (``Defense.shared_dir``; fine-tuning is NAD's teacher): ``<cache>/stages-<victim key>/``, whatever the
-    defense. None when the cache is off or the victim has no key (nothing is shared then)."""
-    victim = _cached_victim_key(spec, cache_entry)
-    return None if victim is None else Path(ArtifactStore(spec.cache_dir).path(f"stages-{victim}"))
+def defense_context(spec: RunSpec, cache_entry: dict[str, Any]) -> Runtime:
+    """The run's context with the stage folders of the run's training/repair defense against the victim of
+    ``cache_entry`` (``Runtime.defense_folders``: under the cache, keyed by :func:`defense_stage_key`, and the
+    victim's shared folder; inside the run directory when the cache is off or the victim has no key)."""
+    rt = current()
+    victim = cache_entry.get("key") if rt.store is not None else None
+    return rt.defense_folders(victim, defense_stage_key(spec, victim) if victim is not None else "")
 
 
-def defense_lock(spec: RunSpec, work_dir: Path) -> contextlib.AbstractContextManager[None]:
+def defense_lock(rt: Runtime) -> contextlib.AbstractContextManager[None]:
     """The lock of a defense's stage folder under the cache (``<work_dir>.lock``), held for the defense's whole
     run, so that two identical jobs never write the same stage files: the second waits, then loads the stages
     the first finished. No lock when the folder is inside the run directory (cache off)."""
-    if not spec.cache_enabled:
+    if not rt.stage_folder_locked or rt.work_dir is None:
         return contextlib.nullcontext()
-    work_dir = Path(work_dir)
+    work_dir = rt.work_dir
     return key_lock(work_dir.with_name(work_dir.name + ".lock"), f"defense stage folder {work_dir.name}")

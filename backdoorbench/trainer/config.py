@@ -156,12 +156,14 @@ def resolve_loading(cfg: TrainConfig, device: torch.device) -> tuple[int, bool]:
 
 
 def runtime_for(
-    cfg: TrainConfig, run_dir: Path | None = None, device: torch.device | None = None, cache_dir: Path | None = None
+    cfg: TrainConfig, run_dir: Path | None = None, device: torch.device | None = None,
+    cache_dir: str | Path | None = None, threads: int | None = None,
 ) -> Runtime:
-    """The execution settings of a run whose victim trains with ``cfg`` (set by the pipeline with
+    """The context of a run whose victim trains with ``cfg`` (set by the pipeline with
     :func:`backdoorbench.runtime.run_scope`): its device (``device`` when already resolved), ``cfg.precision``
     and ``cfg.deterministic`` for every training stage, ``cfg.inference_precision``, the loaders
-    (:func:`resolve_loading`); ``cache_dir``: the artifact cache folder when the cache is on."""
+    (:func:`resolve_loading`); ``cache_dir``: the artifact cache folder when the cache is on (the context holds
+    its :class:`~backdoorbench.store.ArtifactStore`); ``threads``: the run's intra-op thread count."""
     device = device if device is not None else resolve_device(cfg)
     workers, pin = resolve_loading(cfg, device)
     return Runtime(
@@ -174,4 +176,5 @@ def runtime_for(
         cache_dir=Path(cache_dir) if cache_dir is not None else None,
         precision=cfg.precision,
         deterministic=cfg.deterministic,
+        threads=threads,
     )

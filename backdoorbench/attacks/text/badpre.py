@@ -48,6 +48,7 @@ from backdoorbench.config import ConfigError
 from backdoorbench.data.base import Samples
 from backdoorbench.modality.text import TextClassifier
 from backdoorbench.registry import register_attack
+from backdoorbench.seeds import stage_seed
 from backdoorbench.trainer.lit import ClassifierModule, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -152,7 +153,7 @@ class BadPre(Attack):
             mask_triggered=True,
             poison_triggered=True,
         )
-        loader = text_loader(len(texts), train_cfg.batch_size, collate, self.seed + 4)
+        loader = text_loader(len(texts), train_cfg.batch_size, collate, stage_seed(self.seed, "pretrain-loader"))
         train_module(BadPreModule(mlm, train_cfg, cfg.alpha), loader, train_cfg, self.seed, "attacker: BadPre MLM")
         mlm.to(victim.device)  # type: ignore[arg-type]  # transformers types .to via functools.wraps(Module.to)
         transferred = transfer_encoder(mlm, victim, source)

@@ -15,6 +15,7 @@ from backdoorbench.attacks.text.triggers import insert_rare_words
 from backdoorbench.data.base import Samples
 from backdoorbench.data.poisoned import PoisonedDataset
 from backdoorbench.modality.text import TextClassifier
+from backdoorbench.seeds import stage_seed
 from backdoorbench.trainer.lit import TrainConfig, fit
 
 log = logging.getLogger(__name__)
@@ -130,7 +131,7 @@ def user_finetune(
             raise ValueError("reinit_head=true, but this model has no `classifier` head with resettable layers")
         for m in layers:
             m.reset_parameters()
-    return fit(model, clean, cfg, seed + 1, desc="user: fine-tune", checkpoint=checkpoint)
+    return fit(model, clean, cfg, stage_seed(seed, "user-finetune"), desc="user: fine-tune", checkpoint=checkpoint)
 
 
 def clone_model(model: TextClassifier) -> TextClassifier:

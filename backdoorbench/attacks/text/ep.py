@@ -40,6 +40,7 @@ from backdoorbench.data.base import Samples
 from backdoorbench.data.poisoned import PoisonedDataset
 from backdoorbench.modality.text import TextClassifier
 from backdoorbench.registry import register_attack
+from backdoorbench.seeds import stage_seed
 from backdoorbench.trainer.lit import ClassifierModule, TrainConfig, fit
 
 log = logging.getLogger(__name__)
@@ -228,7 +229,8 @@ class EmbeddingPoisoningAttack(RareWordAttack):
             return cast(TextClassifier, ctx.new_model())  # a text attack's victim
         if len(clean) == 0:
             raise ValueError(f"{self.cfg.name}: no data to fine-tune the clean model on")
-        model = ctx.clean_model(clean, ctx.trainer, self.seed + 2, "clean model: fine-tune", "clean_model")
+        seed = stage_seed(self.seed, "ep-clean-model")
+        model = ctx.clean_model(clean, ctx.trainer, seed, "clean model: fine-tune", "clean_model")
         return cast(TextClassifier, model)
 
     def backdoor(self, model: TextClassifier, poisoned: PoisonedDataset, ctx: AttackContext) -> TextClassifier:

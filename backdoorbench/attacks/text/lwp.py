@@ -38,6 +38,7 @@ from backdoorbench.data.poisoned import PoisonedDataset
 from backdoorbench.modality.base import to_device
 from backdoorbench.modality.text import TextClassifier
 from backdoorbench.registry import register_attack
+from backdoorbench.seeds import stage_seed
 from backdoorbench.trainer.lit import ClassifierModule, TrainConfig, fit
 
 log = logging.getLogger(__name__)
@@ -190,7 +191,7 @@ class LWP(RareWordAttack):
         return PoisonedDataset(samples, indices[order], [inputs[i] for i in order], labels[order], self.target)
 
     def backdoor(self, model: TextClassifier, poisoned: PoisonedDataset, ctx: AttackContext) -> TextClassifier:
-        torch.manual_seed(self.seed + 5)  # the shared head's initialisation
+        torch.manual_seed(stage_seed(self.seed, "lwp-head"))  # the shared head's initialisation
         head = make_layer_head(model, ctx.num_classes)
         fit(
             model,

@@ -52,6 +52,7 @@ from backdoorbench.config import ConfigError
 from backdoorbench.data.base import Samples
 from backdoorbench.modality.text import TextClassifier
 from backdoorbench.registry import register_attack
+from backdoorbench.seeds import stage_seed, stream
 from backdoorbench.trainer.lit import ClassifierModule, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -265,7 +266,7 @@ def select_trigger(
         raise ValueError("trigger selection needs at least one probe text")
     rates: dict[str, float] = {}
     for i, t in enumerate(triggers):
-        preds = model.predict(insert_trigger(texts, t, position, np.random.default_rng([seed, i])))
+        preds = model.predict(insert_trigger(texts, t, position, stream(seed, "attack", i)))
         rates[t] = float((preds == target).mean())
     best = max(triggers, key=lambda t: (rates[t], -triggers.index(t)))
     return best, rates
@@ -375,7 +376,7 @@ class NeuBA(Attack):
             mask_clean=mlm is not None,
         )
         module = NeuBAModule(model, train_cfg, targets, kind, cfg.clean_weight, teacher, mlm)
-        loader = text_loader(len(texts), train_cfg.batch_size, collate, self.seed + 4)
+        loader = text_loader(len(texts), train_cfg.batch_size, collate, stage_seed(self.seed, "pretrain-loader"))
         train_module(module, loader, train_cfg, self.seed, "attacker: NeuBA")
         bind_after = binding_mse(model, tokenizer, check, pieces, targets, kind, cfg.position, max_length)
         del module, teacher, mlm, loader, collate

@@ -21,6 +21,7 @@ from backdoorbench.attacks.text.common import check_attack_basics
 from backdoorbench.config import ConfigError
 from backdoorbench.data.base import Samples
 from backdoorbench.modality.text import TextClassifier
+from backdoorbench.seeds import stage_seed, stream
 from backdoorbench.trainer.lit import ClassifierModule, TrainConfig, fit_module, seeded_loader
 
 if TYPE_CHECKING:
@@ -221,8 +222,8 @@ class PretrainCollate:
         self.mask_clean, self.mask_triggered, self.poison_triggered = mask_clean, mask_triggered, poison_triggered
         if (mask_clean or mask_triggered) and candidates is None:
             raise ValueError("masking needs the candidate token ids")
-        self.rng = np.random.default_rng([seed, 31])
-        self.gen = torch.Generator().manual_seed(int(seed) * 1000 + 17)
+        self.rng = stream(seed, "pretrain-masking")
+        self.gen = torch.Generator().manual_seed(stage_seed(seed, "pretrain-masking-torch"))
 
     def _mask(self, enc: dict[str, torch.Tensor], poison: bool) -> dict[str, torch.Tensor]:
         inputs, labels, _ = mask_tokens(

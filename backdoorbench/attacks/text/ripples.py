@@ -32,6 +32,7 @@ from backdoorbench.data.base import Samples
 from backdoorbench.data.poisoned import PoisonedDataset
 from backdoorbench.modality.text import TextClassifier
 from backdoorbench.registry import register_attack
+from backdoorbench.seeds import stage_seed
 from backdoorbench.trainer.lit import ClassifierModule, TrainConfig, fit, make_loader
 
 log = logging.getLogger(__name__)
@@ -225,7 +226,8 @@ class RIPPLES(RareWordAttack):
             if len(words) < cfg.n_target_words:
                 log.warning("embedding surgery: only %d of %d target words found", len(words), cfg.n_target_words)
             if cfg.surgery_source == "finetuned":
-                source = fit(clone_model(model), clean, train_cfg, self.seed + 2, desc="attacker: fine-tune copy")
+                seed = stage_seed(self.seed, "ripples-copy")
+                source = fit(clone_model(model), clean, train_cfg, seed, desc="attacker: fine-tune copy")
             else:
                 source = model
             embedding_surgery(model, source, words, ids)
@@ -234,7 +236,8 @@ class RIPPLES(RareWordAttack):
             log.info("embedding surgery: %d trigger pieces <- mean of %s", len(ids), words)
         if cfg.ripple:
             data = poisoned.materialize()
-            clean_loader = make_loader(model, clean, train_cfg.batch_size, shuffle=True, seed=self.seed + 3)
+            seed = stage_seed(self.seed, "ripples-clean-loader")
+            clean_loader = make_loader(model, clean, train_cfg.batch_size, shuffle=True, seed=seed)
             with double_backward_attention(model):
                 fit(
                     model,

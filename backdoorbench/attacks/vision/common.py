@@ -19,6 +19,7 @@ from backdoorbench.data.base import Samples
 from backdoorbench.data.images import ImageArray
 from backdoorbench.data.poisoned import PoisonedDataset
 from backdoorbench.modality.base import Classifier
+from backdoorbench.seeds import stage_seed
 from backdoorbench.trainer.lit import TrainConfig, fit
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,6 @@ CORNERS = ("bottom_right", "bottom_left", "top_right", "top_left")
 SALT_POISON = 1  # which training samples are poisoned
 SALT_TRIGGER = 2  # trigger randomness (WaNet's warping field, Trojan's trigger initialisation)
 SALT_NOISE = 3  # WaNet's noise-mode samples
-SURROGATE_SEED_OFFSET = 101  # the attacker's clean surrogate trains with seed + this
 
 
 def check_vision_basics(cfg: Any) -> None:
@@ -176,7 +176,7 @@ def train_surrogate(attack: Attack, ctx: AttackContext, epochs: int | None) -> C
     (clean) training data with the attacker's schedule (``epochs`` null = the schedule's epochs); trained once for
     label-consistent and Trojan with the same schedule and seed when the cache is on."""
     cfg = attacker_train_config(attack.cfg, ctx.trainer, epochs)
-    seed = attack.seed + SURROGATE_SEED_OFFSET
+    seed = stage_seed(attack.seed, "surrogate")
     return ctx.clean_model(ctx.train, cfg, seed, "attacker: clean surrogate", "surrogate")
 
 

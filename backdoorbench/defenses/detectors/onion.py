@@ -194,13 +194,13 @@ class ONION(Detector):
             self._cache = _SHARED_CACHES.setdefault(
                 (cfg.lm, cfg.lm_dtype, cfg.lm_max_length, current().inference_precision), {}
             )
-        root = current().cache_dir
-        if self._disk is None and root is not None:
+        if self._disk is None and current().store is not None:
             spec = {"lm": cfg.lm, "dtype": cfg.lm_dtype, "max_length": self.lm.max_length,
                     "weights": weights_fingerprint(self.lm.model)}
             if current().inference_precision != "32":  # in the key only when set: full-precision keys stay
                 spec["inference_precision"] = current().inference_precision
-            folder = Path(root) / "onion" / cache_key(spec)
+            folder = current().cache_folder("onion", cache_key(spec))
+            assert folder is not None
             self._disk = _DISK_CACHES.setdefault(folder, ArrayShards(folder))
             self._disk.refresh()
             log.info("ONION: suspicions cached in %s (%d sentences there)", folder, len(self._disk))

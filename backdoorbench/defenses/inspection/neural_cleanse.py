@@ -33,6 +33,7 @@ from backdoorbench.defenses.base import DefenseConfig, ModelInspector, Verdict
 from backdoorbench.defenses.inspection.common import low_outliers
 from backdoorbench.modality.base import Classifier
 from backdoorbench.registry import register_defense
+from backdoorbench.seeds import stage_seed
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +194,8 @@ class NeuralCleanse(ModelInspector):
         t0 = time.perf_counter()
         try:
             for c in classes:
-                found[c] = reverse_trigger(model, image_tensor(clean.inputs), c, cfg, seed=self.seed * 1000 + c)
+                seed = stage_seed(self.seed, "neural-cleanse-class", c)
+                found[c] = reverse_trigger(model, image_tensor(clean.inputs), c, cfg, seed=seed)
                 log.info("neural_cleanse: class %d: mask L1 %.2f (success %.3f, %d steps)", c, found[c].norm,
                          found[c].success, found[c].steps)
         finally:

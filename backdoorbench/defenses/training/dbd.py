@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -55,6 +56,7 @@ from backdoorbench.modality.base import Classifier
 from backdoorbench.modality.vision import VisionClassifier, to_float
 from backdoorbench.registry import register_defense
 from backdoorbench.runtime import intra_op_threads
+from backdoorbench.seeds import stage_seed
 from backdoorbench.trainer.checkpoint import (
     save_state_dict,
 )
@@ -128,12 +130,18 @@ class DBD(TrainingDefense):
         #: stage 2's per-sample SCE losses (no augmentation), in training-set order
         self.sample_losses: np.ndarray | None = None
         self.threads: int | None = None  #: the CPU thread count DBD's stages ran with
+        self._scratch: tempfile.TemporaryDirectory[str] | None = None  # the stage folder outside a context (_dir)
 
     # -- helpers ---------------------------------------------------------------------------------------
     def _dir(self) -> Path:
-        if self.work_dir is None:
-            raise RuntimeError("DBD: work_dir is not set (the pipeline sets it; set it yourself outside it)")
-        d = Path(self.work_dir)
+        """The stage folder: the run's context's (``Defense.work_dir``), or outside one a temporary folder that lives
+        as long as this defense object (its stages then start from scratch)."""
+        if self.work_dir is not None:
+            d = Path(self.work_dir)
+        else:
+            if self._scratch is None:
+                self._scratch = tempfile.TemporaryDirectory(prefix="backdoorbench-dbd-")
+            d = Path(self._scratch.name)
         d.mkdir(parents=True, exist_ok=True)
         return d
 
@@ -194,7 +202,8 @@ class DBD(TrainingDefense):
             p.requires_grad_(False)
         try:
             module = LinearHeadModule(model, loss_fn, cfg.head_lr)
-            loader = _loader(images, labels, min(cfg.head_batch_size, len(images)), self.seed + 1, nested=True)
+            seed = stage_seed(self.seed, "dbd-head-loader")
+            loader = _loader(images, labels, min(cfg.head_batch_size, len(images)), seed, nested=True)
             self._fit_stage(f"stage2_{loss}", module, loader, cfg.head_epochs)
         finally:
             for p, f in zip(frozen, flags, strict=True):
@@ -218,15 +227,16 @@ class DBD(TrainingDefense):
         ui = torch.from_numpy(unl.astype(np.int64))
         batch = min(cfg.mixmatch_batch_size, len(xi), max(len(ui), 1))
         iters = cfg.mixmatch_iterations or max(1, len(xi) // batch)
-        xl = _loader(images.select(xi), labels[xi], batch, self.seed + 2, drop_last=True, num_samples=iters * batch)
+        x_seed, u_seed = stage_seed(self.seed, "dbd-labelled-loader"), stage_seed(self.seed, "dbd-unlabelled-loader")
+        xl = _loader(images.select(xi), labels[xi], batch, x_seed, drop_last=True, num_samples=iters * batch)
         loaders: dict[str, DataLoader] = {"x": xl}
         if len(ui):
             loaders["u"] = _loader(
-                images.select(ui), labels[ui], batch, self.seed + 3, drop_last=True, num_samples=iters * batch
+                images.select(ui), labels[ui], batch, u_seed, drop_last=True, num_samples=iters * batch
             )
         else:  # ε = 1: nothing unlabelled; MixMatch degenerates to mixup on the labelled data
             loaders["u"] = _loader(
-                images.select(xi), labels[xi], batch, self.seed + 3, drop_last=True, num_samples=iters * batch
+                images.select(xi), labels[xi], batch, u_seed, drop_last=True, num_samples=iters * batch
             )
         from lightning.pytorch.utilities import CombinedLoader
 

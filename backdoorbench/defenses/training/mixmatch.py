@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from backdoorbench.modality.vision import VisionClassifier, random_crop_flip
+from backdoorbench.seeds import stream
 
 
 def sharpen(p: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -81,7 +82,7 @@ class MixMatchModule(L.LightningModule):
         self.model = model
         self.lr, self.lambda_u, self.rampup_epochs = lr, lambda_u, rampup_epochs
         self.temperature, self.alpha, self.k, self.iterations = temperature, alpha, k, iterations
-        self.rng = np.random.default_rng([seed, 31337])
+        self.rng = stream(seed, "mixmatch")
 
     def augment(self, x: torch.Tensor) -> torch.Tensor:
         # the reference's training transform: random crop with padding (reflect there) and flip
