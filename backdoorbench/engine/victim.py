@@ -141,7 +141,7 @@ def _run_attack(
         result: AttackResult = attack.run(ctx)
     result.model.eval()
     info = dict(result.info)
-    env = environment(spec.device)  # where the victim was trained: kept with it in meta.json
+    env = environment(current().device)  # where the victim was trained: kept with it in meta.json
     entry: dict[str, Any] = {"key": key, "hit": False, "info": info, "resumed": resumed, "environment": env}
     if not attack.cacheable:  # no cache entry: nothing to key a defense's stage checkpoints on (defense_work_dir)
         entry.update(key=None, stored=False)
