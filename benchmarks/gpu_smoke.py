@@ -143,8 +143,8 @@ def report(table: list[dict[str, Any]], runs: list[dict[str, Any]], meta: dict[s
             f"{BUDGET_S} s budget: {verdict}. = fixed costs {e['fixed_s']:.0f} s (CPU time here outside model "
             f"arithmetic, assumed the same on the GPU host) + CUDA start {e['cuda_start_s']:.0f} s (assumed) + model "
             f"work {e['work_s']:.0f} s ({e['calls']} model calls here x {meta['ratio']:g} (--scale-ratio, assumed "
-            f"GPU scale / --tiny) x {meta['call_ms']:g} ms (--call-ms, assumed per call on an H100)). Valid for "
-            f"--tiny runs of the default set only; run the script on a GPU for the measured time.")
+            f"GPU scale / --tiny) x {meta['call_ms']:g} ms (--call-ms, assumed per call on an H100)). Only a run "
+            f"on a GPU measures the time." if meta.get("tiny", True) else "no H100 estimate: it needs a --tiny run")
     else:
         total = meta["wall_s"]
         lines.append(f"measured: {total:.0f} s; budget {BUDGET_S} s: {'fits' if total <= BUDGET_S else 'OVER'}")
@@ -209,7 +209,8 @@ def main() -> int:
     done: list[dict[str, Any]] = []
     gpu = torch.cuda.get_device_name(0) if args.device == "cuda" else "none"
     meta: dict[str, Any] = {"device": args.device, "gpu": gpu, "torch": torch.__version__, "failed": failed,
-                            "setup_cpu_s": time.process_time(), "ratio": args.scale_ratio, "call_ms": args.call_ms}
+                            "setup_cpu_s": time.process_time(), "tiny": args.tiny, "ratio": args.scale_ratio,
+                            "call_ms": args.call_ms}
     tracker = DeviceTracker(ops=not args.no_ops)
     install(tracker)
     for r in runs:
