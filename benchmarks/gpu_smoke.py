@@ -25,9 +25,8 @@ stage of a ``--device cuda`` run with parameters or inputs on the CPU, or more t
 listed under "CPU stages". Writes ``smoke.json`` and ``smoke.md`` into ``--out``.
 
 **Time on one H100.** On the CPU (``--tiny``) the script prints an ESTIMATE (``estimate``) against the 8-minute
-budget: the
-measured fixed costs (CPU time outside model arithmetic), assumed the same on a GPU host, plus CUDA's start-up,
-plus the model work: the ``--tiny`` model calls x ``--scale-ratio`` x ``--call-ms``, both assumptions.
+budget: the measured fixed costs (CPU time outside model arithmetic), assumed the same on a GPU host, plus CUDA's
+start-up, plus the model work: the ``--tiny`` model calls x ``--scale-ratio`` x ``--call-ms``, both assumptions.
 docs/scale.md explains them; only a run on the GPU measures the time.
 """
 
