@@ -10,33 +10,24 @@ need downloads, so every preset runs on embedded offline data of its modality in
 presets (with the preset's architecture, attacks, defenses and sweep keys), the Rotten Tomatoes snippets with the
 embedded MiniLM for the text presets, ONION's language model the offline SmolLM2 (``dan_sst2`` names GPT-2).
 
-**Points.** Each preset sweeps attacks x defenses (seeds and other sweep keys: their first value). The default runs
-a covering set: ``max(#attacks, #defenses)`` runs per preset, pairing the i-th attack with the i-th defense
-(cycling), so that every attack stage (victim training, PGD, trigger search, EP, LWP, RIPPLe, NeuBA, ...) and every
-defense stage (DAN, STRIP, ONION and its LM, RAP, fine-tuning, NAD, RNP, DBD's three stages, the repair curves) of
-every preset runs once; ``--all-points`` runs the whole product. The cache is a fresh folder under ``--out``, so no
-victim comes from an earlier run.
+**Runs.** Each preset sweeps attacks x defenses (other sweep keys: their first value). By default the script
+runs a cover (``cover``): one run per distinct attack stage and per distinct defense stage over all presets, a
+stage's identity being its component, model, data and trainer config with numbers reduced to their sign
+(``shape``; ``--exact-stages``: full values), so a stage two presets share runs once. Every attack stage (victim
+training, PGD, trigger search, EP, LWP, RIPPLe, NeuBA, ...) and every defense stage (DAN, STRIP, ONION and its LM,
+RAP, fine-tuning, NAD, RNP, DBD's three stages, the repair curves) of every preset runs. ``--all-points``: the
+whole product. All runs share one process and one fresh cache folder under ``--out`` (each victim trains once).
 
-**Per stage** (the pipeline's stages: data, attack, evaluation, defense_fit, scoring, defense, ...; nested in them
-every Lightning fit (``fit: <stage>``), DBD's stages and the repair curve), measured by
-``backdoorbench/trainer/tracking.py``, never taken from ``--device``:
+**Per stage**, measured by ``backdoorbench/trainer/tracking.py``, never taken from ``--device``: the device and
+dtype of parameters and inputs at every module forward, the device of every torch call (``ops``), the peak GPU
+memory, the share of wall time with the GPU idle (``CPU share``), and the model calls with their CPU time. A
+stage of a ``--device cuda`` run with parameters or inputs on the CPU, or more than 10% of its torch calls, is
+listed under "CPU stages". Writes ``smoke.json`` and ``smoke.md`` into ``--out``.
 
-- ``params`` / ``inputs``: device and dtype of the parameters and of the first input of every module forward,
-  with the share of module calls when mixed;
-- ``ops``: device of every torch function call (share of calls), which sees tensor code outside modules too;
-- ``peak GPU MiB``: ``torch.cuda.max_memory_allocated``, reset at every stage boundary;
-- ``CPU share``: the share of the stage's wall time in which the GPU had no work queued (1 - busy samples of the
-  current CUDA stream, polled every ~1 ms); 100% on the CPU.
-
-A stage of a ``--device cuda`` run whose parameters, inputs or more than 10% of its torch calls were on the CPU is
-listed under "CPU stages" at the end. Writes ``smoke.json`` (the rows) and ``smoke.md`` (the table) into ``--out``.
-
-**Time on one H100.** On the CPU the script prints an estimate: the process CPU time of the whole run (all
-threads; unlike wall time it hardly depends on what else the machine runs) times ``--gpu-factor`` (default 2). The
-``--tiny`` CPU time is almost all fixed costs (imports, configs, model construction, Lightning's set-up, figures,
-one step) that a GPU host runs at least as fast; the reduced GPU scale multiplies the per-step work by ~100-450,
-which an H100 does ~100x faster than two shared CPU cores. That factor is an assumption, not a measurement: run the
-script on the GPU to replace the estimate by the measured total.
+**Time on one H100.** On the CPU (``--tiny``) the script prints an ESTIMATE (``estimate``) against the 8-minute
+budget: the measured fixed costs (CPU time outside model arithmetic), assumed the same on a GPU host, plus CUDA's
+start-up, plus the model work: the ``--tiny`` model calls x ``--scale-ratio`` x ``--call-ms``, both assumptions.
+docs/scale.md explains them; only a run on the GPU measures the time.
 """
 
 from __future__ import annotations
@@ -52,117 +43,19 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # this checkout's package and configs, not an installed copy
+sys.path.insert(0, str(REPO / "benchmarks"))
 os.environ.setdefault("BACKDOORBENCH_PROGRESS", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-PRESETS = sorted(p.stem for p in (REPO / "configs" / "experiment").glob("*.yaml"))
 BUDGET_S = 8 * 60  # one H100
+# the estimate's assumptions (see the docstring): model calls at the reduced GPU scale per --tiny call, seconds per
+# model call (forward or backward of these small models, launch-bound) on an H100, CUDA's start-up
+SCALE_RATIO, CALL_MS, CUDA_START_S = 32.0, 10.0, 10.0
 
-# (reduced GPU scale, --tiny) overrides by modality, then by defense, attack and preset.
-VISION = {
-    False: ["data=mnist5k", "data.max_train=2000", "data.max_test=500", "data.holdout_size=500",
-            "trainer.max_epochs=2", "trainer.batch_size=128"],
-    True: ["data=mnist5k", "data.max_train=40", "data.max_test=20", "data.holdout_size=20", "trainer.max_epochs=1",
-           "trainer.max_steps=1", "trainer.batch_size=20"],
-}
-TEXT = {
-    False: ["data=rotten_tomatoes", "model=minilm", "model.name=minilm", "data.max_train=1000", "data.max_test=300",
-            "data.holdout_size=300", "data.proxy_size=200", "model.max_length=64", "trainer.max_epochs=1",
-            "++attack.epochs=1", "defense.clean_size=300"],
-    True: ["data=rotten_tomatoes", "model=minilm", "model.name=minilm", "data.max_train=40", "data.max_test=20",
-           "data.holdout_size=20", "data.proxy_size=20", "model.max_length=32", "trainer.max_epochs=1",
-           "trainer.max_steps=1", "trainer.batch_size=20", "++attack.epochs=1", "defense.clean_size=20"],
-}
-DEFENSE = {
-    "dbd_full": {
-        False: ["defense.ssl_epochs=2", "defense.head_epochs=1", "defense.mixmatch_epochs=1",
-                "defense.mixmatch_iterations=20", "defense.rampup_epochs=1"],
-        True: ["defense.ssl_epochs=1", "defense.ssl_batch_size=20", "defense.head_epochs=1", "defense.batch_size=20",
-               "defense.mixmatch_epochs=1", "defense.mixmatch_iterations=1", "defense.mixmatch_batch_size=8",
-               "defense.rampup_epochs=1"],
-    },
-    "nad": {False: ["defense.teacher_epochs=1", "++defense.epochs=2"],
-            True: ["defense.teacher_epochs=1", "++defense.epochs=1", "defense.clean_fraction=null",
-                   "defense.clean_size=20"]},
-    "rnp": {False: ["defense.unlearn_epochs=3", "defense.recover_epochs=3"],
-            True: ["defense.unlearn_epochs=1", "defense.recover_epochs=1", "defense.clean_fraction=null",
-                   "defense.clean_size=20", "defense.curve_step=0.45"]},
-    "finetune": {False: ["++defense.epochs=2"],
-                 True: ["++defense.epochs=1", "defense.clean_fraction=null", "defense.clean_size=20"]},
-    "strip": {False: [], True: ["defense.num_copies=4"]},
-    "onion": {False: ["defense.lm=smollm2"], True: ["defense.lm=smollm2", "defense.lm_batch_size=8"]},
-    "rap": {False: ["defense.epochs=2"], True: ["defense.epochs=1"]},
-}
-ATTACK = {
-    "label_consistent": {False: ["++attack.surrogate_epochs=1", "++attack.steps=20"],
-                         True: ["++attack.surrogate_epochs=1", "++attack.steps=2"]},
-    "trojan": {False: ["++attack.surrogate_epochs=1", "++attack.trigger_steps=200"],
-               True: ["++attack.surrogate_epochs=1", "++attack.trigger_steps=2"]},
-    "dfep": {False: ["++attack.num_samples=1000", "++attack.sample_words=30"],
-             True: ["++attack.num_samples=20", "++attack.sample_words=10"]},
-    "neuba": {False: ["++attack.max_unlabeled=200", "++attack.probe_size=20"],
-              True: ["++attack.max_unlabeled=10", "++attack.probe_size=5"]},
-}
-PRESET = {"cpu_nad": {False: ["defense.steps_per_epoch=5"], True: ["defense.steps_per_epoch=1"]}}
+from gpu_smoke_plan import PRESETS, cover, forced_from, plan, sweep_params  # noqa: E402
 
-
-def sweep_params(name: str) -> dict[str, str]:
-    """The preset's ``hydra.sweeper.params``."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from backdoorbench.cli import config_dir
-
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[f"+experiment={name}"], return_hydra_config=True)
-    return {str(k): str(v) for k, v in OmegaConf.to_container(cfg.hydra.sweeper.params).items()}
-
-
-def is_text(name: str) -> bool:
-    from backdoorbench.api import compose
-    from backdoorbench.registry import REGISTRY
-
-    return REGISTRY.get("dataset", str(compose([f"+experiment={name}"]).data.name)).modality[0] == "text"
-
-
-def points(params: dict[str, str], every: bool) -> list[tuple[str, str]]:
-    """(attack, defense) pairs: the whole product, or a cover in which each attack and each defense appears."""
-    attacks, defenses = params["attack"].split(","), params["defense"].split(",")
-    if every:
-        return [(a, d) for a in attacks for d in defenses]
-    return [(attacks[i % len(attacks)], defenses[i % len(defenses)]) for i in range(max(len(attacks), len(defenses)))]
-
-
-def merge(*groups: list[str]) -> list[str]:
-    """Overrides, a later value of a key replacing an earlier one (``++`` kept when either had it)."""
-    out: dict[str, tuple[str, str]] = {}
-    for group in groups:
-        for item in group:
-            key, _, value = item.partition("=")
-            bare = key.lstrip("+")
-            plus = "++" if key.startswith("++") or out.get(bare, ("", ""))[0] == "++" else key[: len(key) - len(bare)]
-            out[bare] = (plus, value)
-    return [f"{plus}{k}={v}" for k, (plus, v) in out.items()]
-
-
-def point_overrides(name: str, params: dict[str, str], attack: str, defense: str, tiny: bool, text: bool,
-                    accelerator: str, cache: Path) -> list[str]:
-    fixed = [f"{k}={v.split(',')[0]}" for k, v in params.items() if k not in ("attack", "defense")]
-    base = (TEXT if text else VISION)[tiny]
-    return merge([f"+experiment={name}", f"attack={attack}", f"defense={defense}"], fixed, base,
-                 DEFENSE.get(defense, {}).get(tiny, []), ATTACK.get(attack, {}).get(tiny, []),
-                 PRESET.get(name, {}).get(tiny, []), [f"trainer.accelerator={accelerator}", f"cache.dir={cache}"])
-
-
-def forced_from(overrides: list[str]) -> dict[str, set[str]]:
-    """The ``++group.key`` overrides, as a Hydra sweep job's ``config.forced_keys()`` would report them."""
-    forced: dict[str, set[str]] = {}
-    for item in overrides:
-        if item.startswith("++"):
-            group, _, sub = item[2:].partition("=")[0].partition(".")
-            forced.setdefault(group, set()).add(sub.split(".")[0])
-    return forced
+__all__ = ["PRESETS", "cover", "plan", "sweep_params"]
 
 
 def install(tracker: Any) -> None:
@@ -217,21 +110,79 @@ def cpu_stage(row: dict[str, Any]) -> bool:
     return cpu_part(row["params"]) > 0 or cpu_part(row["inputs"]) > 0 or cpu_part(row["ops"]) > 0.1
 
 
+def estimate(runs: list[dict[str, Any]], setup_cpu_s: float, ratio: float, call_ms: float) -> dict[str, float]:
+    """Seconds on one H100 for the same runs at the reduced GPU scale, from a ``--device cpu --tiny`` run: fixed
+    costs (``setup_cpu_s``: imports and planning; per run its CPU time outside model arithmetic) as measured, plus
+    CUDA's start, plus the model work: the run's model calls x ``ratio`` (GPU scale / --tiny) x ``call_ms``."""
+    fixed = setup_cpu_s + sum(r["cpu_s"] - r["compute_cpu_s"] for r in runs)
+    calls = sum(r["calls"] for r in runs)
+    work = calls * ratio * call_ms / 1000
+    return {"fixed_s": fixed, "cuda_start_s": CUDA_START_S, "calls": calls, "work_s": work,
+            "total_s": fixed + CUDA_START_S + work}
+
+
+def report(table: list[dict[str, Any]], runs: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    """The stage table, the run table, the time (measured, and on the CPU the H100 estimate) and the failures."""
+    lines = ["| preset | attack | defense | stage | s | params | inputs | ops | peak GPU MiB | CPU share |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['preset']} | {r['attack']} | {r['defense']} | {r['stage']} | {r['seconds']:.2f} | {r['params']} | "
+              f"{r['inputs']} | {r['ops']} | {r['peak_gpu_mib']:.0f} | {100 * r['cpu_share']:.0f}% |" for r in table]
+    lines += ["", "| preset | attack | defense | covers | wall s | CPU s | of it model CPU s | model calls |",
+              "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['preset']} | {r['attack']} | {r['defense']} | {', '.join(r['covers'])} | {r['wall_s']:.1f} | "
+              f"{r['cpu_s']:.1f} | {r['compute_cpu_s']:.1f} | {r['calls']} |" for r in runs]
+    cpu = meta["setup_cpu_s"] + sum(r["cpu_s"] for r in runs)
+    lines.append(f"\n{len(runs)} runs, {len(table)} stage rows: {meta['wall_s']:.0f} s wall on {meta['device']} "
+                 f"(GPU: {meta['gpu']}; torch {meta['torch']}); process CPU time {cpu:.0f} s (all threads), of it "
+                 f"{meta['setup_cpu_s']:.0f} s imports and planning")
+    if meta["device"] == "cpu":
+        e = estimate(runs, meta["setup_cpu_s"], meta["ratio"], meta["call_ms"])
+        verdict = "fits" if e["total_s"] <= BUDGET_S else f"OVER by {e['total_s'] - BUDGET_S:.0f} s"
+        lines.append(
+            f"ESTIMATE (not a measurement) for one H100 at the reduced GPU scale: {e['total_s']:.0f} s against the "
+            f"{BUDGET_S} s budget: {verdict}. = fixed costs {e['fixed_s']:.0f} s (CPU time here outside model "
+            f"arithmetic, assumed the same on the GPU host) + CUDA start {e['cuda_start_s']:.0f} s (assumed) + model "
+            f"work {e['work_s']:.0f} s ({e['calls']} model calls here x {meta['ratio']:g} (--scale-ratio, assumed "
+            f"GPU scale / --tiny) x {meta['call_ms']:g} ms (--call-ms, assumed per call on an H100)). Only a run "
+            f"on a GPU measures the time." if meta.get("tiny", True) else "no H100 estimate: it needs a --tiny run")
+    else:
+        total = meta["wall_s"]
+        lines.append(f"measured: {total:.0f} s; budget {BUDGET_S} s: {'fits' if total <= BUDGET_S else 'OVER'}")
+        flagged = [r for r in table if cpu_stage(r)]
+        lines.append(f"CPU stages: {len(flagged)}" + "".join(
+            f"\n- {r['preset']} {r['attack']} x {r['defense']}: {r['stage']} (params {r['params']}; inputs "
+            f"{r['inputs']}; ops {r['ops']})" for r in flagged))
+    lines += [f"FAILED {f}" for f in meta["failed"]]
+    return "\n".join(lines)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--tiny", action="store_true", help="one step of everything on a few dozen samples (CPU check)")
     p.add_argument("--only", action="append", choices=PRESETS, help="run only this preset (repeatable)")
     p.add_argument("--all-points", action="store_true", help="every attack x defense of each preset, not a cover")
+    p.add_argument("--exact-stages", action="store_true", help="stages differing only in numbers are distinct")
+    p.add_argument("--max-runs", type=int, help="run only the first N runs of the plan (a quick check)")
     p.add_argument("--list", action="store_true", help="validate and print the runs' overrides, run nothing")
     p.add_argument("--no-ops", action="store_true", help="do not count torch calls (faster; no ops column)")
-    p.add_argument("--gpu-factor", type=float, default=2.0, help="H100 seconds per measured second (estimate)")
+    p.add_argument("--scale-ratio", type=float, default=SCALE_RATIO, help="model calls, GPU scale / --tiny (estimate)")
+    p.add_argument("--call-ms", type=float, default=CALL_MS, help="ms per model call on one H100 (estimate)")
+    p.add_argument("--report", metavar="SMOKE_JSON", nargs="+",
+                   help="print the tables and the estimate of earlier runs' smoke.json (several: one report)")
     p.add_argument("--out", default="gpu_smoke_out", help="folder for the run directories, smoke.json, smoke.md")
     args = p.parse_args()
 
+    if args.report:  # several processes' files (side by side: wall time the longest, imports and planning summed)
+        saved = [json.loads(Path(f).read_text()) for f in args.report]
+        meta = {**saved[0]["meta"], "ratio": args.scale_ratio, "call_ms": args.call_ms,
+                "setup_cpu_s": sum(s["meta"]["setup_cpu_s"] for s in saved),
+                "wall_s": max(s["meta"]["wall_s"] for s in saved),
+                "failed": [f for s in saved for f in s["meta"]["failed"]]}
+        print(report([r for s in saved for r in s["stages"]], [r for s in saved for r in s["runs"]], meta))
+        return 0
     import torch
 
-    import backdoorbench.config as bb_config
     from backdoorbench.api import run
     from backdoorbench.trainer.tracking import DeviceTracker
 
@@ -241,66 +192,55 @@ def main() -> int:
     accelerator = "gpu" if args.device == "cuda" else "cpu"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cache = out / f"cache_{int(time.time())}"  # fresh: every attack stage runs
+    cache = out / f"cache_{int(time.time())}"  # fresh: every attack stage runs; one cache: each victim trains once
+    t_all = time.perf_counter()
+    runs = plan(args.only or PRESETS, args.tiny, args.all_points, accelerator, cache,
+                args.exact_stages)[: args.max_runs]
+    if args.list:
+        for r in runs:
+            print(f"# {r['preset']} {r['attack']} x {r['defense']}: {', '.join(r['covers'])}")
+            print(" ".join(r["overrides"]))
+        print(f"{len(runs)} runs")
+        return 0
+    import backdoorbench.config as bb_config
+
     table: list[dict[str, Any]] = []
     failed: list[str] = []
-    t_all = time.perf_counter()
+    done: list[dict[str, Any]] = []
+    gpu = torch.cuda.get_device_name(0) if args.device == "cuda" else "none"
+    meta: dict[str, Any] = {"device": args.device, "gpu": gpu, "torch": torch.__version__, "failed": failed,
+                            "setup_cpu_s": time.process_time(), "tiny": args.tiny, "ratio": args.scale_ratio,
+                            "call_ms": args.call_ms}
     tracker = DeviceTracker(ops=not args.no_ops)
     install(tracker)
-    for name in args.only or PRESETS:
-        params, text = sweep_params(name), is_text(name)
-        for attack, defense in points(params, args.all_points):
-            overrides = point_overrides(name, params, attack, defense, args.tiny, text, accelerator, cache)
-            forced = forced_from(overrides)
-            bb_config.forced_keys = lambda forced=forced: forced  # type: ignore[assignment]
-            if args.list:
-                from backdoorbench.api import compose
-                from backdoorbench.engine.spec import validate
-
-                validate(compose(overrides))
-                print(" ".join(overrides))
-                continue
-            tracker.records.clear()
-            t0, c0 = time.perf_counter(), time.process_time()
-            try:
-                with tracker:
-                    run(overrides=overrides, out_dir=out / f"{name}_{attack}_{defense}_{int(time.time())}")
-            except Exception as e:  # noqa: BLE001 - a smoke test reports every failure and goes on
-                failed.append(f"{name} {attack} x {defense}: {type(e).__name__}: {e}")
-                print(f"FAILED {failed[-1]}", file=sys.stderr, flush=True)
-            run_s, cpu_s = round(time.perf_counter() - t0, 1), round(time.process_time() - c0, 1)
-            for rec in tracker.records.values():
-                table.append({"preset": name, "attack": attack, "defense": defense, **rec.summary(), "run_s": run_s,
-                              "run_cpu_s": cpu_s})
-            (out / "smoke.json").write_text(json.dumps(table, indent=1))  # so far: a stopped run keeps its rows
-            print(f"{name} {attack} x {defense}: {run_s:.1f} s ({cpu_s:.1f} s CPU)", file=sys.stderr, flush=True)
-    total = time.perf_counter() - t_all
-    if args.list:
-        return 0
-    lines = ["| preset | attack | defense | stage | s | params | inputs | ops | peak GPU MiB | CPU share |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['preset']} | {r['attack']} | {r['defense']} | {r['stage']} | {r['seconds']:.2f} | {r['params']} | "
-              f"{r['inputs']} | {r['ops']} | {r['peak_gpu_mib']:.0f} | {100 * r['cpu_share']:.0f}% |" for r in table]
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() and args.device == "cuda" else "none"
-    runs = len({(r["preset"], r["attack"], r["defense"]) for r in table})
-    lines.append(f"\n{runs} runs, {len(table)} stage rows: {total:.0f} s on {args.device} (GPU: {gpu}; torch "
-                 f"{torch.__version__})")
-    cpu = time.process_time()
-    estimate = cpu * args.gpu_factor
-    lines.append(f"process CPU time: {cpu:.0f} s (all threads; wall time depends on what else the machine runs)")
-    lines.append(f"one H100, estimated: {estimate:.0f} s = {cpu:.0f} s CPU x {args.gpu_factor:g} (--gpu-factor, an "
-                 f"assumption; see the docstring); budget {BUDGET_S} s: {'fits' if estimate <= BUDGET_S else 'OVER'}"
-                 if args.device == "cpu" else
-                 f"measured: {total:.0f} s; budget {BUDGET_S} s: {'fits' if total <= BUDGET_S else 'OVER'}")
-    if args.device == "cuda":
-        flagged = [r for r in table if cpu_stage(r)]
-        lines.append(f"CPU stages: {len(flagged)}" + "".join(
-            f"\n- {r['preset']} {r['attack']} x {r['defense']}: {r['stage']} (params {r['params']}; inputs "
-            f"{r['inputs']}; ops {r['ops']})" for r in flagged))
-    lines += [f"FAILED {f}" for f in failed]
-    text_out = "\n".join(lines)
+    for r in runs:
+        name, attack, defense, overrides = r["preset"], r["attack"], r["defense"], r["overrides"]
+        forced = forced_from(overrides)
+        bb_config.forced_keys = lambda forced=forced: forced  # type: ignore[assignment]
+        tracker.records.clear()
+        t0, c0 = time.perf_counter(), time.process_time()
+        try:
+            with tracker:
+                run(overrides=overrides, out_dir=out / f"{name}_{attack}_{defense}_{int(time.time())}")
+        except Exception as e:  # noqa: BLE001 - a smoke test reports every failure and goes on
+            failed.append(f"{name} {attack} x {defense}: {type(e).__name__}: {e}")
+            print(f"FAILED {failed[-1]}", file=sys.stderr, flush=True)
+        stages = [rec.summary() for rec in tracker.records.values()]
+        done.append({"preset": name, "attack": attack, "defense": defense, "covers": r["covers"],
+                     "wall_s": round(time.perf_counter() - t0, 1), "cpu_s": round(time.process_time() - c0, 1),
+                     "compute_cpu_s": round(sum(s["compute_cpu_s"] for s in stages), 1),
+                     "calls": sum(s["calls"] for s in stages)})
+        table += [{"preset": name, "attack": attack, "defense": defense, **s} for s in stages]
+        meta["wall_s"] = time.perf_counter() - t_all
+        (out / "smoke.json").write_text(json.dumps({"meta": meta, "runs": done, "stages": table}, indent=1))
+        d = done[-1]
+        print(f"[{len(done)}/{len(runs)}] {name} {attack} x {defense}: {d['wall_s']:.1f} s ({d['cpu_s']:.1f} s CPU, "
+              f"{d['compute_cpu_s']:.1f} s of it model arithmetic, {d['calls']} model calls)", file=sys.stderr,
+              flush=True)
+    meta["wall_s"] = time.perf_counter() - t_all
+    text_out = report(table, done, meta)
     print(text_out)
-    (out / "smoke.json").write_text(json.dumps(table, indent=1))
+    (out / "smoke.json").write_text(json.dumps({"meta": meta, "runs": done, "stages": table}, indent=1))
     (out / "smoke.md").write_text(text_out + "\n")
     return 1 if failed else 0
 

@@ -191,6 +191,13 @@ def test_one_step_cpu_version_runs(name: str, tmp_path: Path, sweep_forced_keys)
     assert saved["timing"], "per-stage wall times are recorded"
 
 
+def _gpu_smoke():  # type: ignore[no-untyped-def]
+    spec = importlib.util.spec_from_file_location("gpu_smoke", REPO_ROOT / "benchmarks" / "gpu_smoke.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @needs_assets
 def test_gpu_smoke_cpu_tiny_mode(tmp_path: Path) -> None:
     """``gpu_smoke.py --device cpu --tiny`` on one preset (its one run: RNP against BadNets; docs/scale.md)."""
@@ -201,7 +208,8 @@ def test_gpu_smoke_cpu_tiny_mode(tmp_path: Path) -> None:
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    table = json.loads((tmp_path / "smoke" / "smoke.json").read_text())
+    saved = json.loads((tmp_path / "smoke" / "smoke.json").read_text())
+    table, runs = saved["stages"], saved["runs"]
     assert table and all(row["seconds"] >= 0 and row["cpu_share"] == 1.0 for row in table)
     stages = {row["stage"]: row for row in table}
     assert {"data", "attack", "evaluation", "defense", "evaluation/repair curve"} <= set(stages)
@@ -209,4 +217,50 @@ def test_gpu_smoke_cpu_tiny_mode(tmp_path: Path) -> None:
     for name in ("defense/fit: RNP unlearn", "evaluation"):  # measured at the modules: the CPU, float32
         assert stages[name]["params"] == "cpu float32" and stages[name]["inputs"] == "cpu float32"
         assert stages[name]["ops"] == "cpu"
-    assert "peak GPU MiB" in proc.stdout and "one H100, estimated" in proc.stdout
+        assert stages[name]["calls"] >= 1  # the model ran there
+    assert [(r["attack"], r["defense"]) for r in runs] == [("badnets", "rnp")]
+    assert 0 <= runs[0]["compute_cpu_s"] <= runs[0]["cpu_s"] + 1
+    assert "peak GPU MiB" in proc.stdout and "ESTIMATE (not a measurement) for one H100" in proc.stdout
+    again = subprocess.run(  # the report of the saved json, with another assumption: the same table
+        [PYTHON, str(REPO_ROOT / "benchmarks" / "gpu_smoke.py"), "--report", str(tmp_path / "smoke" / "smoke.json"),
+         "--call-ms", "0"], cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "x 0 ms (--call-ms" in again.stdout
+    assert again.stdout.split("\n\n")[0] == proc.stdout.split("\n\n")[0]
+
+
+def test_gpu_smoke_cover_keeps_every_distinct_stage_once() -> None:
+    """``cover`` on made-up runs: each distinct attack stage and defense stage in one run, identical stages of
+    another preset not again, a leftover defense with a victim already trained."""
+    smoke = _gpu_smoke()
+
+    def runs(preset: str, attacks: list[str], defenses: list[str], same_as: str = "") -> list[dict]:
+        tag = same_as or preset  # a preset whose stages are another's: the same signatures
+        return [{"preset": preset, "attack": a, "defense": d, "sig_attack": f"{tag}:{a}", "sig_defense": f"{tag}:{d}"}
+                for a in attacks for d in defenses]
+
+    product = (runs("p", ["badnets", "wanet", "trojan"], ["nad", "finetune"]) + runs("q", ["badnets"], ["rnp", "strip"])
+               + runs("r", ["badnets", "wanet"], ["nad"], same_as="p"))
+    chosen = smoke.cover(product)
+    assert {r["sig_attack"] for r in chosen} == {r["sig_attack"] for r in product}
+    assert {r["sig_defense"] for r in chosen} == {r["sig_defense"] for r in product}
+    assert [(r["preset"], r["attack"], r["defense"]) for r in chosen] == [
+        ("p", "badnets", "nad"), ("p", "wanet", "finetune"), ("p", "trojan", "finetune"),  # finetune: cheaper
+        ("q", "badnets", "rnp"), ("q", "badnets", "strip")]  # r: nothing new
+    assert chosen[2]["covers"] == ["attack trojan"] and chosen[4]["covers"] == ["defense strip"]
+
+
+def test_gpu_smoke_default_set_covers_every_attack_and_defense_of_every_preset(tmp_path: Path) -> None:
+    """The default set (``--tiny``, as CI runs it, and the GPU scale): every attack and every defense of every
+    preset occurs in it, and every point of every preset has its attack stage and its defense stage in it."""
+    smoke = _gpu_smoke()
+    for tiny in (True, False):
+        every = smoke.plan(smoke.PRESETS, tiny, True, "cpu", tmp_path)
+        chosen = smoke.cover(every)
+        assert len(chosen) < len(every)
+        for name in smoke.PRESETS:
+            params = smoke.sweep_params(name)
+            assert set(params["attack"].split(",")) <= {r["attack"] for r in chosen}, name
+            assert set(params["defense"].split(",")) <= {r["defense"] for r in chosen}, name
+        assert {r["sig_attack"] for r in every} <= {r["sig_attack"] for r in chosen}
+        assert {r["sig_defense"] for r in every} <= {r["sig_defense"] for r in chosen}
+        assert len({(r["sig_attack"], r["sig_defense"]) for r in chosen}) == len(chosen)  # no run twice

@@ -91,3 +91,21 @@ def test_gpu_busy_share_is_sampled_per_stage(monkeypatch) -> None:
     assert all(rec[s].gpu_samples >= 5 for s in rec)
     assert rec["before any CUDA work"].gpu_busy == 0.0 and rec["before any CUDA work"].cpu_share == 1.0
     assert rec["busy"].gpu_busy >= 0.9 and rec["idle"].gpu_busy <= 0.1
+
+
+def test_model_calls_and_their_cpu_time_are_counted_at_the_outermost_module() -> None:
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    backward, grad = torch.autograd.backward, torch.autograd.grad
+    with DeviceTracker() as tracker:
+        with tracker.stage("train"):
+            for _ in range(3):  # three outermost forwards (their three submodules do not count) and backwards
+                model(torch.randn(5, 3)).sum().backward()
+            x = torch.randn(2, 3, requires_grad=True)
+            torch.autograd.grad(model(x).sum(), x)  # a fourth forward; grad is timed, not counted as a call
+        with tracker.stage("no model"):
+            torch.randn(3).sum()
+    train, other = tracker.records["train"], tracker.records["no model"]
+    assert train.calls == 4 and train.compute_cpu_s >= 0
+    assert other.calls == 0 and other.compute_cpu_s == 0
+    assert train.summary()["calls"] == 4
+    assert (torch.autograd.backward, torch.autograd.grad) == (backward, grad)  # restored on exit

@@ -7,6 +7,11 @@ measurement goes to the innermost open stage):
   input, at every ``nn.Module`` forward (a global forward pre-hook), counted per module call;
 - **ops**: the device of the first tensor argument of every torch function call (a ``TorchFunctionMode`` on the
   tracking thread), which also sees tensor code outside modules (a detector's statistics, a perturbation);
+- **model calls** and **compute time**: the number of outermost module forwards (a module called while no other
+  is running: a model's forward on a batch) and the process CPU time spent in them and in autograd
+  (``torch.autograd.backward`` / ``grad`` outside a forward), i.e. the stage's model arithmetic on the CPU; the
+  rest of its time is Python-side work (set-up, data, metrics). Meaningful on the CPU only (on CUDA it is
+  launch time);
 - **peak GPU memory**: ``torch.cuda.max_memory_allocated``, reset when a stage opens or closes;
 - **GPU busy share**: a helper thread polls the default CUDA stream of the GPU that work was last seen on about
   every millisecond (``Stream.query()`` is ``False`` while kernels are queued or running) and counts busy samples
@@ -45,6 +50,8 @@ class StageRecord:
     peak_gpu_mib: float = 0.0
     gpu_samples: int = 0
     gpu_busy_samples: int = 0
+    calls: int = 0  # outermost module forwards
+    compute_cpu_s: float = 0.0  # process CPU seconds in outermost forwards and autograd calls
 
     @property
     def gpu_busy(self) -> float | None:
@@ -71,6 +78,8 @@ class StageRecord:
             "peak_gpu_mib": round(self.peak_gpu_mib, 1),
             "gpu_busy": None if self.gpu_busy is None else round(self.gpu_busy, 3),
             "cpu_share": round(self.cpu_share, 3),
+            "calls": self.calls,
+            "compute_cpu_s": round(self.compute_cpu_s, 3),
         }
 
 
@@ -123,6 +132,9 @@ class DeviceTracker:
         self._stop = threading.Event()
         self._sampler: threading.Thread | None = None
         self._cuda: torch.device | None = None
+        self._depth = 0  # module forwards (and autograd calls) now running
+        self._t_outer = 0.0
+        self._autograd: tuple[Any, Any] | None = None
 
     # -- recording ---------------------------------------------------------------------------------------
     def _current(self) -> StageRecord:
@@ -133,7 +145,34 @@ class DeviceTracker:
         if device.type == "cuda":  # the GPU whose stream the sampler polls: the last one work was seen on
             self._cuda = device
 
+    def _outer_enter(self) -> None:
+        if self._depth == 0:
+            self._t_outer = time.process_time()
+        self._depth += 1
+
+    def _outer_exit(self, call: bool) -> None:
+        self._depth = max(0, self._depth - 1)
+        if self._depth == 0:
+            rec = self._current()
+            rec.compute_cpu_s += time.process_time() - self._t_outer
+            rec.calls += call
+
+    def _forward_post(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self._outer_exit(True)
+
+    def _timed_autograd(self, fn: Any) -> Any:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            self._outer_enter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._outer_exit(False)
+
+        return timed
+
     def _forward_pre(self, module: nn.Module, args: tuple) -> None:
+        if self.model is None:
+            self._outer_enter()
         rec = self._current()
         for p in module._parameters.values():
             if p is not None:
@@ -189,6 +228,11 @@ class DeviceTracker:
         self._stack = [(StageRecord("(outside stages)"), time.perf_counter())]
         if self.model is None:
             self._handles.append(nn.modules.module.register_module_forward_pre_hook(self._forward_pre))
+            self._handles.append(nn.modules.module.register_module_forward_hook(self._forward_post, always_call=True))
+            self._depth = 0
+            self._autograd = (torch.autograd.backward, torch.autograd.grad)
+            torch.autograd.backward = self._timed_autograd(self._autograd[0])  # type: ignore[assignment]
+            torch.autograd.grad = self._timed_autograd(self._autograd[1])  # type: ignore[assignment]
         else:
             self._handles += [m.register_forward_pre_hook(self._forward_pre) for m in self.model.modules()]
         if self.count_ops:
@@ -208,6 +252,9 @@ class DeviceTracker:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        if self._autograd is not None:
+            torch.autograd.backward, torch.autograd.grad = self._autograd  # type: ignore[assignment]
+            self._autograd = None
 
 
 @contextmanager
