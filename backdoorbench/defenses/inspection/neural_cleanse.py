@@ -21,6 +21,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -174,9 +175,10 @@ def reverse_trigger(
     return Reversed(mask.cpu(), pattern.cpu(), float(mask.abs().sum()), float(success), step)
 
 
-def cleanse(model: Classifier, images: torch.Tensor, cfg: ReverseSchedule, seed: int = 0) -> Verdict:
-    """Neural Cleanse on ``model`` with the clean ``images``: a reversed trigger per class (``cfg.classes``, or all),
-    the MAD outlier test over their mask L1 norms, the :class:`Verdict`. The model is left as it was (mode, grads)."""
+def cleanse(model: Classifier, images: Any, cfg: ReverseSchedule, seed: int = 0) -> Verdict:
+    """Neural Cleanse on ``model`` with the clean ``images`` (uint8 [N, C, H, W], a tensor or an ImageArray): a
+    reversed trigger per class (``cfg.classes``, or all), the MAD outlier test over their mask L1 norms, the
+    :class:`Verdict`. The model is left as it was (mode, grads)."""
     classes = list(range(model.num_classes)) if cfg.classes is None else [int(c) for c in cfg.classes]
     bad = [c for c in classes if not 0 <= c < model.num_classes]
     if bad or len(classes) < 3:
