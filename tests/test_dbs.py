@@ -137,3 +137,15 @@ def test_dbs_on_the_same_weights_as_an_external_checkpoint(tiny_bert_dir, corpus
     e = ext["metrics"]
     assert e["asr"] is None and e["true_target"] is None and e["top_class_correct"] is None
     assert json.dumps(ext["inspection"]["inversions"]) == json.dumps(first["inspection"]["inversions"])
+
+
+def test_image_runs_are_refused_with_a_clear_message() -> None:
+    from hydra import compose, initialize_config_dir
+
+    from backdoorbench.cli import config_dir
+    from backdoorbench.engine.pipeline import validate
+
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose("config", overrides=["attack=badnets", "defense=dbs"])
+    with pytest.raises(ConfigError, match="supports text only"):
+        validate(cfg)

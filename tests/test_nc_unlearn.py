@@ -170,3 +170,10 @@ def test_pipeline_unlearns_only_when_flagged(tmp_path: Path) -> None:
     assert record["unlearning_size"] == 24 + 6 * len(expected)
     assert every["metrics"]["ba"] == m["ba"] and "defense_unlearn" in every["timing"]
     assert (tmp_path / "every" / "trigger" / f"mask_{expected[0]}.png").is_file()
+
+
+def test_text_runs_are_refused_with_a_clear_message() -> None:
+    from backdoorbench.engine.pipeline import validate
+
+    with pytest.raises(ConfigError, match="supports vision only"):
+        validate(compose_run("attack=badnet_rw", "defense=nc_unlearn"))
