@@ -196,6 +196,7 @@ TINY_DEFENSE = {
     "abl": ["defense.isolation_epochs=1", "defense.unlearning_epochs=1"],
     "anp": ["defense.iterations=2"],
     "neural_cleanse": ["defense.steps=2"],
+    "nc_unlearn": ["defense.nc.steps=2", "defense.epochs=1"],
     "dbd": [
         "defense.ssl_epochs=1",
         "defense.head_epochs=1",

@@ -231,8 +231,8 @@ class DeviceTracker:
             self._handles.append(nn.modules.module.register_module_forward_hook(self._forward_post, always_call=True))
             self._depth = 0
             self._autograd = (torch.autograd.backward, torch.autograd.grad)
-            torch.autograd.backward = self._timed_autograd(self._autograd[0])  # type: ignore[assignment]
-            torch.autograd.grad = self._timed_autograd(self._autograd[1])  # type: ignore[assignment]
+            torch.autograd.backward = self._timed_autograd(self._autograd[0])
+            torch.autograd.grad = self._timed_autograd(self._autograd[1])
         else:
             self._handles += [m.register_forward_pre_hook(self._forward_pre) for m in self.model.modules()]
         if self.count_ops:
@@ -253,7 +253,7 @@ class DeviceTracker:
             h.remove()
         self._handles.clear()
         if self._autograd is not None:
-            torch.autograd.backward, torch.autograd.grad = self._autograd  # type: ignore[assignment]
+            torch.autograd.backward, torch.autograd.grad = self._autograd
             self._autograd = None
 
 

@@ -45,10 +45,17 @@ def _png(path: Path, image: np.ndarray) -> Path:
 
 
 def save_trigger_images(verdict: Verdict, folder: Path) -> list[Path]:
-    """Write each class's reconstructed trigger to ``folder``: ``mask_<c>.png`` (grey, white = trigger pixel),
-    ``pattern_<c>.png`` and ``trigger_<c>.png`` (mask × pattern, what is stamped on an image)."""
+    """Write each class's reconstructed trigger to ``folder``: an image trigger as ``mask_<c>.png`` (grey, white =
+    trigger pixel), ``pattern_<c>.png`` and ``trigger_<c>.png`` (mask × pattern, what is stamped on an image); a
+    text trigger (``{"tokens": [...]}``) as ``tokens_<c>.txt``, one token a line."""
     files: list[Path] = []
     for label, parts in sorted(verdict.triggers.items()):
+        if "tokens" in parts:
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"tokens_{label}.txt"
+            path.write_text("".join(f"{t}\n" for t in parts["tokens"]), encoding="utf-8")
+            files.append(path)
+            continue
         mask, pattern = np.asarray(parts["mask"]), np.asarray(parts["pattern"])
         files.append(_png(folder / f"mask_{label}.png", mask))
         files.append(_png(folder / f"pattern_{label}.png", pattern))

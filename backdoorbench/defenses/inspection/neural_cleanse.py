@@ -21,6 +21,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,9 +42,10 @@ EPSILON = 1e-7  # Keras' K.epsilon(), used in the reference's tanh parametrisati
 
 
 @dataclass
-class NeuralCleanseConfig(DefenseConfig):
-    name: str = "neural_cleanse"
-    clean_size: int = 500
+class ReverseSchedule:
+    """Neural Cleanse's trigger optimisation and outlier test (``defense.*`` of neural_cleanse, ``defense.nc.*`` of
+    nc_unlearn)."""
+
     steps: int = 1000  # optimisation steps per class (reference STEPS); one step = mini_batch batches
     mini_batch: int | None = None  # batches per step; None = one pass over the clean data (reference 1000 // 32)
     batch_size: int = 32
@@ -62,7 +64,6 @@ class NeuralCleanseConfig(DefenseConfig):
     classes: list[int] | None = None  # the classes to examine; None = all
 
     def __post_init__(self) -> None:
-        super().__post_init__()
         for key in ("steps", "batch_size", "patience", "early_stop_patience"):
             if getattr(self, key) < 1:
                 raise ValueError(f"defense.{key} must be >= 1, got {getattr(self, key)}")
@@ -72,6 +73,16 @@ class NeuralCleanseConfig(DefenseConfig):
             raise ValueError("defense.lr and defense.init_cost must be > 0 and defense.cost_multiplier > 1")
         if not 0.0 < self.attack_succ_threshold <= 1.0:
             raise ValueError(f"defense.attack_succ_threshold must be in (0, 1], got {self.attack_succ_threshold}")
+
+
+@dataclass
+class NeuralCleanseConfig(ReverseSchedule, DefenseConfig):
+    name: str = "neural_cleanse"
+    clean_size: int = 500
+
+    def __post_init__(self) -> None:
+        DefenseConfig.__post_init__(self)
+        ReverseSchedule.__post_init__(self)
 
 
 @dataclass
@@ -94,7 +105,7 @@ def _unsquash(x: torch.Tensor) -> torch.Tensor:
 
 
 def reverse_trigger(
-    model: Classifier, images: torch.Tensor, target: int, cfg: NeuralCleanseConfig, seed: int = 0
+    model: Classifier, images: torch.Tensor, target: int, cfg: ReverseSchedule, seed: int = 0
 ) -> Reversed:
     """Neural Cleanse's optimisation for one class (``visualizer.py: Visualizer.visualize``) on ``images``
     (uint8 or float [N, C, H, W] in [0, 1]) with the reference's dynamic cost schedule and early stop."""
@@ -166,10 +177,57 @@ def reverse_trigger(
     return Reversed(mask.cpu(), pattern.cpu(), float(mask.abs().sum()), float(success), step)
 
 
+def cleanse(model: Classifier, images: Any, cfg: ReverseSchedule, seed: int = 0) -> Verdict:
+    """Neural Cleanse on ``model`` with the clean ``images`` (uint8 [N, C, H, W], a tensor or an ImageArray): a
+    reversed trigger per class (``cfg.classes``, or all), the MAD outlier test over their mask L1 norms, the
+    :class:`Verdict`. The model is left as it was (mode, grads)."""
+    classes = list(range(model.num_classes)) if cfg.classes is None else [int(c) for c in cfg.classes]
+    bad = [c for c in classes if not 0 <= c < model.num_classes]
+    if bad or len(classes) < 3:
+        raise ConfigError(
+            f"defense.classes must name >= 3 labels in 0..{model.num_classes - 1} (the MAD needs a population)"
+            f", got {cfg.classes}"
+        )
+    was_training = model.training
+    grads = [p.requires_grad for p in model.parameters()]
+    model.eval()
+    model.requires_grad_(False)
+    found: dict[int, Reversed] = {}
+    pixels = image_tensor(images)  # a lazy ImageArray read once, not row by row
+    try:
+        for c in classes:
+            found[c] = reverse_trigger(model, pixels, c, cfg, seed=stage_seed(seed, "neural-cleanse-class", c))
+            log.info("neural_cleanse: class %d: mask L1 %.2f (success %.3f, %d steps)", c, found[c].norm,
+                     found[c].success, found[c].steps)
+    finally:
+        for p, g in zip(model.parameters(), grads):
+            p.requires_grad_(g)
+        model.train(was_training)
+    norms = [found[c].norm for c in classes]
+    flagged_pos, index, median, mad = low_outliers(norms, cfg.anomaly_threshold)
+    smallest = int(np.argmin(norms))
+    return Verdict(
+        score=float(index[smallest]),
+        flagged=bool(flagged_pos),
+        suspected_targets=[classes[i] for i in flagged_pos],
+        top_class=classes[smallest],
+        class_scores=norms,
+        classes=classes,
+        triggers={c: {"mask": r.mask.numpy(), "pattern": r.pattern.numpy()} for c, r in found.items()},
+        extra={
+            "score": "mask_l1_norm",
+            "anomaly_index": [float(v) for v in index],
+            "median": median,
+            "mad": mad,
+            "success": [found[c].success for c in classes],
+            "steps": [found[c].steps for c in classes],
+        },
+    )
+
+
 @register_defense(
     "neural_cleanse",
     modality="vision",
-    category="inspection",
     needs="the model and the defender's clean images (no trigger, no poisoned data)",
     description="Neural Cleanse: reverse-engineer a minimal trigger per class, flag abnormally small ones (MAD)",
     config=NeuralCleanseConfig,
@@ -178,48 +236,7 @@ class NeuralCleanse(ModelInspector):
     def inspect(self, model: Classifier, clean: Samples) -> Verdict:
         if clean.modality != "vision":
             raise ConfigError("neural_cleanse supports vision only: its trigger is a mask over image pixels")
-        cfg: NeuralCleanseConfig = self.cfg
-        classes = list(range(model.num_classes)) if cfg.classes is None else [int(c) for c in cfg.classes]
-        bad = [c for c in classes if not 0 <= c < model.num_classes]
-        if bad or len(classes) < 3:
-            raise ConfigError(
-                f"defense.classes must name >= 3 labels in 0..{model.num_classes - 1} (the MAD needs a population)"
-                f", got {cfg.classes}"
-            )
-        was_training = model.training
-        grads = [p.requires_grad for p in model.parameters()]
-        model.eval()
-        model.requires_grad_(False)
-        found: dict[int, Reversed] = {}
         t0 = time.perf_counter()
-        try:
-            for c in classes:
-                seed = stage_seed(self.seed, "neural-cleanse-class", c)
-                found[c] = reverse_trigger(model, image_tensor(clean.inputs), c, cfg, seed=seed)
-                log.info("neural_cleanse: class %d: mask L1 %.2f (success %.3f, %d steps)", c, found[c].norm,
-                         found[c].success, found[c].steps)
-        finally:
-            for p, g in zip(model.parameters(), grads):
-                p.requires_grad_(g)
-            model.train(was_training)
+        verdict = cleanse(model, clean.inputs, self.cfg, self.seed)
         self.stage_times["reverse"] = round(time.perf_counter() - t0, 3)
-        norms = [found[c].norm for c in classes]
-        flagged_pos, index, median, mad = low_outliers(norms, cfg.anomaly_threshold)
-        smallest = int(np.argmin(norms))
-        return Verdict(
-            score=float(index[smallest]),
-            flagged=bool(flagged_pos),
-            suspected_targets=[classes[i] for i in flagged_pos],
-            top_class=classes[smallest],
-            class_scores=norms,
-            classes=classes,
-            triggers={c: {"mask": r.mask.numpy(), "pattern": r.pattern.numpy()} for c, r in found.items()},
-            extra={
-                "score": "mask_l1_norm",
-                "anomaly_index": [float(v) for v in index],
-                "median": median,
-                "mad": mad,
-                "success": [found[c].success for c in classes],
-                "steps": [found[c].steps for c in classes],
-            },
-        )
+        return verdict
