@@ -37,6 +37,17 @@ class _TimmLikeHead(nn.Module):
         x = torch.flatten(self.avgpool(x), 1)
         return x if pre_logits else getattr(self, self.head_attr)(x)
 
+    def _stages_and_head(self, block: type[nn.Module], num_blocks: Sequence[int], num_classes: int) -> None:
+        """The four stages at 64/128/256/512 channels (strides 1, 2, 2, 2), pooling and the linear head, built
+        after the stem in this order (the order of their random initialisation); the ResNets below share it."""
+        self.layer1 = self._make_layer(block, 64, num_blocks[0], 1)
+        self.layer2 = self._make_layer(block, 128, num_blocks[1], 2)
+        self.layer3 = self._make_layer(block, 256, num_blocks[2], 2)
+        self.layer4 = self._make_layer(block, 512, num_blocks[3], 2)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.num_features = 512 * block.expansion  # type: ignore[attr-defined]
+        self.linear = nn.Linear(self.num_features, num_classes)
+
     def _make_layer(self, block: type[nn.Module], planes: int, n: int, stride: int) -> nn.Sequential:
         """One stage: ``n`` blocks, the first with ``stride`` (the ResNets below share it)."""
         layers = []
@@ -90,13 +101,7 @@ class CifarResNet(_TimmLikeHead):
         self.in_planes = 64
         self.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
-        self.layer1 = self._make_layer(block, 64, num_blocks[0], 1)
-        self.layer2 = self._make_layer(block, 128, num_blocks[1], 2)
-        self.layer3 = self._make_layer(block, 256, num_blocks[2], 2)
-        self.layer4 = self._make_layer(block, 512, num_blocks[3], 2)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.num_features = 512 * block.expansion  # type: ignore[attr-defined]
-        self.linear = nn.Linear(self.num_features, num_classes)
+        self._stages_and_head(block, num_blocks, num_classes)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
@@ -137,13 +142,7 @@ class PreActResNet(_TimmLikeHead):
         super().__init__()
         self.in_planes = 64
         self.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
-        self.layer1 = self._make_layer(block, 64, num_blocks[0], 1)
-        self.layer2 = self._make_layer(block, 128, num_blocks[1], 2)
-        self.layer3 = self._make_layer(block, 256, num_blocks[2], 2)
-        self.layer4 = self._make_layer(block, 512, num_blocks[3], 2)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.num_features = 512 * block.expansion  # type: ignore[attr-defined]
-        self.linear = nn.Linear(self.num_features, num_classes)
+        self._stages_and_head(block, num_blocks, num_classes)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         out = self.conv1(x)
