@@ -4,7 +4,7 @@
 #
 #   bash scripts/tables.sh <table> [extra overrides ...]
 #
-# tables: text_detect, vision_detect, repair, dbd (the embedded scale) and the presets cpu_nad, cpu_rnp,
+# tables: text_detect, vision_detect, repair, dbd, anp_clp (the embedded scale) and the presets cpu_nad, cpu_rnp,
 # cpu_dan_text, cpu_text_repair, dan_adaptive, dan_task_agnostic (configs/experiment/). Each sweep writes to
 # multirun/tables/<table>/<part>: running the same command again skips the jobs whose results are there (the
 # sweep machinery's resume, docs/cluster.md), so an interrupted table continues where it stopped. Extra
@@ -34,10 +34,12 @@ case $table in
         sweep text_rnp attack=badnet_rw,ripples defense=rnp defense.curve_step=0.1 ;;
     dbd)
         sweep main attack=blended,wanet,label_consistent,badnets defense=dbd threads=1 ;;
+    anp_clp)
+        sweep vision attack=badnets,blended,wanet defense=anp,clp threads=1 ;;
     cpu_nad | cpu_rnp | cpu_dan_text | cpu_text_repair | dan_adaptive | dan_task_agnostic)
         sweep main "+experiment=$table" ;;
     *)
-        echo "unknown table '$table': text_detect, vision_detect, repair, dbd, cpu_nad, cpu_rnp, cpu_dan_text," \
+        echo "unknown table '$table': text_detect, vision_detect, repair, dbd, anp_clp, cpu_nad, cpu_rnp, cpu_dan_text," \
             "cpu_text_repair, dan_adaptive, dan_task_agnostic" >&2
         exit 2 ;;
 esac
