@@ -175,6 +175,24 @@ def largest_difference(a: dict[str, Any], b: dict[str, Any], victim: bool = True
     return worst, where
 
 
+def published_keys(c: Component) -> tuple[str, ...]:
+    """The metrics the published std is of: a victim's BA / ASR, a detector's FAR at 5% FRR, a defense's BA / ASR
+    after; none without a 3-seed table."""
+    if c.std.startswith(NO_TABLE):
+        return ()
+    if c.std.startswith("FAR"):
+        return ("far_at_frr.0.05",)
+    return ("ba", "asr") if c.defense == "none" else ("ba_after", "asr_after")
+
+
+def differences(a: dict[str, Any], b: dict[str, Any], keys: tuple[str, ...]) -> str:
+    """``key d / key d`` (points) for the given metrics, ``—`` for none."""
+    fa, fb = flat_metrics(a), flat_metrics(b)
+    label = {"far_at_frr.0.05": "FAR@5%", "ba": "BA", "asr": "ASR", "ba_after": "BA", "asr_after": "ASR"}
+    parts = [f"{label[k]} {abs(fa[k] - fb[k]) * 100:.2f}" for k in keys if k in fa and k in fb]
+    return " / ".join(parts) or "—"
+
+
 def run_once(name: str, c: Component, scale: str, threads: int, tag: str, out: Path) -> dict[str, Any]:
     rdir = run_dir(out, name, tag)
     results = rdir / "results.json"
@@ -213,7 +231,8 @@ def measure(name: str, c: Component, scale: str, out: Path) -> dict[str, Any]:
     cross, cross_where = largest_difference(a["metrics"], d["metrics"], victim)
     ops = sorted({op for r in (a, b, d) for op in r.get("reproducibility", {}).get("nondeterministic_ops", [])})
     costs = [run_cost(out, name, tag) for tag, _ in TAGS]
-    return {"name": name, "same": same, "same_where": same_where, "cross": cross, "cross_where": cross_where,
+    return {"name": name, "published": differences(a["metrics"], d["metrics"], published_keys(c)), "same": same,
+            "same_where": same_where, "cross": cross, "cross_where": cross_where,
             "identical": flat_metrics(a["metrics"]) == flat_metrics(b["metrics"]), "ops": ops,
             "retrained": not victim and not all(r.get("cache", {}).get("hit") for r in (a, b, d)),
             "wall2": costs[0]["wall_s"], "wall1": costs[2]["wall_s"], "cpu": sum(x["cpu_s"] for x in costs)}
@@ -221,18 +240,19 @@ def measure(name: str, c: Component, scale: str, out: Path) -> dict[str, Any]:
 
 def table(rows: list[dict[str, Any]], scale: str) -> str:
     lines = [f"scale {scale}; largest metric difference in points (the metric), 3 runs per component", "",
-             "| component | same command twice, 2 threads | 1 vs 2 threads | published seed-to-seed std (3 seeds) "
-             "| nondeterministic ops | wall s (2 thr / 1 thr) | CPU s (3 runs) |", "|---|---|---|---|---|---|---|"]
+             "| component | same command twice, 2 threads | 1 vs 2 threads: largest | 1 vs 2 threads: the published "
+             "metrics | published seed-to-seed std (3 seeds) | nondeterministic ops | wall s (2 thr / 1 thr) "
+             "| CPU s (3 runs) |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         std = COMPONENTS[r["name"]].std
         if "error" in r:
-            lines.append(f"| {r['name']} | failed | | {std} | | | |")
+            lines.append(f"| {r['name']} | failed | | | {std} | | | |")
             continue
         same = "0 (bit-identical metrics)" if r["identical"] else f"{r['same']:.2f} ({r['same_where']})"
         cross = f"{r['cross']:.2f} ({r['cross_where']})" if r["cross"] else "0"
         note = " (victim retrained: not cached)" if r["retrained"] else ""
-        lines.append(f"| {r['name']}{note} | {same} | {cross} | {std} | {', '.join(r['ops']) or 'none'} "
-                     f"| {r['wall2']:.0f} / {r['wall1']:.0f} | {r['cpu']:.0f} |")
+        lines.append(f"| {r['name']}{note} | {same} | {cross} | {r['published']} | {std} "
+                     f"| {', '.join(r['ops']) or 'none'} | {r['wall2']:.0f} / {r['wall1']:.0f} | {r['cpu']:.0f} |")
     return "\n".join(lines)
 
 

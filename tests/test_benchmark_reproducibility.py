@@ -68,3 +68,16 @@ def test_every_defense_row_has_its_victim_row_and_the_same_victim_overrides(scal
         assert row in repro.COMPONENTS, name
         own, theirs = repro.overrides(comp, scale), repro.overrides(repro.COMPONENTS[row], scale)
         assert [o for o in own if not o.startswith("defense")] == [o for o in theirs if not o.startswith("defense")]
+
+
+def test_the_published_metrics_of_each_row_kind():
+    c = repro.COMPONENTS
+    assert repro.published_keys(c["victim:badnets"]) == ("ba", "asr")
+    assert repro.published_keys(c["finetune"]) == ("ba_after", "asr_after")
+    assert repro.published_keys(c["dan (text)"]) == ("far_at_frr.0.05",)
+    assert repro.published_keys(c["clp"]) == ()
+    a = {"ba": 0.5, "asr": 0.9, "far_at_frr": {"0.05": 0.2}}
+    b = {"ba": 0.52, "asr": 0.9, "far_at_frr": {"0.05": 0.1}}
+    assert repro.differences(a, b, ("ba", "asr")) == "BA 2.00 / ASR 0.00"
+    assert repro.differences(a, b, ("far_at_frr.0.05",)) == "FAR@5% 10.00"
+    assert repro.differences(a, b, ()) == "—"
