@@ -193,6 +193,12 @@ def differences(a: dict[str, Any], b: dict[str, Any], keys: tuple[str, ...]) -> 
     return " / ".join(parts) or "—"
 
 
+def differing(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """The metrics whose values differ at all (rates or not, e.g. a detector's threshold)."""
+    fa, fb = flat_metrics(a), flat_metrics(b)
+    return sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k))
+
+
 def run_once(name: str, c: Component, scale: str, threads: int, tag: str, out: Path) -> dict[str, Any]:
     rdir = run_dir(out, name, tag)
     results = rdir / "results.json"
@@ -233,7 +239,8 @@ def measure(name: str, c: Component, scale: str, out: Path) -> dict[str, Any]:
     costs = [run_cost(out, name, tag) for tag, _ in TAGS]
     return {"name": name, "published": differences(a["metrics"], d["metrics"], published_keys(c)), "same": same,
             "same_where": same_where, "cross": cross, "cross_where": cross_where,
-            "identical": flat_metrics(a["metrics"]) == flat_metrics(b["metrics"]), "ops": ops,
+            "identical": not differing(a["metrics"], b["metrics"]), "ops": ops,
+            "cross_differing": [k for k in differing(a["metrics"], d["metrics"]) if victim or k not in ("ba", "asr")],
             "retrained": not victim and not all(r.get("cache", {}).get("hit") for r in (a, b, d)),
             "wall2": costs[0]["wall_s"], "wall1": costs[2]["wall_s"], "cpu": sum(x["cpu_s"] for x in costs)}
 
@@ -249,7 +256,9 @@ def table(rows: list[dict[str, Any]], scale: str) -> str:
             lines.append(f"| {r['name']} | failed | | | {std} | | | |")
             continue
         same = "0 (bit-identical metrics)" if r["identical"] else f"{r['same']:.2f} ({r['same_where']})"
-        cross = f"{r['cross']:.2f} ({r['cross_where']})" if r["cross"] else "0"
+        cross = f"{r['cross']:.2f} ({r['cross_where']})" if r["cross"] else (
+            f"0 (rates; {', '.join(r['cross_differing'])} "
+            f"differ{'s' if len(r['cross_differing']) == 1 else ''})" if r["cross_differing"] else "0 (bit-identical)")
         note = " (victim retrained: not cached)" if r["retrained"] else ""
         lines.append(f"| {r['name']}{note} | {same} | {cross} | {r['published']} | {std} "
                      f"| {', '.join(r['ops']) or 'none'} | {r['wall2']:.0f} / {r['wall1']:.0f} | {r['cpu']:.0f} |")

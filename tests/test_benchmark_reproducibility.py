@@ -81,3 +81,10 @@ def test_the_published_metrics_of_each_row_kind():
     assert repro.differences(a, b, ("ba", "asr")) == "BA 2.00 / ASR 0.00"
     assert repro.differences(a, b, ("far_at_frr.0.05",)) == "FAR@5% 10.00"
     assert repro.differences(a, b, ()) == "—"
+
+
+def test_differing_names_every_metric_that_moved():
+    a = {"ba": 0.5, "threshold": 3.8805516, "far_at_frr": {"0.05": 1.0}}
+    b = {"ba": 0.5, "threshold": 3.8805553, "far_at_frr": {"0.05": 1.0}, "auroc": 0.4}
+    assert repro.differing(a, b) == ["auroc", "threshold"]
+    assert repro.differing(a, a) == []
