@@ -66,6 +66,7 @@ ATTACK_TINY: dict[str, list[str]] = {
     "badpre": ["attack.max_unlabeled=100", "attack.epochs=1", "attack.probe_size=50"],
 }
 DBD = ["defense.ssl_epochs=1", "defense.head_epochs=1", "defense.mixmatch_epochs=1"]
+ABL = ("defense.isolation_epochs=1", "defense.unlearning_epochs=1", "defense.finetune_epochs=1")
 NO_TABLE = "no 3-seed table"
 
 
@@ -118,8 +119,8 @@ COMPONENTS: dict[str, Component] = dict([
     ("dbd", Component("badnets", "dbd", tuple(DBD), "BA 0.1 / ASR 0.1 (dbd, badnets)")),
     ("dbd (defense.threads=null)", Component("badnets", "dbd", (*DBD, "defense.threads=null"),
                                              "BA 0.1 / ASR 0.1 (dbd, badnets)")),
-    ("abl", Component("badnets", "abl", ("defense.isolation_epochs=1", "defense.unlearning_epochs=1",
-                                         "defense.finetune_epochs=1"), NO_TABLE)),
+    ("abl", Component("badnets", "abl", ABL, NO_TABLE)),
+    ("abl (defense.threads=null)", Component("badnets", "abl", (*ABL, "defense.threads=null"), NO_TABLE)),
     ("spectral", Component("badnets", "spectral", (), NO_TABLE)),
     ("activation_clustering", Component("badnets", "activation_clustering", (), NO_TABLE)),
     ("spectre", Component("badnets", "spectre", (), NO_TABLE)),
