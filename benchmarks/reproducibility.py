@@ -17,6 +17,7 @@ cache per run; a defense row compares the defense's own metrics, the victim's ar
     python benchmarks/reproducibility.py                          # every component, --scale tiny
     python benchmarks/reproducibility.py --only victim:badnets dbd --out /tmp/repro_bench
     python benchmarks/reproducibility.py --list
+    python benchmarks/reproducibility.py --no-run --out docs/experiments/runs/repro_bench_tiny   # the kept records
 
 Runs go to ``--out`` (kept: a rerun reuses finished runs and only prints the table); progress goes to stderr.
 docs/reproducibility.md gives the measured table and its CPU time.
@@ -200,9 +201,12 @@ def differing(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     return sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k))
 
 
-def run_once(name: str, c: Component, scale: str, threads: int, tag: str, out: Path) -> dict[str, Any]:
+def run_once(name: str, c: Component, scale: str, threads: int, tag: str, out: Path,
+             run: bool = True) -> dict[str, Any]:
     rdir = run_dir(out, name, tag)
     results = rdir / "results.json"
+    if not results.is_file() and not run:
+        raise RuntimeError(f"{name} {tag}: no results.json in {rdir} (--no-run)")
     if not results.is_file():
         env = {**os.environ, "BACKDOORBENCH_PROGRESS": "0", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                "PYTHONHASHSEED": "0"}
@@ -231,8 +235,8 @@ def run_cost(out: Path, name: str, tag: str) -> dict[str, float]:
     return json.loads(f.read_text()) if f.is_file() else {"wall_s": 0.0, "cpu_s": 0.0}
 
 
-def measure(name: str, c: Component, scale: str, out: Path) -> dict[str, Any]:
-    a, b, d = (run_once(name, c, scale, threads, tag, out) for tag, threads in TAGS)
+def measure(name: str, c: Component, scale: str, out: Path, run: bool = True) -> dict[str, Any]:
+    a, b, d = (run_once(name, c, scale, threads, tag, out, run) for tag, threads in TAGS)
     victim = c.defense == "none"  # a defense's row: its own metrics (the victim's are its victim row)
     same, same_where = largest_difference(a["metrics"], b["metrics"], victim)
     cross, cross_where = largest_difference(a["metrics"], d["metrics"], victim)
@@ -272,6 +276,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--scale", choices=sorted(SCALES), default="tiny")
     p.add_argument("--out", type=Path, default=Path("runs/reproducibility"))
     p.add_argument("--list", action="store_true", help="the components, their commands and published std")
+    p.add_argument("--no-run", action="store_true", help="only the table from the runs in --out (kept records)")
     args = p.parse_args(argv)
     if args.list:
         for name, c in COMPONENTS.items():
@@ -287,7 +292,7 @@ def main(argv: list[str] | None = None) -> None:
     for i, name in enumerate(names, 1):
         print(f"[{i}/{len(names)}] {name} ({time.perf_counter() - t0:.0f} s so far)", file=sys.stderr, flush=True)
         try:
-            rows.append(measure(name, COMPONENTS[name], args.scale, out))
+            rows.append(measure(name, COMPONENTS[name], args.scale, out, not args.no_run))
         except RuntimeError as exc:
             print(f"  {exc}", file=sys.stderr, flush=True)
             rows.append({"name": name, "error": str(exc)})
