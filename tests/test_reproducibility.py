@@ -82,6 +82,36 @@ def test_dbd_trains_with_its_own_thread_count(tmp_path: Path) -> None:
         DBDConfig(threads=0)
 
 
+def test_abl_trains_with_its_own_thread_count() -> None:
+    """ABL trains its own model from the start, so ``defense.threads: 1`` gives the same weights at run threads 1
+    and 2 (as DBD's pin); the run's count is given back afterwards."""
+    from backdoorbench.defenses.training.abl import ABL, ABLConfig
+    from backdoorbench.trainer.lit import TrainConfig
+
+    tiny = dict(isolation_ratio=0.1, isolation_epochs=1, finetune_epochs=1, unlearning_epochs=1, threads=1)
+    trainer = TrainConfig(max_epochs=1, batch_size=16, optimizer="sgd", lr=0.05, logger="none")
+    before = torch.get_num_threads()
+    seen, states = [], []
+
+    class Spy(ABL):
+        def fit_model(self, *args, **kwargs):
+            seen.append(torch.get_num_threads())
+            return super().fit_model(*args, **kwargs)
+
+    try:
+        for run_threads in (1, 2):
+            torch.set_num_threads(run_threads)
+            states.append(Spy(ABLConfig(**tiny), seed=0).train(tiny_images(), tiny_model, trainer=trainer).state_dict())
+            assert torch.get_num_threads() == run_threads  # the run's count again afterwards
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [1] * 6  # three stages per run, each at the pinned count
+    for k, v in states[0].items():
+        assert torch.equal(v, states[1][k]), k
+    with pytest.raises(ValueError, match="threads"):
+        ABLConfig(threads=0)
+
+
 # -- report ----------------------------------------------------------------------------------------------
 def _run(root: Path, name: str, seed: int, threads: int | None, ops: list[str] | None = None) -> None:
     import yaml

@@ -37,6 +37,7 @@ from backdoorbench.defenses.training.inspection import (
 )
 from backdoorbench.modality.base import Classifier
 from backdoorbench.registry import register_defense
+from backdoorbench.runtime import intra_op_threads
 from backdoorbench.trainer.lit import ClassifierModule, TrainConfig
 
 
@@ -49,6 +50,7 @@ class ABLConfig(InspectionConfig):
     finetune_epochs: int | None = None  # stage 2 on the non-isolated samples; null = trainer.max_epochs (ref.: 60)
     unlearning_epochs: int = 5  # reference: 5
     unlearning_lr: float = 5.0e-4  # reference: 5e-4 (SGD, momentum 0.9)
+    threads: int | None = 1  # CPU threads of ABL's training (1: the same result at any run threads); null = the run's
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -62,6 +64,9 @@ class ABLConfig(InspectionConfig):
             raise ValueError(f"defense.finetune_epochs must be >= 0 or null, got {self.finetune_epochs}")
         if self.unlearning_lr <= 0:
             raise ValueError(f"defense.unlearning_lr must be > 0, got {self.unlearning_lr}")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise ValueError(f"defense.threads must be a positive integer or null (the run's threads), got "
+                             f"{self.threads!r}")
 
 
 def lga_loss(ce: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -113,7 +118,12 @@ class ABL(DataInspectionDefense):
         trained: Classifier | None = None,
         trainer: TrainConfig | None = None,
     ) -> Classifier:
-        """``trained`` is ignored: ABL trains its own model from the start (its LGA isolation stage)."""
+        """``trained`` is ignored: ABL trains its own model from the start (its LGA isolation stage), with
+        ``defense.threads`` CPU threads (docs/reproducibility.md)."""
+        with intra_op_threads(self.cfg.threads):
+            return self._train(train, model_factory, trainer)
+
+    def _train(self, train: Samples, model_factory: Any, trainer: TrainConfig | None) -> Classifier:
         cfg = self.cfg
         trainer = trainer if trainer is not None else TrainConfig()
         gamma = cfg.gamma
