@@ -11,8 +11,8 @@ import pytest
 from conftest import REPO_ROOT
 
 SCRIPT = REPO_ROOT / "scripts" / "tables.sh"
-TABLES = ["text_detect", "vision_detect", "repair", "dbd", "anp_clp", "cpu_nad", "cpu_rnp", "cpu_dan_text", "cpu_text_repair",
-          "dan_adaptive", "dan_task_agnostic"]
+TABLES = ["text_detect", "vision_detect", "repair", "dbd", "anp_clp", "cpu_nad", "cpu_rnp", "cpu_dan_text",
+          "cpu_text_repair", "dan_adaptive", "dan_task_agnostic"]
 
 
 def _calls(tmp_path: Path, *args: str) -> tuple[int, list[list[str]]]:
