@@ -110,6 +110,8 @@ COMPONENTS: dict[str, Component] = dict([
     ("rap", Component("badnet_rw", "rap", ("defense.epochs=1",), "FAR@5% 30.4 (text_detect, badnet_rw)")),
     ("bki", Component("badnet_rw", "bki", (), NO_TABLE)),
     ("neural_cleanse", Component("badnets", "neural_cleanse", ("defense.steps=3",), NO_TABLE)),
+    ("nc_unlearn", Component("badnets", "nc_unlearn", ("defense.nc.steps=3", "defense.epochs=1"), NO_TABLE)),
+    ("dbs", Component("badnet_rw", "dbs", ("defense.epochs=20",), NO_TABLE)),
     ("finetune", Component("badnets", "finetune", ("defense.epochs=1",), "BA 0.6 / ASR 22.2 (repair, badnets)")),
     ("nad", Component("badnets", "nad", ("defense.teacher_epochs=1", "defense.epochs=1"),
                       "BA 5.7 / ASR 5.1 (repair, badnets)")),
