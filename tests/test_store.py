@@ -290,6 +290,14 @@ def test_entry_records_the_format_and_a_digest_of_its_metadata(tmp_path: Path) -
     assert st.lookup(key, required=["model.bin", "poison.json"]) == meta
 
 
+def _same_json(a: bytes, b: bytes) -> bool:
+    """Whether two meta.json texts parse to the same values (an edit that changes no value is no edit)."""
+    try:
+        return json.loads(a) == json.loads(b)
+    except ValueError:
+        return False
+
+
 @pytest.mark.parametrize("verify", [True, False])
 def test_every_one_byte_edit_of_meta_json_is_refused(tmp_path: Path, verify: bool) -> None:
     """Each byte of meta.json that is not formatting whitespace, replaced by another: the entry is refused, also
@@ -302,6 +310,8 @@ def test_every_one_byte_edit_of_meta_json_is_refused(tmp_path: Path, verify: boo
     for i in positions:
         edited = bytearray(original)
         edited[i] = ord("1") if original[i] != ord("1") else ord("2")
+        if _same_json(bytes(edited), original):  # e.g. the 17th digit of the float "created": the same double
+            continue
         path.write_bytes(bytes(edited))
         with pytest.raises(store_mod.CacheError, match="meta.json (changed since it was written|is unreadable|is not)"
                                                        "|its meta.json has no meta_sha256"):  # an edit of that key
