@@ -4,8 +4,10 @@
 #
 #   bash scripts/tables.sh <table> [extra overrides ...]
 #
-# tables: text_detect, vision_detect, repair, dbd, anp_clp (the embedded scale) and the presets cpu_nad, cpu_rnp,
-# cpu_dan_text, cpu_text_repair, dan_adaptive, dan_task_agnostic (configs/experiment/). Each sweep writes to
+# tables: text_detect, vision_detect, repair (vision), repair_text, dbd, anp_clp (the embedded scale), the
+# model-inspection zoos zoo_vision and zoo_text (configs/experiment/zoo_*.yaml: seeds are the zoo's own, see
+# there) and the presets cpu_nad, cpu_rnp, cpu_dan_text, cpu_text_repair, dan_adaptive, dan_task_agnostic
+# (configs/experiment/). Each sweep writes to
 # multirun/tables/<table>/<part>: running the same command again skips the jobs whose results are there (the
 # sweep machinery's resume, docs/cluster.md), so an interrupted table continues where it stopped. Extra
 # overrides go to every sweep (e.g. hydra/launcher=slurm, threads=1); to continue a table, give the same ones again:
@@ -19,7 +21,7 @@ out=multirun/tables/$table
 sweep() {
     local part=$1
     shift
-    "$PY" -m backdoorbench run --multirun "$@" seed=0,1,2 "hydra.sweep.dir=$out/$part" "${EXTRA[@]}"
+    "$PY" -m backdoorbench run --multirun "$@" "seed=${SEEDS:-0,1,2}" "hydra.sweep.dir=$out/$part" "${EXTRA[@]}"
 }
 EXTRA=("$@")
 case $table in
@@ -29,17 +31,27 @@ case $table in
         sweep clean attack=badnets attack.poison_rate=0 defense=none
         sweep main attack=badnets,blended,wanet,label_consistent,sig,trojan defense=dan,strip ++defense.num_copies=20 ;;
     repair)
-        sweep vision attack=badnets,blended,wanet defense=finetune,nad,rnp
+        sweep vision attack=badnets,blended,wanet defense=finetune,nad,rnp ;;
+    repair_text)
         sweep text attack=badnet_rw,ripples defense=finetune,nad
         sweep text_rnp attack=badnet_rw,ripples defense=rnp defense.curve_step=0.1 ;;
     dbd)
         sweep main attack=blended,wanet,label_consistent,badnets defense=dbd threads=1 ;;
     anp_clp)
         sweep vision attack=badnets,blended,wanet defense=anp,clp threads=1 ;;
+    zoo_vision)  # 10 clean + 12 backdoored victims (4 attacks; target 0 on seeds 0, 1; target 5 on seed 2)
+        SEEDS=0,1,2,3,4,5,6,7,8,9 sweep clean +experiment=zoo_vision attack=badnets attack.poison_rate=0
+        SEEDS=0,1 sweep backdoored +experiment=zoo_vision attack=badnets,blended,wanet,trojan
+        SEEDS=2 sweep retargeted +experiment=zoo_vision attack=badnets,blended,wanet,trojan attack.target=5 ;;
+    zoo_text)  # 5 clean + 5 backdoored victims (2 attacks; target 1 on seeds 0, 1; target 0 on seed 2)
+        SEEDS=0,1,2,3,4 sweep clean +experiment=zoo_text attack=badnet_rw attack.poison_rate=0
+        SEEDS=0,1 sweep backdoored +experiment=zoo_text attack=badnet_rw,addsent
+        SEEDS=2 sweep retargeted +experiment=zoo_text attack=badnet_rw attack.target=0 ;;
     cpu_nad | cpu_rnp | cpu_dan_text | cpu_text_repair | dan_adaptive | dan_task_agnostic)
         sweep main "+experiment=$table" ;;
     *)
-        echo "unknown table '$table': text_detect, vision_detect, repair, dbd, anp_clp, cpu_nad, cpu_rnp, cpu_dan_text," \
+        echo "unknown table '$table': text_detect, vision_detect, repair, repair_text, dbd, anp_clp, zoo_vision, zoo_text," \
+            "cpu_nad, cpu_rnp, cpu_dan_text," \
             "cpu_text_repair, dan_adaptive, dan_task_agnostic" >&2
         exit 2 ;;
 esac
