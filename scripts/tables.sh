@@ -4,7 +4,7 @@
 #
 #   bash scripts/tables.sh <table> [extra overrides ...]
 #
-# tables: text_detect, vision_detect, repair (vision), repair_text, dbd, anp_clp (the embedded scale), the
+# tables: text_detect, vision_detect, repair (vision), repair_text, dbd, inspect, anp_clp (the embedded scale), the
 # model-inspection zoos zoo_vision and zoo_text (configs/experiment/zoo_*.yaml: seeds are the zoo's own, see
 # there) and the presets cpu_nad, cpu_rnp, cpu_dan_text, cpu_text_repair, dan_adaptive, dan_task_agnostic
 # (configs/experiment/). Each sweep writes to
@@ -33,10 +33,15 @@ case $table in
     repair)
         sweep vision attack=badnets,blended,wanet defense=finetune,nad,rnp ;;
     repair_text)
-        sweep text attack=badnet_rw,ripples defense=finetune,nad
+        sweep text attack=badnet_rw,ripples defense=finetune,nad,anp
         sweep text_rnp attack=badnet_rw,ripples defense=rnp defense.curve_step=0.1 ;;
     dbd)
         sweep main attack=blended,wanet,label_consistent,badnets defense=dbd threads=1 ;;
+    inspect)  # issue 36: the data-inspection defenses; DBD for reference (the other four attacks' DBD rows: table dbd)
+        sweep vision attack=badnets,blended,wanet,label_consistent,sig,trojan \
+            defense=activation_clustering,spectral,spectre,cube,abl
+        sweep vision_dbd attack=sig,trojan defense=dbd threads=1
+        sweep text attack=badnet_rw,addsent defense=activation_clustering,spectral,spectre,cube,bki,abl ;;
     anp_clp)
         sweep vision attack=badnets,blended,wanet defense=anp,clp threads=1 ;;
     zoo_vision)  # 10 clean + 12 backdoored victims (4 attacks; target 0 on seeds 0, 1; target 5 on seed 2)
@@ -50,7 +55,7 @@ case $table in
     cpu_nad | cpu_rnp | cpu_dan_text | cpu_text_repair | dan_adaptive | dan_task_agnostic)
         sweep main "+experiment=$table" ;;
     *)
-        echo "unknown table '$table': text_detect, vision_detect, repair, repair_text, dbd, anp_clp, zoo_vision, zoo_text," \
+        echo "unknown table '$table': text_detect, vision_detect, repair, repair_text, dbd, inspect, anp_clp, zoo_vision, zoo_text," \
             "cpu_nad, cpu_rnp, cpu_dan_text," \
             "cpu_text_repair, dan_adaptive, dan_task_agnostic" >&2
         exit 2 ;;

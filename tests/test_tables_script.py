@@ -11,8 +11,9 @@ import pytest
 from conftest import REPO_ROOT
 
 SCRIPT = REPO_ROOT / "scripts" / "tables.sh"
-TABLES = ["text_detect", "vision_detect", "repair", "dbd", "anp_clp", "cpu_nad", "cpu_rnp", "cpu_dan_text",
-          "cpu_text_repair", "dan_adaptive", "dan_task_agnostic"]
+TABLES = ["text_detect", "vision_detect", "repair", "repair_text", "dbd", "inspect", "anp_clp", "cpu_nad", "cpu_rnp",
+          "cpu_dan_text", "cpu_text_repair", "dan_adaptive", "dan_task_agnostic"]
+ZOOS = {"zoo_vision": (10, 12), "zoo_text": (5, 5)}  # clean, backdoored victims
 
 
 def _calls(tmp_path: Path, *args: str) -> tuple[int, list[list[str]]]:
@@ -43,13 +44,29 @@ def test_each_table_is_three_seeded_sweeps_then_one_report(tmp_path: Path, table
         assert (REPO_ROOT / "configs" / "experiment" / f"{table}.yaml").is_file()
 
 
+@pytest.mark.parametrize("zoo", sorted(ZOOS))
+def test_each_zoo_sweeps_its_declared_clean_and_backdoored_victims(tmp_path: Path, zoo: str) -> None:
+    rc, calls = _calls(tmp_path, zoo)
+    assert rc == 0
+    *runs, report = calls
+    assert report == ["-m", "backdoorbench", "report", f"multirun/tables/{zoo}"]
+    counts = {"clean": 0, "backdoored": 0}
+    for call in runs:
+        assert call[:4] == ["-m", "backdoorbench", "run", "--multirun"] and f"+experiment={zoo}" in call
+        values = dict(a.split("=", 1) for a in call[4:] if "=" in a)
+        n = len(values["seed"].split(",")) * len(values["attack"].split(","))
+        counts["clean" if values.get("attack.poison_rate") == "0" else "backdoored"] += n
+    assert (counts["clean"], counts["backdoored"]) == ZOOS[zoo]
+    assert (REPO_ROOT / "configs" / "experiment" / f"{zoo}.yaml").is_file()
+
+
 def test_an_unknown_table_exits_2_without_running_anything(tmp_path: Path) -> None:
     rc, calls = _calls(tmp_path, "nope")
     assert rc == 2 and calls == []
 
 
 def test_every_cpu_preset_has_a_table() -> None:
-    presets = {p.stem for p in (REPO_ROOT / "configs" / "experiment").glob("*.yaml")}
+    presets = {p.stem for p in (REPO_ROOT / "configs" / "experiment").glob("*.yaml")} - set(ZOOS)
     assert {t for t in TABLES if t.startswith(("cpu_", "dan_"))} == {p for p in presets if p.startswith("cpu_")} | {
         "dan_adaptive", "dan_task_agnostic"}
 
