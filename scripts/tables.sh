@@ -4,7 +4,7 @@
 #
 #   bash scripts/tables.sh <table> [extra overrides ...]
 #
-# tables: text_detect, vision_detect, repair (vision), repair_text, dbd, inspect, anp_clp (the embedded scale), the
+# tables: text_detect, vision_detect, repair (vision), repair_sensitivity (seed 0), repair_text, dbd, inspect, anp_clp (the embedded scale), the
 # model-inspection zoos zoo_vision and zoo_text (configs/experiment/zoo_*.yaml: seeds are the zoo's own, see
 # there) and the presets cpu_nad, cpu_rnp, cpu_dan_text, cpu_text_repair, dan_adaptive, dan_task_agnostic
 # (configs/experiment/). Each sweep writes to
@@ -32,6 +32,11 @@ case $table in
         sweep main attack=badnets,blended,wanet,label_consistent,sig,trojan defense=dan,strip ++defense.num_copies=20 ;;
     repair)
         sweep vision attack=badnets,blended,wanet defense=finetune,nad,rnp ;;
+    repair_sensitivity)  # seed 0: one knob each (the reserve, the papers' steps per epoch); 3 seeds: cpu_nad, cpu_rnp
+        SEEDS=0 sweep reserve attack=badnets,blended,wanet defense=finetune,nad,rnp defense.clean_fraction=null \
+            defense.clean_size=500
+        SEEDS=0 sweep steps attack=badnets,blended,wanet defense=finetune,nad ++defense.steps_per_epoch=40
+        SEEDS=0 sweep steps_rnp attack=badnets,blended,wanet defense=rnp ++defense.steps_per_epoch=4 ;;
     repair_text)
         sweep text attack=badnet_rw,ripples defense=finetune,nad,anp
         sweep text_rnp attack=badnet_rw,ripples defense=rnp defense.curve_step=0.1 ;;
@@ -55,7 +60,7 @@ case $table in
     cpu_nad | cpu_rnp | cpu_dan_text | cpu_text_repair | dan_adaptive | dan_task_agnostic)
         sweep main "+experiment=$table" ;;
     *)
-        echo "unknown table '$table': text_detect, vision_detect, repair, repair_text, dbd, inspect, anp_clp, zoo_vision, zoo_text," \
+        echo "unknown table '$table': text_detect, vision_detect, repair, repair_sensitivity, repair_text, dbd, inspect, anp_clp, zoo_vision, zoo_text," \
             "cpu_nad, cpu_rnp, cpu_dan_text," \
             "cpu_text_repair, dan_adaptive, dan_task_agnostic" >&2
         exit 2 ;;

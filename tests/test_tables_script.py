@@ -13,6 +13,7 @@ from conftest import REPO_ROOT
 SCRIPT = REPO_ROOT / "scripts" / "tables.sh"
 TABLES = ["text_detect", "vision_detect", "repair", "repair_text", "dbd", "inspect", "anp_clp", "cpu_nad", "cpu_rnp",
           "cpu_dan_text", "cpu_text_repair", "dan_adaptive", "dan_task_agnostic"]
+SEED0 = ["repair_sensitivity"]  # a sensitivity study at seed 0 (its 3-seed counterparts: cpu_nad, cpu_rnp)
 ZOOS = {"zoo_vision": (10, 12), "zoo_text": (5, 5)}  # clean, backdoored victims
 
 
@@ -58,6 +59,13 @@ def test_each_zoo_sweeps_its_declared_clean_and_backdoored_victims(tmp_path: Pat
         counts["clean" if values.get("attack.poison_rate") == "0" else "backdoored"] += n
     assert (counts["clean"], counts["backdoored"]) == ZOOS[zoo]
     assert (REPO_ROOT / "configs" / "experiment" / f"{zoo}.yaml").is_file()
+
+
+@pytest.mark.parametrize("table", SEED0)
+def test_a_seed_0_table_sweeps_seed_0_only(tmp_path: Path, table: str) -> None:
+    rc, calls = _calls(tmp_path, table)
+    assert rc == 0 and len(calls) > 1
+    assert all("seed=0" in call and not any(a.startswith("seed=0,") for a in call) for call in calls[:-1])
 
 
 def test_an_unknown_table_exits_2_without_running_anything(tmp_path: Path) -> None:
