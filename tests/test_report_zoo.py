@@ -22,7 +22,7 @@ CONFIGS = REPO_ROOT / "configs"
 def _run(root: Path, name: str, *, attack: str = "badnets", seed: int = 0, score: float | None = 1.0,
          suspected: tuple[int, ...] = (), top: int = 0, target: int | None = 0, config: dict[str, Any] | None = None,
          defense: str = "neural_cleanse", data: str = "mnist5k", model: str = "wrn16_1", write_config: bool = True,
-         ) -> Path:
+         victim: str | None = None) -> Path:
     """A model-inspection run folder as the pipeline writes it (results.json of the real record's shape, and
     config.yaml with the attack's YAML defaults plus ``config``)."""
     d = root / name
@@ -35,7 +35,7 @@ def _run(root: Path, name: str, *, attack: str = "badnets", seed: int = 0, score
                "top_class_correct": None if true_target is None else top == true_target,
                "target_flagged": None if true_target is None else true_target in suspected, "clean_size": 200}
     res = {"run": run, "metrics": metrics, "timing": {"attack": 2.0, "defense": 10.0, "total": 12.5}, "cost": {},
-           "cache": {"key": f"k{name}", "hit": False}, "inspection": {"classes": list(range(10))}}
+           "cache": {"key": victim or f"k{name}", "hit": False}, "inspection": {"classes": list(range(10))}}
     (d / "results.json").write_text(json.dumps(res))
     if write_config:
         node = yaml.safe_load((CONFIGS / "attack" / f"{attack}.yaml").read_text())
@@ -76,13 +76,16 @@ def test_the_model_level_numbers_of_a_planted_zoo_are_the_hand_computed_ones(tmp
     assert "| neural_cleanse | mnist5k / wrn16_1 | blended | backdoored | 0 | 1 | 1 | 2.2 | 1/1 | 0/1 | 0/1 |" in md
 
 
-def test_an_infinite_score_ranks_above_every_finite_one_and_a_null_one_is_left_out(tmp_path: Path) -> None:
+def test_an_infinite_score_ranks_first_a_null_one_is_left_out_a_repeat_is_noted(tmp_path: Path) -> None:
     _run(tmp_path, "c0", score=5.0, config={"poison_rate": 0})
     _run(tmp_path, "c1", seed=1, score=None, config={"poison_rate": 0})  # NaN written as null
     _run(tmp_path, "b0", score=float("inf"), suspected=(0,))
     models, _ = zoo_models(collect_runs([tmp_path], CONFIGS).runs)
     assert zoo_numbers(models)["auroc"] == 1.0
-    assert "left out of the AUROC" in zoo_table(collect_runs([tmp_path], CONFIGS).runs)
+    md = zoo_table(collect_runs([tmp_path], CONFIGS).runs)
+    assert "left out of the AUROC" in md and "inspected a victim" not in md
+    _run(tmp_path, "b0_again", score=4.0, suspected=(0,), victim="kb0")  # the same victim inspected twice
+    assert "1 run(s) inspected a victim (cache key)" in zoo_table(collect_runs([tmp_path], CONFIGS).runs)
 
 
 @pytest.mark.parametrize(("attack", "config", "expected"), [

@@ -23,7 +23,7 @@ from backdoorbench.store import atomic_write_text
 RATE_KEYS = ("auroc", "tpr", "fpr", "target_top_class", "target_flagged")
 MODEL_FIELDS = ["defense", "data", "model", "attack", "seed", "backdoored", "verdict_score", "flagged", "top_class",
                 "suspected_targets", "true_target", "top_class_correct", "target_flagged", "defense_s", "total_s",
-                "dir"]
+                "victim", "dir"]
 
 
 def zoo_label(res: dict[str, Any]) -> tuple[bool | None, str]:
@@ -76,7 +76,7 @@ def zoo_models(results: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], lis
             "top_class_correct": m.get("top_class_correct") if backdoored else None,
             "target_flagged": m.get("target_flagged") if backdoored else None,
             "defense_s": _number(timing.get("defense")), "total_s": _number(timing.get("total")),
-            "dir": str(res.get("_dir")),
+            "dir": str(res.get("_dir")), "victim": (res.get("cache") or {}).get("key"),
         })
     return models, left_out
 
@@ -237,6 +237,11 @@ def zoo_table(results: list[dict[str, Any]]) -> str:
     if no_target:
         notes.append(f"{no_target} backdoored victim(s) without one target (all-to-all) count in AUROC and TPR, "
                      "not in the target columns.")
+    keys = Counter((m["defense"], m["data"], m["model"], m["victim"]) for m in models if m["victim"])
+    repeats = sum(n - 1 for n in keys.values() if n > 1)
+    if repeats:
+        notes.append(f"{repeats} run(s) inspected a victim (cache key) that another run of the same zoo inspected "
+                     "too: each counts as a model.")
     if any(m["verdict_score"] is None for m in models):
         notes.append("Models without a verdict score (null) are left out of the AUROC.")
     if left_out:  # the folders named from the runs' common folder: the same text wherever the records lie
