@@ -4,6 +4,7 @@
 - :mod:`~backdoorbench.report.tables`: attacks × detectors and attacks × repair / training-time defenses
 - :mod:`~backdoorbench.report.seeds`: the same per seed, with mean ± std and paired differences from unrounded values
 - :mod:`~backdoorbench.report.roc`: ROC figures from the runs' ``scores.csv``
+- :mod:`~backdoorbench.report.zoo`: model inspection over a zoo of clean and backdoored victims (model-level AUROC)
 - :mod:`~backdoorbench.report.reference`: published figures beside ours (``report --reference``)
 - :mod:`~backdoorbench.report.blocks`: the docs' generated tables (``report --update-docs`` / ``--check-docs``)
 """

@@ -15,7 +15,9 @@ In a page (``docs/results.md``, ``docs/experiments/*.md``, or any page under ``d
     | the next table: settings or published figures, not a measurement |
 
 ``runs`` (one or more folders, comma-separated, relative to the repository root) are read as ``report`` reads
-them; ``table`` is one of :data:`TABLES`; ``reference=1`` adds the published figures beside ours
+them; ``table`` is one of :data:`TABLES` (``zoo``: the model-level table of model-inspection runs,
+:mod:`~backdoorbench.report.zoo`; like ``reference``, a block whose folders do not exist yet says so instead of
+failing); ``reference=1`` adds the published figures beside ours
 (:mod:`~backdoorbench.report.reference`); ``legend=1`` lists the configs that differ from the defaults. A block
 keeps the indentation of its ``begin`` line (a table inside a list item). ``--check-docs`` (and
 tests/test_report_blocks.py) fails when a block differs from what its records give, or when a results page has
@@ -70,16 +72,18 @@ def _summary(coll: Collection) -> str:
 def _tables() -> dict[str, Callable[[Collection], str]]:
     from backdoorbench.report.seeds import defended_by_seed, detectors_by_seed
     from backdoorbench.report.tables import write_defended_comparison
+    from backdoorbench.report.zoo import zoo_table
 
     return {
         "detectors_by_seed": lambda c: detectors_by_seed(c.runs),
         "defended_by_seed": lambda c: defended_by_seed(c.runs),
         "defended": _tmp_table(write_defended_comparison),
         "summary": _summary,
+        "zoo": lambda c: zoo_table(c.runs),
     }
 
 
-TABLES = ("detectors_by_seed", "defended_by_seed", "defended", "summary", "reference")
+TABLES = ("detectors_by_seed", "defended_by_seed", "defended", "summary", "reference", "zoo")
 
 
 def render_block(attrs: dict[str, str], root: Path, page_dir: Path | None = None, figures: bool = True) -> str:
@@ -94,6 +98,9 @@ def render_block(attrs: dict[str, str], root: Path, page_dir: Path | None = None
     if attrs["table"] == "reference" and not any(d.is_dir() for d in dirs):  # a paper-scale preset not run yet
         return f"No run of this preset is kept yet ({where}); once one is, this block shows it beside the " \
                "published figures.\n"
+    if attrs["table"] == "zoo" and not any(d.is_dir() for d in dirs):  # a zoo whose records are not kept yet
+        return f"No record of this zoo is kept yet ({where}); once they are (`bash scripts/runs.sh keep <table>`), " \
+               "`python -m backdoorbench report --update-docs` writes the table here.\n"
     configs = root / "configs"
     coll = collect_runs(dirs, configs if configs.is_dir() else None)
     csv_path = Path(attrs.get("csv", DEFAULT_CSV))

@@ -14,6 +14,7 @@ from backdoorbench.report.reference import reference_table
 from backdoorbench.report.seeds import defended_by_seed, detectors_by_seed
 from backdoorbench.report.summary import write_summary
 from backdoorbench.report.tables import write_comparison, write_defended_comparison
+from backdoorbench.report.zoo import write_zoo
 from backdoorbench.report_groups import collect_runs, reproducibility_warnings
 from backdoorbench.store import atomic_write_text
 
@@ -141,7 +142,9 @@ def write_report(
     ``summary.csv`` (one row per group of runs that differ only by seed: mean ± std and n; the failed and
     unreadable jobs; what a group mixes), ``report.csv`` / ``report.md`` (one row per run) and, when the runs
     include detectors or repair/training defenses, ``comparison.*`` and ``defended.*``, plus one ROC figure
-    per attack; ``by_seed.md`` when a cell has several seeds (a row per seed, mean ± std, paired differences);
+    per attack; for model-inspection runs the model-level table over the zoo (``zoo.*``, ``zoo_models.csv``,
+    ``roc_zoo_*.png``: :mod:`~backdoorbench.report.zoo`); ``by_seed.md`` when a cell has several seeds (a row
+    per seed, mean ± std, paired differences);
     ``reference.md`` with ``reference`` (a published-figures CSV: :mod:`~backdoorbench.report.reference`).
     ``config_dir``: where the components' default configs are (for the ``name#hash`` labels). Returns the markdown."""
     roots = [Path(r) for r in roots] if isinstance(roots, list | tuple) else [Path(roots)]
@@ -183,6 +186,9 @@ def write_report(
     rep = write_defended_comparison(results, out)
     if rep:
         md += "\n" + rep
+    zoo = write_zoo(results, out)
+    if zoo:
+        md += "\n## Model inspection over the zoo\n\n" + zoo
     by_seed = _by_seed(results)
     if by_seed:
         atomic_write_text(out / "by_seed.md", by_seed)
