@@ -11,8 +11,9 @@
 # multirun/tables/<table>/<part>: running the same command again skips the jobs whose results are there (the
 # sweep machinery's resume, docs/cluster.md), so an interrupted table continues where it stopped. Extra
 # overrides go to every sweep (e.g. hydra/launcher=slurm, threads=1); to continue a table, give the same ones again:
-# all but launcher settings are part of each job's folder name and config. The report lands in
-# multirun/tables/<table>.
+# all but launcher settings are part of each job's folder name and config. PARTS=<part>[,<part>] runs only those
+# parts of a table (the folder names under multirun/tables/<table>), e.g. to split one table over two lanes. The
+# report lands in multirun/tables/<table>.
 set -euo pipefail
 table=${1:?"usage: bash scripts/tables.sh <table> [overrides ...]; see the comment at the top"}
 shift
@@ -21,6 +22,7 @@ out=multirun/tables/$table
 sweep() {
     local part=$1
     shift
+    if [ -n "${PARTS:-}" ] && [[ ",$PARTS," != *",$part,"* ]]; then return 0; fi  # PARTS=a,b: only these parts
     "$PY" -m backdoorbench run --multirun "$@" "seed=${SEEDS:-0,1,2}" "hydra.sweep.dir=$out/$part" "${EXTRA[@]}"
 }
 EXTRA=("$@")

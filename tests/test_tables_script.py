@@ -17,12 +17,12 @@ SEED0 = ["repair_sensitivity"]  # a sensitivity study at seed 0 (its 3-seed coun
 ZOOS = {"zoo_vision": (10, 12), "zoo_text": (5, 5)}  # clean, backdoored victims
 
 
-def _calls(tmp_path: Path, *args: str) -> tuple[int, list[list[str]]]:
+def _calls(tmp_path: Path, *args: str, **env: str) -> tuple[int, list[list[str]]]:
     log = tmp_path / "calls.txt"
     stub = tmp_path / "py"
     stub.write_text(f'#!/usr/bin/env bash\necho "$*" >> {log}\n')
     stub.chmod(0o755)
-    proc = subprocess.run(["bash", str(SCRIPT), *args], cwd=tmp_path, env={**os.environ, "PYTHON": str(stub)},
+    proc = subprocess.run(["bash", str(SCRIPT), *args], cwd=tmp_path, env={**os.environ, "PYTHON": str(stub), **env},
                           capture_output=True, text=True, timeout=60)
     calls = [line.split() for line in log.read_text().splitlines()] if log.exists() else []
     return proc.returncode, calls
@@ -66,6 +66,13 @@ def test_a_seed_0_table_sweeps_seed_0_only(tmp_path: Path, table: str) -> None:
     rc, calls = _calls(tmp_path, table)
     assert rc == 0 and len(calls) > 1
     assert all("seed=0" in call and not any(a.startswith("seed=0,") for a in call) for call in calls[:-1])
+
+
+def test_parts_runs_only_the_named_parts_of_a_table(tmp_path: Path) -> None:
+    rc, calls = _calls(tmp_path, "zoo_vision", PARTS="retargeted,clean")
+    dirs = [a for call in calls[:-1] for a in call if a.startswith("hydra.sweep.dir=")]
+    assert rc == 0 and dirs == ["hydra.sweep.dir=multirun/tables/zoo_vision/clean",
+                                "hydra.sweep.dir=multirun/tables/zoo_vision/retargeted"]
 
 
 def test_an_unknown_table_exits_2_without_running_anything(tmp_path: Path) -> None:
