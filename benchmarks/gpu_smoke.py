@@ -4,6 +4,7 @@ of what each stage actually ran on.
     python benchmarks/gpu_smoke.py                       # on the GPU (the reduced scale; estimate: see below)
     python benchmarks/gpu_smoke.py --device cpu --tiny   # the same table on the CPU, one step of everything
     python benchmarks/gpu_smoke.py --only rnp_cifar10 --only dan_sst2 --out smoke/
+    python benchmarks/gpu_smoke.py --device cpu --tiny --skip-runs 36 --out smoke_zoo/   # the cover's last 2 runs
 
 It checks the pipeline's device use, NOT the papers' numbers. The presets' datasets (CIFAR-10, SST-2) and BERT-base
 need downloads, so every preset runs on embedded offline data of its modality instead: MNIST-5k for the vision
@@ -15,8 +16,9 @@ runs a cover (``cover``): one run per distinct attack stage and per distinct def
 stage's identity being its component, model, data and trainer config with numbers reduced to their sign
 (``shape``; ``--exact-stages``: full values), so a stage two presets share runs once. Every attack stage (victim
 training, PGD, trigger search, EP, LWP, RIPPLe, NeuBA, ...) and every defense stage (DAN, STRIP, ONION and its LM,
-RAP, fine-tuning, NAD, RNP, DBD's three stages, the repair curves) of every preset runs. ``--all-points``: the
-whole product. All runs share one process and one fresh cache folder under ``--out`` (each victim trains once).
+RAP, fine-tuning, NAD, RNP, DBD's three stages, the repair curves, Neural Cleanse, DBS) of every preset runs.
+``--all-points``: the whole product. All runs share one process and one fresh cache folder under ``--out`` (each
+victim trains once).
 
 **Per stage**, measured by ``backdoorbench/trainer/tracking.py``, never taken from ``--device``: the device and
 dtype of parameters and inputs at every module forward, the device of every torch call (``ops``), the peak GPU
@@ -164,6 +166,8 @@ def main() -> int:
     p.add_argument("--all-points", action="store_true", help="every attack x defense of each preset, not a cover")
     p.add_argument("--exact-stages", action="store_true", help="stages differing only in numbers are distinct")
     p.add_argument("--max-runs", type=int, help="run only the first N runs of the plan (a quick check)")
+    p.add_argument("--skip-runs", type=int, default=0, help="leave out the first N runs of the plan (before "
+                   "--max-runs): e.g. measure only the runs a new preset adds to the cover")
     p.add_argument("--list", action="store_true", help="validate and print the runs' overrides, run nothing")
     p.add_argument("--no-ops", action="store_true", help="do not count torch calls (faster; no ops column)")
     p.add_argument("--scale-ratio", type=float, default=SCALE_RATIO, help="model calls, GPU scale / --tiny (estimate)")
@@ -195,7 +199,7 @@ def main() -> int:
     cache = out / f"cache_{int(time.time())}"  # fresh: every attack stage runs; one cache: each victim trains once
     t_all = time.perf_counter()
     runs = plan(args.only or PRESETS, args.tiny, args.all_points, accelerator, cache,
-                args.exact_stages)[: args.max_runs]
+                args.exact_stages)[args.skip_runs:][: args.max_runs]
     if args.list:
         for r in runs:
             print(f"# {r['preset']} {r['attack']} x {r['defense']}: {', '.join(r['covers'])}")

@@ -46,6 +46,11 @@ DEFENSE = {
               True: ["defense.lm=smollm2", "defense.lm_batch_size=8", "defense.lm_max_length=24",
                      "defense.lm_dtype=float32"]},
     "rap": {False: ["defense.epochs=2"], True: ["defense.epochs=1"]},
+    # model inspection (the zoo presets): the stage on the device, not the method's verdict
+    "neural_cleanse": {False: ["defense.steps=5"],
+                       True: ["defense.steps=2", "defense.clean_size=20", "defense.classes=[0,1,2]"]},
+    "dbs": {False: ["defense.epochs=10"],
+            True: ["defense.epochs=2", "defense.trigger_len=2", "defense.positions=[first_half]"]},
 }
 ATTACK = {
     "label_consistent": {False: ["++attack.surrogate_epochs=1", "++attack.steps=20"],

