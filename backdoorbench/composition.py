@@ -19,9 +19,9 @@ from typing import Any
 from backdoorbench.registry import REGISTRY
 
 GROUP_OF_KIND = {"attack": "attack", "defense": "defense", "dataset": "data", "model": "model"}
-# The data/model/trainer options a vision-only attack selects instead of config.yaml's text defaults; the vision
-# attacks' YAMLs say the same with `override /data@_global_.data: mnist5k`, ... (tests/test_config.py checks it)
-VISION_DEFAULTS = {"data": "mnist5k", "model": "wrn16_1", "trainer": "vision"}
+# config.yaml's `attack_modality: ${attack}` selects the node attack_modality/<attack>, which selects
+# configs/modality/<modality>.yaml: the data/model/trainer defaults of the attack's registered modality
+MODALITY_GROUP = "attack_modality"
 
 
 def config_dir() -> Path:
@@ -88,8 +88,11 @@ def register_model_option(value: str, cdir: Path) -> str:
 
 def register_plugin_configs(cdir: Path) -> None:
     """Give every registered component without a YAML file a config node built from its dataclass, so
-    that ``defense=<plugin>`` works for pip-installed plugins. A vision-only attack's node also selects the
-    vision data/model/trainer defaults (:data:`VISION_DEFAULTS`), as the built-in vision attacks' YAMLs do."""
+    that ``defense=<plugin>`` works for pip-installed plugins; and give every attack, with a YAML or without, the
+    node ``attack_modality/<name>`` that config.yaml's defaults select by ``${attack}``: it selects
+    ``configs/modality/<text|vision>.yaml``, the data/model/trainer defaults of the attack's registered modality
+    (``vision`` for an attack registered for vision only; ``text`` for text attacks, attacks for both modalities
+    such as ``external``, and a YAML the registry does not know, which validation refuses later)."""
     from hydra.core.config_store import ConfigStore
 
     cs = ConfigStore.instance()
@@ -102,9 +105,12 @@ def register_plugin_configs(cdir: Path) -> None:
             if entry.config is not None and is_dataclass(entry.config):
                 node = asdict(entry.config())
             node["name"] = entry.name
-            if kind == "attack" and entry.modality == ("vision",):
-                node["defaults"] = [{f"override /{g}@_global_.{g}": o} for g, o in VISION_DEFAULTS.items()]
             cs.store(group=group, name=entry.name, node=node)
+    modality = {e.name: "vision" if tuple(e.modality) == ("vision",) else "text" for e in REGISTRY.entries("attack")}
+    for name in _group_options(cdir, "attack") | set(modality):
+        # package _global_: the nested `/modality` default keeps the override key `modality` (modality=vision works)
+        node = {"defaults": [{"/modality": modality.get(name, "text")}]}
+        cs.store(group=MODALITY_GROUP, name=name, node=node, package="_global_")
 
 
 def prepared_overrides(args: list[str]) -> tuple[Path, list[str]]:

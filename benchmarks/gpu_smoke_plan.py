@@ -70,8 +70,9 @@ def sweep_params(name: str) -> dict[str, str]:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from backdoorbench.cli import config_dir
+    from backdoorbench.composition import config_dir, register_plugin_configs
 
+    register_plugin_configs(config_dir())  # the generated nodes config.yaml needs (attack_modality/<attack>)
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[f"+experiment={name}"], return_hydra_config=True)
     return {str(k): str(v) for k, v in OmegaConf.to_container(cfg.hydra.sweeper.params).items()}

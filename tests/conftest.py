@@ -62,6 +62,16 @@ def _one_torch_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _generated_configs() -> None:
+    """The config nodes the CLI and the API generate before every composition (composition.prepared_overrides):
+    attack_modality/<attack>, which config.yaml's defaults need, and the plugin components' nodes; so that tests
+    that compose configs/ with Hydra directly (initialize_config_dir + compose) compose as the CLI does."""
+    from backdoorbench.composition import config_dir, register_plugin_configs
+
+    register_plugin_configs(config_dir())
+
+
 @pytest.fixture
 def restore_torch_globals():
     """Restore the global state a run sets (torch's threads, deterministic algorithms, cuDNN flags, the RNG states
