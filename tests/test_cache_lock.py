@@ -136,6 +136,7 @@ def test_interrupted_victim_training_resumes_bit_identically(
     assert checkpoint_progress(ckpt).startswith("epoch 2 done")
 
     with caplog.at_level(logging.INFO):
+        caplog.clear()  # count only this call's records (an earlier test may have left INFO on)
         victim = obtain(cache, epochs=3)
     assert f"resuming from {ckpt} (epoch 2 done" in caplog.text
     epochs_run = [r.getMessage() for r in caplog.records if ": epoch " in r.getMessage()]
@@ -153,6 +154,7 @@ def test_a_finished_stage_checkpoint_is_loaded_without_training(
     ckpt = tmp_path / "stage.partial.safetensors"
     first = lit.fit(new_model(), splits.train, spec.trainer_cfg, 0, "stage", checkpoint=ckpt).state_dict()
     with caplog.at_level(logging.INFO):
+        caplog.clear()  # count only this call's records (an earlier test may have left INFO on)
         again = lit.fit(new_model(), splits.train, spec.trainer_cfg, 0, "stage", checkpoint=ckpt).state_dict()
     assert not [r for r in caplog.records if "stage: epoch" in r.getMessage()]  # no epoch ran
     assert all(torch.equal(first[k], again[k]) for k in first)
@@ -233,6 +235,7 @@ def test_text_fine_tuning_resumes_bit_identically(tiny_text_model, monkeypatch: 
     monkeypatch.setattr(lit, "make_trainer", real)
     tiny_text_model.load_state_dict(start)  # a fresh process starts from the pre-trained weights again
     with caplog.at_level(logging.INFO):
+        caplog.clear()  # count only this call's records (an earlier test may have left INFO on)
         resumed = lit.fit(tiny_text_model, data, cfg, 3, checkpoint=ckpt).state_dict()
     epochs_run = [r.getMessage() for r in caplog.records if "train: epoch " in r.getMessage()]
     assert len(epochs_run) == 1 and "epoch 2/2" in epochs_run[0]  # resumed, not restarted
