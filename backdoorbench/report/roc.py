@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
+from typing import Any
 
 
 def roc_figure(path: Path, attack: str, runs: list[tuple[str, Path]]) -> Path:
@@ -32,12 +33,20 @@ def roc_figure(path: Path, attack: str, runs: list[tuple[str, Path]]) -> Path:
             continue
         fpr, tpr, _ = roc_curve(np.array(y), np.array(s))
         ax.plot(fpr, tpr, label=detector)
+    return save_roc(fig, ax, path, "FRR (clean inputs rejected)", "1 − FAR (poisoned inputs rejected)",
+                    f"ROC: {attack}")
+
+
+def save_roc(fig: Any, ax: Any, path: Path, xlabel: str, ylabel: str, title: str) -> Path:
+    """Finish a ROC figure (chance diagonal, axis labels, title, legend) and write it to ``path``."""
+    from backdoorbench.plots import _plt
+
     ax.plot([0, 1], [0, 1], color="grey", ls=":")
-    ax.set_xlabel("FRR (clean inputs rejected)")
-    ax.set_ylabel("1 − FAR (poisoned inputs rejected)")
-    ax.set_title(f"ROC: {attack}")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _plt().close(fig)
     return path

@@ -263,6 +263,7 @@ def zoo_figure(path: Path, title: str, models: list[dict[str, Any]]) -> Path | N
     from sklearn.metrics import roc_curve
 
     from backdoorbench.plots import _plt
+    from backdoorbench.report.roc import save_roc
 
     scored = [m for m in models if m["verdict_score"] is not None]
     y = [int(m["backdoored"]) for m in scored]
@@ -278,15 +279,8 @@ def zoo_figure(path: Path, title: str, models: list[dict[str, Any]]) -> Path | N
     flagged_fpr = _share([m["flagged"] for m in scored if not m["backdoored"]])
     flagged_tpr = _share([m["flagged"] for m in scored if m["backdoored"]])
     ax.plot([flagged_fpr], [flagged_tpr], marker="*", markersize=12, ls="", label="the method's own flag")
-    ax.plot([0, 1], [0, 1], color="grey", ls=":")
-    ax.set_xlabel("FPR (clean models flagged)")
-    ax.set_ylabel("TPR (backdoored models flagged)")
-    ax.set_title(f"ROC over models: {title}")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_roc(fig, ax, path, "FPR (clean models flagged)", "TPR (backdoored models flagged)",
+                    f"ROC over models: {title}")
 
 
 def write_zoo(results: list[dict[str, Any]], out: Path) -> str:
